@@ -1,0 +1,3 @@
+from oodcli.cli import run
+
+run()

@@ -1,0 +1,93 @@
+"""DINOv2 self-supervised ViTs via Hugging Face transformers.
+
+DINOv2 has no classifier, so there are no ``logits`` and ``head()`` is None: use it
+with feature-space scorers (kNN, Mahalanobis) rather than logit-based ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from oodcli.backbones.base import Backbone, BackboneSpec, Preprocess, register
+from oodcli.errors import OodError
+
+DINO = Preprocess(resize=256, crop=224, interpolation="bicubic")
+TINY = Preprocess(resize=32, crop=32, interpolation="bicubic")
+
+# architecture of each released size (d, depth, heads), so weights="random" works offline
+_SIZES = {"dinov2-small": (384, 12, 6), "dinov2-base": (768, 12, 12), "dinov2-large": (1024, 24, 16)}
+_ARCH = {
+    name: dict(hidden_size=d, num_hidden_layers=n, num_attention_heads=h, intermediate_size=4 * d,
+               image_size=518, patch_size=14)
+    for name, (d, n, h) in _SIZES.items()
+}
+_ARCH["dinov2-tiny"] = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, image_size=32, patch_size=8)
+
+
+class Dinov2Backbone(Backbone):
+    def __init__(self, model, crop: int):
+        super().__init__()
+        self.model = model.eval()
+        d, p = model.config.hidden_size, model.config.patch_size
+        self.layer_shapes = {
+            "cls": (d,),  # CLS token after the final layer norm
+            "patch_mean": (d,),  # mean of the final (layer-normed) patch tokens
+            "penultimate": (d,),  # same as cls, for scorers that ask for "penultimate"
+            "patch_tokens": ((crop // p) ** 2, d),
+        }
+        self.eval()
+
+    def forward_layers(self, x, layers):
+        layers = self.check_layers(layers)
+        h = self.model(pixel_values=x).last_hidden_state  # already final-layer-normed
+        out = {"cls": h[:, 0], "penultimate": h[:, 0], "patch_tokens": h[:, 1:]}
+        if "patch_mean" in layers:
+            out["patch_mean"] = h[:, 1:].mean(dim=1)
+        return {name: out[name].float() for name in layers}
+
+
+def _builder(name: str, crop: int):
+    def build(weights: str | None) -> Backbone:
+        from transformers import Dinov2Config, Dinov2Model
+
+        if weights in (None, "random"):
+            torch.manual_seed(0)
+            return Dinov2Backbone(Dinov2Model(Dinov2Config(**_ARCH[name])), crop)
+        try:
+            model = Dinov2Model.from_pretrained(weights)
+        except (OSError, ValueError) as e:
+            where = "local directory" if Path(weights).exists() else "Hugging Face model id"
+            raise OodError(
+                f"cannot load DINOv2 weights '{weights}' ({where}): {str(e).splitlines()[0]}; "
+                "download it once with internet or pass a directory saved with save_pretrained"
+            ) from None
+        return Dinov2Backbone(model, crop)
+
+    return build
+
+
+for _name in _SIZES:
+    register(BackboneSpec(
+        name=_name,
+        family="dinov2",
+        description=f"DINOv2 {_name.split('-')[1]} ViT/14 features (no classifier: no logits)",
+        layers=("cls", "patch_mean", "penultimate", "patch_tokens"),
+        default_layers=("cls", "patch_mean"),
+        preprocess=DINO,
+        builder=_builder(_name, DINO.crop),
+        default_weights=f"facebook/{_name}",
+    ))
+
+register(BackboneSpec(
+    name="dinov2-tiny",
+    family="dinov2",
+    description="random-init 2-layer DINOv2, 32x32 input (tests and offline demos)",
+    layers=("cls", "patch_mean", "penultimate", "patch_tokens"),
+    default_layers=("cls", "patch_mean"),
+    preprocess=TINY,
+    builder=_builder("dinov2-tiny", TINY.crop),
+    default_weights="random",
+))

@@ -1,0 +1,30 @@
+"""Data sources and benchmarks: what ``extract`` reads images from.
+
+``open_source("torchvision:cifar10:test", root)`` opens one source;
+``get_benchmark("cifar10").split("ood/near/tin")`` says which source a benchmark
+split uses and whether it is ID or OOD. See ``sources`` for the source kinds.
+"""
+
+from oodcli.data.base import (
+    DATA_ROOT_ENV,
+    ImageDataset,
+    SplitDef,
+    TransformedDataset,
+    data_root,
+    open_source,
+    register_source,
+)
+from oodcli.data.benchmarks import Benchmark, get_benchmark, list_benchmarks
+
+__all__ = [
+    "DATA_ROOT_ENV",
+    "Benchmark",
+    "ImageDataset",
+    "SplitDef",
+    "TransformedDataset",
+    "data_root",
+    "get_benchmark",
+    "list_benchmarks",
+    "open_source",
+    "register_source",
+]

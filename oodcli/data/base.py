@@ -1,0 +1,102 @@
+"""Data sources and benchmarks: what ``extract`` reads images from.
+
+A *source* is a named, indexable image data set with known labels. A *benchmark*
+(JSON under ``oodcli/data/benchmarks/``) maps store split names such as
+``train`` or ``ood/near/cifar100`` to sources and their ID/OOD role.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from oodcli.errors import OodError, UsageError
+
+DATA_ROOT_ENV = "OODCLI_DATA_ROOT"
+
+
+class ImageDataset:
+    """An indexable set of PIL images with integer labels (-1 for OOD).
+
+    ``labels`` is a full int64 array known without decoding images, so a store can
+    write labels and ids before the backbone runs.
+    """
+
+    name: str  # identity of the data, part of the fingerprint (e.g. "torchvision:cifar10/test")
+    labels: np.ndarray  # int64 [N]
+    class_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int):
+        """Return the i-th image as a PIL image."""
+        raise NotImplementedError
+
+    def identity(self) -> str:
+        """Name + content of the labels: changes whenever the data set changes."""
+        h = hashlib.sha256(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes()).hexdigest()
+        return f"{self.name}:n={len(self)}:labels={h[:16]}"
+
+
+class TransformedDataset:
+    """torch-style view: (tensor, index) pairs, picklable for DataLoader workers."""
+
+    def __init__(self, data: ImageDataset, transform, indices: np.ndarray | None = None):
+        self.data = data
+        self.transform = transform
+        self.indices = np.arange(len(data)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        j = int(self.indices[i])
+        return self.transform(self.data.load(j)), j
+
+
+@dataclass(frozen=True)
+class SplitDef:
+    """One split of a benchmark: where its images come from and what role it plays."""
+
+    name: str  # store split name, e.g. "test" or "ood/far/svhn"
+    role: str  # "id" | "ood-near" | "ood-far" | "ood"
+    source: str  # source spec, e.g. "torchvision:cifar10:test" or "imglist:benchmark_imglist/..."
+
+    @property
+    def is_ood(self) -> bool:
+        return self.role.startswith("ood")
+
+
+def data_root(cli_value: str | None) -> Path:
+    root = cli_value or os.environ.get(DATA_ROOT_ENV) or "data"
+    return Path(root).expanduser()
+
+
+_SOURCES: dict[str, Callable[[str, Path, bool], ImageDataset]] = {}
+
+
+def register_source(kind: str):
+    """Register a factory ``(argument, data_root, is_ood) -> ImageDataset`` for ``kind:argument``."""
+
+    def deco(fn):
+        _SOURCES[kind] = fn
+        return fn
+
+    return deco
+
+
+def open_source(spec: str, root: Path, is_ood: bool = False) -> ImageDataset:
+    from oodcli.data import sources  # noqa: F401  (registers the kinds)
+
+    kind, _, arg = spec.partition(":")
+    if kind not in _SOURCES:
+        raise UsageError(
+            f"unknown data source '{spec}'; use one of {', '.join(k + ':...' for k in sorted(_SOURCES))}"
+        )
+    return _SOURCES[kind](arg, root, is_ood)

@@ -1,0 +1,312 @@
+"""Run a backbone over a data set once and write its layers into the store.
+
+Idempotent and resumable: a fingerprint of (data, split, backbone, weights,
+preprocessing, layers, dtype) decides whether a split is already done (cache
+hit, the backbone is not even built), half done (resume from the last whole
+chunk) or made by something else (refused unless ``overwrite``).
+
+Compute and I/O overlap: the main thread runs the backbone while a writer thread
+gathers rows into whole chunks and writes them; ``rows_done`` is advanced only
+after a chunk is on disk, and ``complete`` is set last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from oodcli import __version__
+from oodcli.backbones.base import Backbone, BackboneSpec
+from oodcli.data.base import ImageDataset, TransformedDataset
+from oodcli.errors import OodError, UsageError
+from oodcli.store import Store, chunk_rows_for, features_node, split_node
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class ExtractResult:
+    split: str
+    backbone: str
+    status: str  # "cached" | "extracted" | "resumed"
+    rows: int  # rows in the split
+    rows_computed: int  # rows the backbone ran on in this call
+    seconds: float
+    layers: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if device not in {"cpu"} and not device.startswith("cuda"):
+        raise UsageError(f"unknown --device '{device}'; use auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def model_identity(spec: BackboneSpec, weights: str | None) -> dict:
+    """What makes two feature arrays comparable: same network, same parameters, same input."""
+    return {
+        "backbone": spec.name,
+        "weights": spec.weights_identity(weights),
+        "preprocess": spec.preprocess.describe(),
+    }
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_parts(
+    spec: BackboneSpec, weights: str | None, data: ImageDataset, split: str, layers, dtype: str
+) -> dict:
+    return {
+        "data": data.identity(),
+        "split": split,
+        **model_identity(spec, weights),
+        "layers": sorted(layers),
+        "dtype": dtype,
+    }
+
+
+def run_backbone(model: Backbone, x: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """One forward pass (a module-level function so tests can slow it down)."""
+    return model(x, layers)
+
+
+class _ChunkWriter(threading.Thread):
+    """Collects batches into whole chunks and writes them, advancing ``rows_done``."""
+
+    def __init__(self, store: Store, node: str, layers, start: int, chunk_rows: int, dtype, on_rows):
+        super().__init__(daemon=True, name="oodcli-writer")
+        self.store, self.node, self.layers = store, node, layers
+        self.rows_done, self.chunk_rows, self.dtype = start, chunk_rows, dtype
+        self.on_rows = on_rows
+        self.inbox: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.nonfinite_rows = 0
+        self._buffer: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
+        self._buffered = 0
+
+    def put(self, batch: dict[str, np.ndarray] | str) -> None:
+        """Queue a batch, or "end" (write what is left) / "stop" (keep whole chunks only)."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.inbox.put(batch, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            while isinstance(batch := self.inbox.get(), dict):
+                for layer in self.layers:
+                    self._buffer[layer].append(batch[layer])
+                self._buffered += len(batch[self.layers[0]])
+                while self._buffered >= self.chunk_rows:
+                    self._flush(self.chunk_rows)
+            if batch == "end" and self._buffered:  # "stop" (interrupt) keeps only whole chunks
+                self._flush(self._buffered)
+        except BaseException as exc:  # handed to the main thread
+            self.error = exc
+
+    def _flush(self, rows: int) -> None:
+        bad = np.zeros(rows, dtype=bool)
+        for layer in self.layers:
+            block = np.concatenate(self._buffer[layer])
+            head, tail = block[:rows], block[rows:]
+            self._buffer[layer] = [tail] if len(tail) else []
+            bad |= ~np.isfinite(head.reshape(rows, -1)).all(axis=1)
+            self.store.write_rows(f"{self.node}/{layer}", self.rows_done, head.astype(self.dtype))
+        self._buffered -= rows
+        self.rows_done += rows
+        self.nonfinite_rows += int(bad.sum())
+        self.store.set_attrs(self.node, rows_done=self.rows_done)
+        self.on_rows(rows)
+
+
+class LazyModel:
+    """Builds the backbone on first use, so cache hits never pay for it."""
+
+    def __init__(self, spec: BackboneSpec, weights: str | None, device: torch.device):
+        self.spec, self.weights, self.device = spec, weights, device
+        self._model: Backbone | None = None
+
+    def get(self) -> Backbone:
+        if self._model is None:
+            self._model = self.spec.build(self.weights).to(self.device).eval()
+        return self._model
+
+
+def check_layers(spec: BackboneSpec, layers: list[str] | None) -> tuple[str, ...]:
+    if not layers:
+        return tuple(spec.default_layers)
+    unknown = [layer for layer in layers if layer not in spec.layers]
+    if unknown:
+        raise UsageError(
+            f"model '{spec.name}' has no layer {', '.join(unknown)}; it offers: {', '.join(spec.layers)}"
+        )
+    return tuple(dict.fromkeys(layers))
+
+
+def _describe_mismatch(old: dict, new: dict) -> str:
+    diffs = [k for k in new if old.get(k) != new.get(k)]
+    parts = []
+    for k in diffs:
+        parts.append(f"{k} {_short(old.get(k))} -> {_short(new.get(k))}")
+    return "; ".join(parts) or "fingerprint differs"
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def prepare_split(store: Store, split: str, role: str, source: str, data: ImageDataset) -> None:
+    """Write labels and ids of a split once; refuse a split that holds other data."""
+    node = split_node(split)
+    identity = data.identity()
+    if store.is_array(f"{node}/labels"):
+        old = store.node_attrs(node).get("data")
+        if old != identity:
+            raise OodError(
+                f"split '{split}' in {store.path} holds other data ({_short(old)}, now {_short(identity)}); "
+                "use another --split name or another --store"
+            )
+        return
+    labels = np.asarray(data.labels, dtype=np.int64)
+    store.require_group(node)
+    store.write_array(f"{node}/labels", labels)
+    store.write_array(f"{node}/ids", np.arange(len(labels), dtype=np.int64))
+    store.set_attrs(node, role=role, source=source, data=identity, n=int(len(labels)))
+
+
+def extract_split(
+    store: Store,
+    spec: BackboneSpec,
+    weights: str | None,
+    data: ImageDataset,
+    split: str,
+    role: str,
+    source: str,
+    model: LazyModel,
+    layers: tuple[str, ...],
+    batch_size: int = 128,
+    dtype: str = "float16",
+    workers: int = 0,
+    overwrite: bool = False,
+    chunk_rows: int | None = None,
+    progress: Callable[[str, int, int], Callable[[int], None]] | None = None,
+) -> ExtractResult:
+    """Extract one split (or find it already done). See the module docstring."""
+    t0 = time.perf_counter()
+    n = len(data)
+    if n == 0:
+        raise OodError(f"split '{split}' has no samples ({data.name}); check the data source")
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype '{dtype}'; use float16 or float32")
+    parts = fingerprint_parts(spec, weights, data, split, layers, dtype)
+    fingerprint = _digest(parts)
+    node = features_node(split, spec.name)
+
+    prepare_split(store, split, role, source, data)
+    start = 0
+    if store.exists(node):
+        attrs = store.node_attrs(node)
+        if attrs.get("fingerprint") != fingerprint:
+            if not overwrite:
+                raise OodError(
+                    f"split '{split}' already has '{spec.name}' features made differently "
+                    f"({_describe_mismatch(attrs.get('parts', {}), parts)}); "
+                    "pass --overwrite to replace them"
+                )
+            store.delete(node)
+        elif attrs.get("complete"):
+            return ExtractResult(split, spec.name, "cached", n, 0, time.perf_counter() - t0, list(layers))
+        else:
+            start = int(attrs.get("rows_done", 0))
+
+    net = model.get()
+    if not store.exists(node):
+        shapes = {layer: tuple(net.layer_shapes[layer]) for layer in layers}
+        rows = chunk_rows or min(chunk_rows_for(s, DTYPES[dtype]) for s in shapes.values())
+        rows = max(batch_size, rows // batch_size * batch_size)  # whole batches per chunk
+        for layer, shape in shapes.items():
+            store.create_array(f"{node}/{layer}", (n, *shape), DTYPES[dtype], chunk_rows=rows)
+        store.set_attrs(
+            node,
+            fingerprint=fingerprint,
+            parts=parts,
+            model_id=_digest(model_identity(spec, weights)),
+            layers=list(layers),
+            layer_shapes={k: list(v) for k, v in shapes.items()},
+            chunk_rows=rows,
+            rows_done=0,
+            complete=False,
+            oodcli_version=__version__,
+        )
+        _write_head(store, spec, weights, net)
+    attrs = store.node_attrs(node)
+    rows = int(attrs["chunk_rows"])
+    status = "resumed" if start else "extracted"
+
+    device = next(net.parameters()).device
+    loader = torch.utils.data.DataLoader(
+        TransformedDataset(data, spec.preprocess.to_transform(), np.arange(start, n)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    advance = progress(split, n, start) if progress else (lambda k: None)
+    writer = _ChunkWriter(store, node, layers, start, rows, DTYPES[dtype], advance)
+    writer.start()
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+    try:
+        with torch.inference_mode(), autocast:
+            for images, _ in loader:
+                out = run_backbone(net, images.to(device, non_blocking=True), layers)
+                writer.put({k: v.float().cpu().numpy() for k, v in out.items()})
+        writer.put("end")
+    finally:
+        if writer.is_alive() and writer.error is None:
+            writer.put("stop")  # interrupted: finish the whole chunks in hand, then stop
+        writer.join()
+    if writer.error is not None:
+        raise writer.error
+    if writer.rows_done != n:
+        raise OodError(f"extraction of '{split}' stopped at row {writer.rows_done} of {n}; re-run to resume")
+    nonfinite = int(attrs.get("nonfinite_rows", 0)) + writer.nonfinite_rows
+    store.set_attrs(node, complete=True, nonfinite_rows=nonfinite)
+    return ExtractResult(split, spec.name, status, n, n - start, time.perf_counter() - t0, list(layers))
+
+
+def _write_head(store: Store, spec: BackboneSpec, weights: str | None, net: Backbone) -> None:
+    """Keep the classifier head beside the features (ReAct, ASH, ViM need it)."""
+    head = net.head()
+    if head is None:
+        return
+    node = f"backbones/{spec.name}"
+    identity = spec.weights_identity(weights)
+    if store.exists(f"{node}/head/weight") and store.node_attrs(node).get("weights") == identity:
+        return
+    weight, bias = (t.detach().float().cpu().numpy() for t in head)
+    store.write_array(f"{node}/head/weight", weight)
+    store.write_array(f"{node}/head/bias", bias)
+    store.set_attrs(node, weights=identity, model_id=_digest(model_identity(spec, weights)))

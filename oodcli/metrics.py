@@ -1,0 +1,88 @@
+"""OOD metrics with ID as the positive class and higher score = more in-distribution.
+
+Written with one sort each (no scikit-learn at run time) and checked against
+scikit-learn in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import rankdata
+
+from oodcli.errors import OodError
+
+
+@dataclass(frozen=True)
+class OodMetrics:
+    fpr95: float  # share of OOD scored >= the threshold that keeps 95% of ID
+    auroc: float
+    aupr_in: float  # ID positive
+    aupr_out: float  # OOD positive (scores negated)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _check(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    id_scores = np.asarray(id_scores, dtype=np.float64).ravel()
+    ood_scores = np.asarray(ood_scores, dtype=np.float64).ravel()
+    if id_scores.size == 0 or ood_scores.size == 0:
+        raise OodError("cannot compute OOD metrics: the ID or the OOD score set is empty")
+    if not (np.isfinite(id_scores).all() and np.isfinite(ood_scores).all()):
+        raise OodError("cannot compute OOD metrics: scores contain NaN or inf; re-score the split")
+    return id_scores, ood_scores
+
+
+def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
+    """FPR at the largest threshold whose ID recall (TPR) is at least ``tpr``."""
+    id_scores, ood_scores = _check(id_scores, ood_scores)
+    desc = np.sort(id_scores)[::-1]
+    k = max(1, math.ceil(tpr * desc.size - 1e-9))
+    threshold = desc[k - 1]
+    return float(np.mean(ood_scores >= threshold))
+
+
+def auroc(id_scores, ood_scores) -> float:
+    """P(score_ID > score_OOD) + 0.5 P(tie), by the Mann-Whitney rank sum."""
+    id_scores, ood_scores = _check(id_scores, ood_scores)
+    ranks = rankdata(np.concatenate([id_scores, ood_scores]))
+    n_pos, n_neg = id_scores.size, ood_scores.size
+    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def average_precision(pos_scores, neg_scores) -> float:
+    """Area under the precision-recall curve as the step sum over distinct thresholds."""
+    pos_scores, neg_scores = _check(pos_scores, neg_scores)
+    scores = np.concatenate([pos_scores, neg_scores])
+    is_pos = np.concatenate([np.ones(pos_scores.size), np.zeros(neg_scores.size)])
+    order = np.argsort(-scores, kind="mergesort")
+    scores, is_pos = scores[order], is_pos[order]
+    # last index of each run of equal scores: thresholds sit between distinct values
+    last = np.r_[np.flatnonzero(np.diff(scores) != 0), scores.size - 1]
+    tp = np.cumsum(is_pos)[last]
+    fp = (last + 1) - tp
+    precision = tp / (tp + fp)
+    recall = tp / pos_scores.size
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def ood_metrics(id_scores, ood_scores) -> OodMetrics:
+    id_scores, ood_scores = _check(id_scores, ood_scores)
+    return OodMetrics(
+        fpr95=fpr_at_tpr(id_scores, ood_scores, 0.95),
+        auroc=auroc(id_scores, ood_scores),
+        aupr_in=average_precision(id_scores, ood_scores),
+        aupr_out=average_precision(-ood_scores, -id_scores),
+    )
+
+
+def accuracy(logits_or_pred: np.ndarray, labels: np.ndarray) -> float:
+    pred = logits_or_pred.argmax(1) if logits_or_pred.ndim == 2 else logits_or_pred
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        raise OodError("cannot compute accuracy on an empty split")
+    return float(np.mean(pred == labels))

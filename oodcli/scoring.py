@@ -1,0 +1,138 @@
+"""Score splits of a store with one or more methods and write ``scores/<method>/<split>``.
+
+All splits are checked before anything is computed, and scores are written only
+after every method has scored every split, so a failure leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from oodcli.errors import OodError, UsageError
+from oodcli.scorers.base import Scorer, check_features, get_scorer, scorer_names
+from oodcli.store import Store, features_node, list_backbones, list_splits, split_role
+
+
+@dataclass
+class ScoreResult:
+    method: str
+    split: str
+    rows: int
+    mean: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_methods(text: str) -> list[str]:
+    names = scorer_names()
+    if text.strip() == "all":
+        return names
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise UsageError("no method given; name one or more, e.g. 'msp,energy', or 'all'")
+    for m in methods:
+        if m not in names:
+            raise UsageError(f"unknown method '{m}'; choose from: {', '.join(names)}, or 'all'")
+    return list(dict.fromkeys(methods))
+
+
+def default_backbone(store: Store, split: str | None = None) -> str:
+    """The only backbone in the store; several need ``--backbone``."""
+    splits = [split] if split else list_splits(store)
+    found = sorted({b for s in splits for b in list_backbones(store, s)})
+    if not found:
+        raise OodError(f"store {store.path} has no extracted features; run 'oodcli extract' first")
+    if len(found) > 1:
+        raise UsageError(f"store {store.path} holds several backbones ({', '.join(found)}); pick one with --backbone")
+    return found[0]
+
+
+def default_id_split(store: Store) -> str:
+    splits = list_splits(store)
+    if "test" in splits:
+        return "test"
+    ids = [s for s in splits if split_role(store, s) == "id" and s != "train"]
+    if not ids:
+        raise OodError(f"store {store.path} has no ID test split; extract one or pass --id SPLIT")
+    return ids[0]
+
+
+def ood_splits(store: Store) -> list[str]:
+    return [s for s in list_splits(store) if split_role(store, s).startswith("ood")]
+
+
+def check_same_model(store: Store, backbone: str, splits: list[str]) -> None:
+    """Refuse to compare splits whose features came from different weights or preprocessing."""
+    ids = {s: store.node_attrs(features_node(s, backbone)).get("model_id") for s in splits}
+    reference = next(iter(ids.values()))
+    for s, mid in ids.items():
+        if mid != reference:
+            a = store.node_attrs(features_node(splits[0], backbone))["parts"]
+            b = store.node_attrs(features_node(s, backbone))["parts"]
+            diff = [k for k in ("weights", "preprocess") if a.get(k) != b.get(k)]
+            raise OodError(
+                f"splits '{splits[0]}' and '{s}' were extracted with different '{backbone}' "
+                f"{' and '.join(diff) or 'models'}; re-extract one of them with the same model"
+            )
+
+
+def score_store(
+    store: Store,
+    methods: list[str],
+    backbone: str | None = None,
+    id_split: str | None = None,
+    ood: list[str] | None = None,
+    train_split: str = "train",
+    hparams: dict[str, dict] | None = None,
+    progress=None,
+) -> list[ScoreResult]:
+    """Check every input, then score; ``progress(total)`` returns a per-step callback."""
+    hparams = hparams or {}
+    id_split = id_split or default_id_split(store)
+    splits = [id_split] + (ood if ood else ood_splits(store))
+    if len(splits) == 1:
+        raise OodError(f"store {store.path} has no OOD split to score; extract one (e.g. ood/far/...) first")
+    backbone = backbone or default_backbone(store, id_split)
+    scorers: list[Scorer] = [get_scorer(m, **hparams.get(m, {})) for m in methods]
+    needs_train = any(s.needs_fit for s in scorers)
+    for s in scorers:
+        for split in splits + ([train_split] if s.needs_fit else []):
+            check_features(store, backbone, split, s.layers)
+    check_same_model(store, backbone, splits + ([train_split] if needs_train else []))
+
+    advance = progress(len(scorers) * len(splits)) if progress else (lambda: None)
+    results: list[ScoreResult] = []
+    pending: list[tuple[str, str, np.ndarray, dict]] = []
+    model_id = store.node_attrs(features_node(id_split, backbone)).get("model_id")
+    for scorer in scorers:
+        if scorer.needs_fit:
+            scorer.fit(store, backbone, train_split)
+        for split in splits:
+            t0 = time.perf_counter()
+            values = scorer.score(store, backbone, split)
+            if not np.isfinite(values).all():
+                raise OodError(f"method '{scorer.name}' gave NaN/inf scores on split '{split}'")
+            seconds = time.perf_counter() - t0
+            attrs = {"backbone": backbone, "model_id": model_id, "hparams": scorer.hparams()}
+            pending.append((scorer.name, split, values, attrs))
+            results.append(ScoreResult(scorer.name, split, len(values), float(values.mean()), seconds))
+            advance()
+    for method, split, values, attrs in pending:
+        store.write_array(f"scores/{method}/{split}", values.astype(np.float32), **attrs)
+    return results
+
+
+def scored_methods(store: Store) -> list[str]:
+    return store.children("scores")
+
+
+def read_scores(store: Store, method: str, split: str) -> np.ndarray:
+    node = f"scores/{method}/{split}"
+    if not store.is_array(node) or not store.node_attrs(node).get("complete"):
+        raise OodError(f"no scores for method '{method}' on split '{split}'; run 'oodcli score {method}' first")
+    return store.read(node)

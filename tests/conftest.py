@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny models and the embedded digits data, all offline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from oodcli.data.base import ImageDataset
+
+
+class ArrayImages(ImageDataset):
+    """A small in-memory image data set for tests."""
+
+    def __init__(self, name: str, n: int, seed: int = 0, size: int = 32, labels=None):
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        self.name = name
+        self._images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+        self.labels = np.asarray(labels if labels is not None else rng.integers(0, 6, n), dtype=np.int64)
+
+    def load(self, i: int):
+        return self._images[i]
+
+
+@pytest.fixture
+def images():
+    return ArrayImages
+
+
+def one_line_error(text: str) -> bool:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in text

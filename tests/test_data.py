@@ -1,0 +1,248 @@
+"""Data sources and benchmarks, offline: the digits benchmark is generated, every
+other source is exercised on small fake files written to tmp_path."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from oodcli.data import get_benchmark, list_benchmarks, open_source
+from oodcli.data import base, digits
+from oodcli.data.sources import parse_imglist_line
+from oodcli.errors import OodError, UsageError
+
+ID_PARTS = ("train", "test")
+OOD_PARTS = ("ood/near/digits6-9", "ood/far/textures", "ood/far/noise")
+
+
+# --- digits -------------------------------------------------------------------------------
+
+
+def test_digits_is_deterministic():
+    first = {p: digits.digits_8x8(p) for p in digits.PARTS}
+    digits._generate.cache_clear()
+    digits.digits_arrays.cache_clear()
+    for p in digits.PARTS:
+        x, y = digits.digits_8x8(p)
+        np.testing.assert_array_equal(x, first[p][0])
+        np.testing.assert_array_equal(y, first[p][1])
+
+
+def test_digits_sizes_classes_and_labels():
+    n_train, n_test = len(digits.digits_8x8("train")[1]), len(digits.digits_8x8("test")[1])
+    assert n_train + n_test == 1083  # digits 0-5 in load_digits
+    assert abs(n_test / (n_train + n_test) - 0.3) < 0.01
+    for part in ID_PARTS:
+        y = digits.digits_8x8(part)[1]
+        assert set(np.unique(y)) == set(range(6))
+        ds = digits.digits_part(part)
+        assert ds.class_names == digits.DIGITS_CLASS_NAMES
+        assert ds.name == f"digits:{part}"
+    assert len(digits.digits_8x8("ood/near/digits6-9")[1]) == 714
+    assert 400 <= len(digits.digits_8x8("ood/far/textures")[1]) <= 600
+    assert 250 <= len(digits.digits_8x8("ood/far/noise")[1]) <= 350
+    for part in OOD_PARTS:
+        ds = digits.digits_part(part)
+        assert (ds.labels == -1).all() and ds.class_names is None
+    # an ID part opened as OOD gets -1 labels too
+    assert (open_source("digits:test", Path("unused"), is_ood=True).labels == -1).all()
+
+
+def test_digits_same_image_format_everywhere():
+    for part in digits.PARTS:
+        x8 = digits.digits_8x8(part)[0]
+        assert x8.shape[1:] == (8, 8) and x8.min() >= 0.0 and x8.max() <= 1.0
+        assert np.allclose(x8 * 16, np.round(x8 * 16))  # the digits' 1/16 grid
+        arr, labels = digits.digits_arrays(part)
+        assert arr.dtype == np.uint8 and arr.shape == (len(labels), 32, 32, 3)
+        assert (arr[..., 0] == arr[..., 2]).all()  # grayscale replicated
+        img = digits.digits_part(part).load(len(labels) - 1)
+        assert img.mode == "RGB" and img.size == (32, 32)
+        np.testing.assert_array_equal(np.asarray(img), arr[-1])
+
+
+def test_digits_train_and_test_do_not_overlap():
+    train = {r.tobytes() for r in digits.digits_8x8("train")[0]}
+    test = {r.tobytes() for r in digits.digits_8x8("test")[0]}
+    assert not train & test
+
+
+def test_digits_unknown_part():
+    with pytest.raises(UsageError):
+        open_source("digits:nope", Path("unused"))
+
+
+def _auroc_msp(clf, x_id, x_ood):
+    from sklearn.metrics import roc_auc_score
+
+    s_id = clf.predict_proba(x_id.reshape(len(x_id), -1)).max(1)
+    s_ood = clf.predict_proba(x_ood.reshape(len(x_ood), -1)).max(1)
+    y = np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))]
+    return roc_auc_score(y, np.r_[s_id, s_ood])
+
+
+def test_digits_is_not_trivial():
+    """A linear classifier's max-softmax must not separate near-OOD perfectly."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = digits.digits_8x8("train")
+    clf = LogisticRegression(max_iter=2000).fit(x.reshape(len(x), -1), y)
+    x_test = digits.digits_8x8("test")[0]
+    aurocs = {p: _auroc_msp(clf, x_test, digits.digits_8x8(p)[0]) for p in OOD_PARTS}
+    assert 0.6 < aurocs["ood/near/digits6-9"] < 0.99, aurocs
+    assert min(aurocs.values()) < 0.99, aurocs
+
+
+# --- benchmarks --------------------------------------------------------------------------
+
+
+def test_every_benchmark_loads_and_uses_known_sources():
+    from oodcli.data import sources  # noqa: F401  (registers the kinds)
+
+    names = list_benchmarks()
+    assert {"digits", "cifar10", "cifar100", "imagenet200", "imagenet", "imagenet-mos"} <= set(names)
+    for name in names:
+        bench = get_benchmark(name)
+        assert bench.name == name and bench.num_classes > 0 and bench.description
+        assert bench.split_names("id") and bench.split_names("ood")
+        for s in bench.splits:
+            assert s.source.partition(":")[0] in base._SOURCES, s
+            assert s.is_ood == s.name.startswith("ood/")
+            assert bench.split(s.name) is s
+        names_list = bench.resolve_class_names()
+        assert names_list is None or len(names_list) == bench.num_classes
+
+
+def test_openood_benchmarks_match_v15():
+    c10 = get_benchmark("cifar10")
+    assert c10.num_classes == 10
+    assert c10.split_names("ood-near") == ["ood/near/cifar100", "ood/near/tin"]
+    assert c10.split_names("ood-far") == [f"ood/far/{s}" for s in ("mnist", "svhn", "texture", "places365")]
+    assert c10.split("test").source == "imglist:benchmark_imglist/cifar10/test_cifar10.txt@images_classic"
+    c100 = get_benchmark("cifar100")
+    assert c100.split("ood/near/cifar10").source.endswith("cifar100/test_cifar10.txt@images_classic")
+    for name, n in (("imagenet200", 200), ("imagenet", 1000)):
+        b = get_benchmark(name)
+        assert b.num_classes == n
+        assert b.split_names("ood-near") == ["ood/near/ssb_hard", "ood/near/ninco"]
+        assert b.split_names("ood-far") == ["ood/far/inaturalist", "ood/far/textures", "ood/far/openimage_o"]
+        assert b.split("ood/far/textures").source.endswith("@images_classic")
+        assert b.split("train").source.endswith("@images_largescale")
+
+
+def test_digits_benchmark_opens_every_split():
+    bench = get_benchmark("digits")
+    assert [s.name for s in bench.splits] == ["train", "test", *OOD_PARTS]
+    for s in bench.splits:
+        ds = bench.open(s.name, Path("unused"))
+        assert len(ds) > 0 and ((ds.labels == -1).all() == s.is_ood)
+
+
+def test_unknown_benchmark_and_split():
+    with pytest.raises(UsageError, match="cifar10"):
+        get_benchmark("nope")
+    with pytest.raises(UsageError, match="ood/near/tin"):
+        get_benchmark("cifar10").split("ood/near/nope")
+    with pytest.raises(UsageError):
+        open_source("nope:x", Path("unused"))
+
+
+# --- imglist / folder / torchvision sources -----------------------------------------------
+
+
+def _write_png(path: Path, value: int, mode: str = "RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (6, 5), value if mode == "L" else (value, 0, 0)).save(path)
+
+
+def test_parse_imglist_line():
+    assert parse_imglist_line("a/b.png 3") == ("a/b.png", 3)
+    assert parse_imglist_line("a/b.png") == ("a/b.png", -1)
+    assert parse_imglist_line('a/b.png {"label": 7, "soft": [1]}') == ("a/b.png", 7)
+    assert parse_imglist_line("   ") is None
+
+
+def test_imglist_source(tmp_path):
+    lst = tmp_path / "benchmark_imglist" / "toy" / "test_toy.txt"
+    lst.parent.mkdir(parents=True)
+    lst.write_text("toy/a.png 2\ntoy/b.png 0\n\ntoy/c.png\n")
+    for i, n in enumerate("abc"):
+        _write_png(tmp_path / "images_classic" / "toy" / f"{n}.png", 10 * i)
+    ds = open_source("imglist:benchmark_imglist/toy/test_toy.txt", tmp_path)
+    assert ds.labels.tolist() == [2, 0, -1]
+    assert ds.load(1).size == (6, 5) and ds.load(1).getpixel((0, 0)) == (10, 0, 0)
+    assert ds.name == "imglist:benchmark_imglist/toy/test_toy.txt"
+    ood = open_source("imglist:benchmark_imglist/toy/test_toy.txt", tmp_path, is_ood=True)
+    assert (ood.labels == -1).all()
+    # another image folder, given after '@'
+    for n in "abc":
+        _write_png(tmp_path / "images_largescale" / "toy" / f"{n}.png", 99)
+    big = open_source("imglist:benchmark_imglist/toy/test_toy.txt@images_largescale", tmp_path)
+    assert big.load(0).getpixel((0, 0)) == (99, 0, 0)
+
+
+def test_imglist_missing_files(tmp_path):
+    with pytest.raises(OodError) as e:
+        open_source("imglist:benchmark_imglist/x/none.txt", tmp_path)
+    assert "none.txt" in str(e.value) and "\n" not in str(e.value)
+    lst = tmp_path / "l.txt"
+    lst.write_text("gone.png 1\n")
+    with pytest.raises(OodError, match="gone.png"):
+        open_source("imglist:l.txt", tmp_path)
+
+
+def test_folder_source(tmp_path):
+    for cls, n in (("cat", 2), ("dog", 3)):
+        for i in range(n):
+            _write_png(tmp_path / "toy" / cls / f"{i}.png", 40 * i)
+    ds = open_source("folder:toy", tmp_path)
+    assert ds.labels.tolist() == [0, 0, 1, 1, 1] and ds.class_names == ["cat", "dog"]
+    assert ds.load(4).getpixel((0, 0)) == (80, 0, 0)
+    assert (open_source(f"folder:{tmp_path / 'toy'}", Path("elsewhere"), is_ood=True).labels == -1).all()
+    # a flat folder of images is one unlabelled set
+    for i in range(2):
+        _write_png(tmp_path / "flat" / f"{i}.jpg", 5)
+    assert open_source("folder:flat", tmp_path).labels.tolist() == [-1, -1]
+    with pytest.raises(OodError, match="missing"):
+        open_source("folder:missing", tmp_path)
+
+
+def test_torchvision_missing_files(tmp_path):
+    root = tmp_path / "data"
+    for spec in ("cifar10:test", "cifar100:train", "svhn:test", "mnist:test", "fashionmnist:train",
+                 "dtd:val", "places365:val"):  # fmt: skip
+        with pytest.raises(OodError) as e:
+            open_source(f"torchvision:{spec}", root)
+        msg = str(e.value)
+        assert "\n" not in msg and str(root / spec.split(":")[0]) in msg and "download" in msg
+        assert not isinstance(e.value, UsageError)
+    with pytest.raises(UsageError):
+        open_source("torchvision:cifar10:val", root)
+    with pytest.raises(UsageError):
+        open_source("torchvision:imagenet:val", root)
+
+
+def _write_idx(path: Path, arr: np.ndarray):
+    """MNIST's idx format: magic (unsigned byte type, ndim), big-endian sizes, data."""
+    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    path.write_bytes(header + arr.astype(np.uint8).tobytes())
+
+
+def test_torchvision_source_reads_labels_and_grayscale(tmp_path):
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 251
+    for split in ("train", "t10k"):
+        _write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", np.array([7, 1, 4]))
+    ds = open_source("torchvision:mnist:test", tmp_path)
+    assert ds.labels.dtype == np.int64 and ds.labels.tolist() == [7, 1, 4]
+    assert ds.name == "torchvision:mnist/test" and len(ds.class_names) == 10
+    img = ds.load(2)
+    assert img.mode == "L" and img.size == (28, 28)
+    np.testing.assert_array_equal(np.asarray(img), images[2])
+    assert (open_source("torchvision:mnist:test", tmp_path, is_ood=True).labels == -1).all()

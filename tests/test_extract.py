@@ -1,0 +1,217 @@
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import oodcli.backbones.base as registry
+import oodcli.extract as ex
+from oodcli.backbones import get_spec
+from oodcli.errors import OodError
+from oodcli.store import open_store
+
+MODEL = "digits_cnn-tiny"
+
+
+def _extract(store_path, data, split="train", layers=("logits", "penultimate"), **kw):
+    spec = get_spec(kw.pop("model", MODEL))
+    with open_store(store_path, "a") as st:
+        return ex.extract_split(
+            st, spec, kw.pop("weights", None), data, split, "id", "test:data",
+            ex.LazyModel(spec, None, ex.resolve_device("cpu")), tuple(layers), **kw,
+        )
+
+
+def _arrays(store_path, split="train", model=MODEL):
+    with open_store(store_path) as st:
+        node = f"splits/{split}/{model}"
+        return {name: st.read(name) for name in st.walk_arrays(f"splits/{split}")} | {
+            "attrs": st.node_attrs(node)
+        }
+
+
+def test_extract_writes_declared_layers(tmp_path, images):
+    data = images("fake:train", 50)
+    r = _extract(tmp_path / "s.zarr", data, batch_size=16)
+    assert (r.status, r.rows, r.rows_computed) == ("extracted", 50, 50)
+    out = _arrays(tmp_path / "s.zarr")
+    assert out["splits/train/digits_cnn-tiny/logits"].shape == (50, 6)
+    assert out["splits/train/digits_cnn-tiny/penultimate"].shape == (50, 128)
+    assert out["splits/train/digits_cnn-tiny/logits"].dtype == np.float16
+    np.testing.assert_array_equal(out["splits/train/labels"], data.labels)
+    np.testing.assert_array_equal(out["splits/train/ids"], np.arange(50))
+    assert out["attrs"]["complete"] and out["attrs"]["rows_done"] == 50
+    # the stored features are the model's own outputs, batch by batch
+    spec = get_spec(MODEL)
+    net = spec.build(None)
+    x = np.stack([spec.preprocess.to_transform()(data.load(i)).numpy() for i in range(50)])
+    import torch
+
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x), ("logits",))["logits"].numpy()
+    np.testing.assert_allclose(out["splits/train/digits_cnn-tiny/logits"], ref.astype(np.float16), rtol=1e-3, atol=1e-3)
+
+
+def test_head_is_saved_with_the_features(tmp_path, images):
+    _extract(tmp_path / "s.zarr", images("fake:train", 20))
+    with open_store(tmp_path / "s.zarr") as st:
+        w = st.read("backbones/digits_cnn-tiny/head/weight")
+        b = st.read("backbones/digits_cnn-tiny/head/bias")
+        feats = st.read("splits/train/digits_cnn-tiny/penultimate").astype(np.float32)
+        logits = st.read("splits/train/digits_cnn-tiny/logits").astype(np.float32)
+    np.testing.assert_allclose(feats @ w.T + b, logits, atol=2e-2)
+
+
+def test_cache_hit_does_no_work(tmp_path, images, monkeypatch):
+    data = images("fake:train", 30)
+    _extract(tmp_path / "s.zarr", data)
+    spec = get_spec(MODEL)
+
+    def explode(weights):
+        raise AssertionError("a cache hit must not build the backbone")
+
+    monkeypatch.setitem(registry._REGISTRY, MODEL, dataclasses.replace(spec, builder=explode))
+    r = _extract(tmp_path / "s.zarr", data)
+    assert (r.status, r.rows_computed) == ("cached", 0)
+
+
+def test_fingerprint_mismatch_is_refused_then_overwritten(tmp_path, images):
+    data = images("fake:train", 30)
+    _extract(tmp_path / "s.zarr", data)
+    with pytest.raises(OodError, match="layers .*--overwrite"):
+        _extract(tmp_path / "s.zarr", data, layers=("logits",))
+    with pytest.raises(OodError, match="dtype"):
+        _extract(tmp_path / "s.zarr", data, dtype="float32")
+    r = _extract(tmp_path / "s.zarr", data, layers=("logits",), overwrite=True)
+    assert r.status == "extracted"
+    out = _arrays(tmp_path / "s.zarr")
+    assert "splits/train/digits_cnn-tiny/penultimate" not in out
+
+
+def test_other_data_under_the_same_split_name_is_refused(tmp_path, images):
+    _extract(tmp_path / "s.zarr", images("fake:train", 30))
+    with pytest.raises(OodError, match="holds other data"):
+        _extract(tmp_path / "s.zarr", images("other:train", 30, seed=1))
+
+
+def test_both_backends_give_identical_arrays(tmp_path, images):
+    data = images("fake:train", 40)
+    _extract(tmp_path / "s.zarr", data, chunk_rows=16, batch_size=8)
+    _extract(tmp_path / "s.h5", data, chunk_rows=16, batch_size=8)
+    a, b = _arrays(tmp_path / "s.zarr"), _arrays(tmp_path / "s.h5")
+    assert a.keys() == b.keys()
+    for k in a:
+        if k != "attrs":
+            np.testing.assert_array_equal(a[k], b[k])
+    assert a["attrs"] == b["attrs"]
+
+
+def test_interrupt_keeps_whole_chunks_and_resumes(tmp_path, images, monkeypatch):
+    data = images("fake:train", 100)
+    _extract(tmp_path / "ref.zarr", data, chunk_rows=20, batch_size=10)
+    calls = {"n": 0}
+    real = ex.run_backbone
+
+    def interrupted(model, x, layers):
+        calls["n"] += 1
+        if calls["n"] == 6:  # after 5 batches = 50 rows: two whole chunks of 20 and half a chunk
+            raise KeyboardInterrupt
+        return real(model, x, layers)
+
+    monkeypatch.setattr(ex, "run_backbone", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(tmp_path / "s.zarr", data, chunk_rows=20, batch_size=10)
+    attrs = _arrays(tmp_path / "s.zarr")["attrs"]
+    assert (attrs["complete"], attrs["rows_done"]) == (False, 40)
+    monkeypatch.setattr(ex, "run_backbone", real)
+    r = _extract(tmp_path / "s.zarr", data, chunk_rows=20, batch_size=10)
+    assert (r.status, r.rows_computed) == ("resumed", 60)
+    a, b = _arrays(tmp_path / "ref.zarr"), _arrays(tmp_path / "s.zarr")
+    for k in a:
+        if k != "attrs":
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import oodcli.extract as ex
+    from oodcli.backbones import get_spec
+    from oodcli.data.digits import digits_part
+    from oodcli.store import open_store
+
+    real = ex.run_backbone
+    def slow(model, x, layers):
+        time.sleep(0.05)
+        return real(model, x, layers)
+    ex.run_backbone = slow
+    spec = get_spec("digits_cnn-tiny")
+
+    def progress(split, total, done):
+        def advance(rows):  # called once a chunk is on disk and counted in rows_done
+            print("committed", rows, flush=True)
+        return advance
+
+    with open_store(sys.argv[1], "a") as st:
+        ex.extract_split(st, spec, None, digits_part("train"), "train", "id", "digits:train",
+                         ex.LazyModel(spec, None, ex.resolve_device("cpu")), ("logits", "penultimate"),
+                         batch_size=16, chunk_rows=64, progress=progress)
+    """
+)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_killed_extraction_resumes_to_the_same_arrays(tmp_path, suffix):
+    """SIGKILL a real extraction mid-way; the re-run resumes and matches an uninterrupted run."""
+    from oodcli.data.digits import digits_part
+
+    data = digits_part("train")
+    path = tmp_path / f"killed{suffix}"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        done = 0
+        while done < 128:  # two whole chunks on disk, then kill it while it computes the third
+            line = proc.stdout.readline()
+            assert line, "the extraction ended before it could be killed"
+            done += int(line.split()[1])
+        time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with open_store(path) as st:
+        attrs = st.node_attrs("splits/train/digits_cnn-tiny")
+    assert not attrs["complete"] and 128 <= attrs["rows_done"] < len(data)
+    r = _extract(path, data, batch_size=16, chunk_rows=64)
+    assert r.status == "resumed" and r.rows_computed == len(data) - attrs["rows_done"]
+    _extract(tmp_path / f"ref{suffix}", data, batch_size=16, chunk_rows=64)
+    a, b = _arrays(tmp_path / f"ref{suffix}"), _arrays(path)
+    for k in a:
+        if k != "attrs":
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_nonfinite_features_are_recorded(tmp_path, images, monkeypatch):
+    real = ex.run_backbone
+
+    def poisoned(model, x, layers):
+        out = real(model, x, layers)
+        out["logits"][0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(ex, "run_backbone", poisoned)
+    _extract(tmp_path / "s.zarr", images("fake:train", 20), batch_size=10)
+    assert _arrays(tmp_path / "s.zarr")["attrs"]["nonfinite_rows"] == 2
+
+
+def test_empty_split_is_refused(tmp_path, images):
+    with pytest.raises(OodError, match="no samples"):
+        _extract(tmp_path / "s.zarr", images("fake:empty", 0))
