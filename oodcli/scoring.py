@@ -97,6 +97,10 @@ def score_store(
     splits = [id_split] + (ood if ood else ood_splits(store))
     if len(splits) == 1:
         raise OodError(f"store {store.path} has no OOD split to score; extract one (e.g. ood/far/...) first")
+    known = list_splits(store)
+    for split in splits:
+        if split not in known:
+            raise OodError(f"store {store.path} has no split '{split}'; it has: {', '.join(known) or 'none'}")
     backbone = backbone or default_backbone(store, id_split)
     scorers: list[Scorer] = [get_scorer(m, **hparams.get(m, {})) for m in methods]
     needs_train = any(s.needs_fit for s in scorers)

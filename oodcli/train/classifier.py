@@ -98,7 +98,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         if log:
             log(f"epoch {epoch + 1}/{epochs}  loss {total / len(order):.4f}")
     train_acc = _accuracy(net, x_train, y_train)

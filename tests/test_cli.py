@@ -1,0 +1,218 @@
+"""The command line end to end on the embedded digits benchmark, and its bad-input paths."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import one_line_error
+from oodcli.cli import main
+from oodcli.store import open_store
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+    """Train a 2-epoch digits CNN and extract every digits split through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    ckpt, store = root / "cnn.safetensors", root / "digits.zarr"
+    assert main(["-q", "train", "classifier", "--out", str(ckpt), "--epochs", "6"]) == 0
+    assert main(["-q", "extract", "--model", "digits_cnn", "--weights", str(ckpt), "--benchmark", "digits",
+                 "--store", str(store)]) == 0
+    return ckpt, store
+
+
+def test_help_lists_every_command(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for command in ("extract", "select-k", "synthesize", "train", "index", "score", "report", "store"):
+        assert command in out
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "oodcli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("oodcli ")
+
+
+@pytest.mark.parametrize("command", [["select-k", "--store", "x.zarr"], ["synthesize", "grood"], ["index"],
+                                     ["train", "apex"]])
+def test_planned_commands_say_so(capsys, command):
+    code, _, err = run(capsys, *command)
+    assert code == 2 and one_line_error(err) and "not built yet" in err
+
+
+def test_pipeline_extract_score_report(capsys, digits_store):
+    ckpt, store = digits_store
+    code, out, _ = run(capsys, "-q", "extract", "--model", "digits_cnn", "--weights", ckpt, "--benchmark", "digits",
+                       "--store", store, "--json")
+    assert code == 0
+    assert [r["status"] for r in json.loads(out)] == ["cached"] * 5  # the second run does no work
+    code, out, _ = run(capsys, "-q", "score", "all", "--store", store, "--json")
+    assert code == 0
+    scored = json.loads(out)
+    assert {r["method"] for r in scored} >= {"msp", "maxlogit", "energy"}
+    assert {r["split"] for r in scored} == {"test", "ood/near/digits6-9", "ood/far/textures", "ood/far/noise"}
+    code, out, _ = run(capsys, "report", "--store", store, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["ood_splits"] == {"ood/far/noise": "far", "ood/far/textures": "far", "ood/near/digits6-9": "near"}
+    msp = report["methods"]["msp"]
+    assert set(msp["averages"]) == {"near", "far"}
+    for m in msp["sets"].values():
+        assert 0.5 < m["auroc"] <= 1.0 and 0.0 <= m["fpr95"] <= 1.0
+    assert 0.5 < report["id_accuracy"] <= 1.0
+    for fmt, marker in (("table", "near avg"), ("markdown", "| method |"), ("csv", "method,ood_set,group")):
+        code, out, _ = run(capsys, "report", "--store", store, "--format", fmt)
+        assert code == 0 and marker in out
+
+
+def test_report_numbers_match_the_metrics_module(capsys, digits_store):
+    from scipy.special import softmax
+
+    from oodcli.metrics import ood_metrics
+
+    _, store = digits_store
+    assert run(capsys, "-q", "score", "msp", "--store", store)[0] == 0
+    with open_store(store) as st:
+        test = st.read("splits/test/digits_cnn/logits").astype(np.float64)
+        noise = st.read("splits/ood/far/noise/digits_cnn/logits").astype(np.float64)
+    expected = ood_metrics(softmax(test, 1).max(1), softmax(noise, 1).max(1))
+    _, out, _ = run(capsys, "report", "--store", store, "--methods", "msp", "--json")
+    got = json.loads(out)["methods"]["msp"]["sets"]["ood/far/noise"]
+    assert got["auroc"] == pytest.approx(expected.auroc, abs=1e-6)
+    assert got["fpr95"] == pytest.approx(expected.fpr95, abs=1e-6)
+
+
+def test_store_info_and_verify(capsys, digits_store):
+    _, store = digits_store
+    code, out, _ = run(capsys, "store", "info", store, "--json")
+    assert code == 0
+    info = json.loads(out)
+    train = info["splits"]["train"]
+    assert train["role"] == "id" and train["backbones"]["digits_cnn"]["complete"]
+    assert train["backbones"]["digits_cnn"]["layers"]["logits"]["shape"][1] == 6
+    code, out, _ = run(capsys, "store", "info", store)
+    assert code == 0 and "digits6-9" in out
+    code, out, _ = run(capsys, "store", "verify", store)
+    assert code == 0 and "0 problem" in out
+
+
+def test_verify_finds_a_partial_split(capsys, tmp_path, digits_store):
+    import shutil
+
+    _, store = digits_store
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    with open_store(copy, "r+") as st:
+        st.set_attrs("splits/test/digits_cnn", complete=False, rows_done=64)
+    code, out, _ = run(capsys, "store", "verify", copy)
+    assert code == 1 and "incomplete" in out
+    code, _, err = run(capsys, "score", "msp", "--store", copy)
+    assert code == 1 and one_line_error(err) and "partly extracted" in err
+
+
+def test_extract_into_hdf5_gives_the_same_features(capsys, tmp_path, digits_store):
+    ckpt, store = digits_store
+    h5 = tmp_path / "digits.h5"
+    code, _, _ = run(capsys, "-q", "extract", "--model", "digits_cnn", "--weights", ckpt, "--benchmark", "digits",
+                     "--split", "test", "--store", h5)
+    assert code == 0
+    with open_store(store) as a, open_store(h5) as b:
+        for layer in ("logits", "penultimate"):
+            name = f"splits/test/digits_cnn/{layer}"
+            np.testing.assert_array_equal(a.read(name), b.read(name))
+
+
+def test_extract_custom_data_source(capsys, tmp_path, digits_store):
+    """--data with an image folder becomes an OOD split that scores and reports beside the benchmark's."""
+    import shutil
+
+    from PIL import Image
+
+    ckpt, store = digits_store
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    folder = tmp_path / "imgs" / "blobs"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    code, _, err = run(capsys, "-q", "extract", "--model", "digits_cnn", "--weights", ckpt,
+                       "--data", f"folder:{tmp_path / 'imgs'}", "--split", "ood/far/blobs", "--store", copy)
+    assert code == 0, err
+    with open_store(copy) as st:
+        assert st.node_attrs("splits/ood/far/blobs")["role"] == "ood-far"
+        assert (st.read("splits/ood/far/blobs/labels") == -1).all()
+    assert run(capsys, "-q", "score", "msp", "--store", copy)[0] == 0
+    _, out, _ = run(capsys, "report", "--store", copy, "--json")
+    assert "ood/far/blobs" in json.loads(out)["methods"]["msp"]["sets"]
+
+
+def test_other_weights_are_refused_across_splits(capsys, tmp_path, digits_store):
+    """A split extracted with another checkpoint cannot be scored against the rest."""
+    import shutil
+
+    ckpt, store = digits_store
+    other = tmp_path / "other.safetensors"
+    assert run(capsys, "-q", "train", "classifier", "--out", other, "--epochs", "1", "--seed", "1")[0] == 0
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    code, _, err = run(capsys, "-q", "extract", "--model", "digits_cnn", "--weights", other, "--benchmark", "digits",
+                       "--split", "ood/far/noise", "--store", copy)
+    assert code == 1 and one_line_error(err) and "weights" in err and "--overwrite" in err
+    code, _, _ = run(capsys, "-q", "extract", "--model", "digits_cnn", "--weights", other, "--benchmark", "digits",
+                     "--split", "ood/far/noise", "--store", copy, "--overwrite")
+    assert code == 0
+    before = sorted(open_store(copy).walk_arrays("scores"))
+    code, _, err = run(capsys, "score", "msp", "--store", copy)
+    assert code == 1 and one_line_error(err) and "different 'digits_cnn' weights" in err
+    assert sorted(open_store(copy).walk_arrays("scores")) == before  # nothing written
+
+
+BAD = [
+    (["score", "msp", "--store", "{tmp}/missing.zarr"], 1, "no store at"),
+    (["report", "--store", "{tmp}/missing.zarr"], 1, "no store at"),
+    (["store", "info", "{tmp}/missing.h5"], 1, "no store at"),
+    (["score", "msp", "--store", "{store}", "--id", "nope"], 1, "no split 'nope'"),
+    (["score", "bogus", "--store", "{store}"], 2, "unknown method 'bogus'"),
+    (["score", "msp", "--store", "{store}", "--param", "msp.tau=3"], 2, "has no parameter tau"),
+    (["report", "--store", "{store}", "--format", "xml"], 2, "unknown --format"),
+    (["report", "--store", "{store}", "--methods", "nothing"], 2, "no scores for nothing"),
+    (["extract", "--model", "nope", "--benchmark", "digits", "--store", "{tmp}/n.zarr"], 2, "unknown model 'nope'"),
+    (["extract", "--model", "digits_cnn", "--benchmark", "digits", "--store", "{tmp}/n.zarr"], 2, "needs --weights"),
+    (["extract", "--model", "digits_cnn-tiny", "--benchmark", "nope", "--store", "{tmp}/n.zarr"], 2, "unknown benchmark"),
+    (["extract", "--model", "digits_cnn-tiny", "--benchmark", "digits", "--split", "val", "--store", "{tmp}/n.zarr"],
+     2, "val"),
+    (["extract", "--model", "digits_cnn-tiny", "--data", "folder:x", "--store", "{tmp}/n.zarr"], 2, "--split"),
+    (["extract", "--model", "digits_cnn-tiny", "--benchmark", "digits", "--layers", "fc9", "--store", "{tmp}/n.zarr"],
+     2, "no layer fc9"),
+    (["extract", "--model", "digits_cnn-tiny", "--benchmark", "digits", "--dtype", "int8", "--store", "{tmp}/n.zarr"],
+     2, "--dtype"),
+    (["extract", "--model", "digits_cnn-tiny", "--benchmark", "digits", "--device", "cuda:0" if False else "tpu",
+      "--store", "{tmp}/n.zarr"], 2, "--device"),
+    (["extract", "--model", "cifar_resnet18", "--weights", "{tmp}/none.pt", "--benchmark", "digits", "--store",
+      "{tmp}/n.zarr"], 1, "not found"),
+    (["extract", "--model", "resnet18-tiny", "--benchmark", "cifar10", "--split", "test", "--data-root", "{tmp}",
+      "--store", "{tmp}/n.zarr"], 1, "not found"),
+    (["score", "msp", "--store", "{store}", "--bogus-option"], 2, "No such option"),
+]
+
+
+@pytest.mark.parametrize("args,code,message", BAD, ids=[" ".join(b[0][:3]) + f"-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_gives_one_line_and_writes_nothing(capsys, tmp_path, digits_store, args, code, message):
+    _, store = digits_store
+    before = sorted(open_store(store).walk_arrays())
+    args = [a.format(tmp=tmp_path, store=store) for a in args]
+    got, out, err = run(capsys, *args)
+    assert got == code, err
+    assert one_line_error(err), err
+    assert message in err
+    assert not (tmp_path / "n.zarr").exists()  # a failed extract leaves no half-made store
+    assert sorted(open_store(store).walk_arrays()) == before
