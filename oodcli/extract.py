@@ -19,6 +19,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -64,6 +65,13 @@ def model_identity(spec: BackboneSpec, weights: str | None) -> dict:
         "weights": spec.weights_identity(weights),
         "preprocess": spec.preprocess.describe(),
     }
+
+
+def weights_source(weights: str | None) -> str | None:
+    """How to load the weights again later (an absolute path for files); not part of the fingerprint."""
+    if weights is not None and Path(weights).exists():
+        return str(Path(weights).resolve())
+    return weights
 
 
 def _digest(obj) -> str:
@@ -253,6 +261,7 @@ def extract_split(
             fingerprint=fingerprint,
             parts=parts,
             model_id=_digest(model_identity(spec, weights)),
+            weights_source=weights_source(weights),
             layers=list(layers),
             layer_shapes={k: list(v) for k, v in shapes.items()},
             chunk_rows=rows,

@@ -1,0 +1,141 @@
+"""Extraction throughput against the bare forward pass, and the cost of a cache hit.
+
+For each case, in the same run and on the same data loader settings:
+  bare     - DataLoader + preprocessing + forward pass, outputs discarded
+  extract  - oodcli's extract (forward + device->host copy + fp16 cast + chunked
+             background writes + fingerprinting), into a fresh store each repeat
+  ratio    - extract throughput / bare throughput (goal >= 0.95)
+  cache    - a re-run of the same extract on the finished store (goal < 1 s), timed
+             in-process and as a whole `oodcli extract` command (which also pays for
+             Python start-up, importing torch and building the digits data).
+Best of --repeats runs is kept for each timing.
+
+Usage: python benchmarks/extract.py [--repeats 3] [--out benchmarks/results/extract.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from oodcli.api import extract_splits
+from oodcli.backbones import get_spec
+from oodcli.data.base import TransformedDataset, open_source
+from oodcli.data.benchmarks import get_benchmark
+from oodcli.store import remove_store
+
+ROOT = Path(__file__).resolve().parent.parent
+CKPT = ROOT / "stores" / "digits_cnn.safetensors"
+
+
+def bare_forward(model_name: str, weights, splits, batch_size: int) -> tuple[float, int]:
+    t0 = time.perf_counter()  # building the network counts, as it does for extract
+    spec = get_spec(model_name)
+    net = spec.build(weights).eval()
+    layers = tuple(spec.default_layers)
+    bench = get_benchmark("digits")
+    rows = 0
+    with torch.inference_mode():
+        for split in splits:
+            d = bench.split(split)
+            data = open_source(d.source, Path("data"), d.is_ood)
+            loader = torch.utils.data.DataLoader(
+                TransformedDataset(data, spec.preprocess.to_transform()), batch_size=batch_size, shuffle=False
+            )
+            for images, _ in loader:
+                net(images, layers)
+                rows += len(images)
+    return time.perf_counter() - t0, rows
+
+
+def run_extract(model_name: str, weights, splits, batch_size: int, store: Path) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    results = extract_splits(
+        model_name, store, benchmark="digits", splits=splits, weights=weights, batch_size=batch_size, device="cpu"
+    )
+    return time.perf_counter() - t0, sum(r.rows_computed for r in results)
+
+
+def case(name: str, model: str, weights, splits, batch_size: int, repeats: int, tmp: Path) -> dict:
+    # warm-up: first-touch costs (data generation, weight loading, allocator) out of the timings
+    bare_forward(model, weights, splits[:1], batch_size)
+    bare, ext = [], []
+    store = tmp / f"{name}.zarr"
+    for _ in range(repeats):  # interleaved, so drift on the machine hits both alike
+        bare.append(bare_forward(model, weights, splits, batch_size))
+        remove_store(store)
+        ext.append(run_extract(model, weights, splits, batch_size, store))
+    rows = bare[0][1]
+    bare_s, ext_s = min(t for t, _ in bare), min(t for t, _ in ext)
+    t0 = time.perf_counter()
+    hits = extract_splits(model, store, benchmark="digits", splits=splits, weights=weights, batch_size=batch_size)
+    cache_s = time.perf_counter() - t0
+    assert all(r.status == "cached" for r in hits)
+    cmd = [sys.executable, "-m", "oodcli", "-q", "extract", "--model", model, "--benchmark", "digits",
+           "--store", str(store), "--batch-size", str(batch_size)]
+    for s in splits:
+        cmd += ["--split", s]
+    if weights:
+        cmd += ["--weights", str(weights)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    cli_s = time.perf_counter() - t0
+    return {
+        "case": name,
+        "model": model,
+        "rows": rows,
+        "batch_size": batch_size,
+        "bare_img_per_s": rows / bare_s,
+        "extract_img_per_s": rows / ext_s,
+        "ratio": bare_s / ext_s,
+        "cache_hit_s_in_process": cache_s,
+        "cache_hit_s_cli": cli_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "extract.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    all_splits = [s.name for s in get_benchmark("digits").splits]
+    if CKPT.exists():
+        cnn, cnn_weights = "digits_cnn", str(CKPT)
+    else:
+        cnn, cnn_weights = "digits_cnn-tiny", None
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.append(case("digits-cnn-32px", cnn, cnn_weights, all_splits, 256, args.repeats, Path(tmp)))
+        rows.append(case("resnet18-224px", "resnet18", "random", ["test"], 64, max(1, args.repeats - 1), Path(tmp)))
+    header = f"{'case':18} {'rows':>6} {'bare img/s':>11} {'extract img/s':>14} {'ratio':>6} {'hit (lib)':>10} {'hit (CLI)':>10}"
+    print(header)
+    for r in rows:
+        print(
+            f"{r['case']:18} {r['rows']:6d} {r['bare_img_per_s']:11.1f} {r['extract_img_per_s']:14.1f} "
+            f"{r['ratio']:6.3f} {r['cache_hit_s_in_process']:9.3f}s {r['cache_hit_s_cli']:9.2f}s"
+        )
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
