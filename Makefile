@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STORE  ?= stores/digits.zarr
 CKPT   ?= stores/digits_cnn.safetensors
+CLIP_STORE ?= stores/digits_clip.zarr
+CLIP_CKPT  ?= stores/clip_tiny.safetensors
 
 .PHONY: demo test bench venv clean
 
@@ -18,16 +20,27 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 $(CKPT): | venv
 	$(PY) -m oodcli train classifier --out $(CKPT)
 
-demo: venv $(CKPT)
+$(CLIP_CKPT): | venv
+	$(PY) -m oodcli train clip --out $(CLIP_CKPT)
+
+demo: venv $(CKPT) $(CLIP_CKPT)
 	$(PY) -m oodcli extract --model digits_cnn --weights $(CKPT) --benchmark digits --store $(STORE) --overwrite
-	$(PY) -m oodcli score all --store $(STORE)
+	$(PY) -m oodcli score all --store $(STORE) --backbone digits_cnn
+	$(PY) -m oodcli synthesize grood --store $(STORE) --model digits_cnn && $(PY) -m oodcli index --store $(STORE) --source grads/grood/train && $(PY) -m oodcli score grood,grood-distance,grood-gradnorm,grood-classgrad --store $(STORE) --backbone digits_cnn
+	OODCLI="$(PY) -m oodcli" sh recipes/apex-digits.sh $(STORE)
 	$(PY) -m oodcli report --store $(STORE)
+	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --benchmark digits --layers image_embeds,patch_tokens --store $(CLIP_STORE) --overwrite
+	$(PY) -m oodcli score mcm,gl-mcm,r-mcm --store $(CLIP_STORE)
+	$(PY) -m oodcli score neglabel --store $(CLIP_STORE) || echo "neglabel skipped: it needs WordNet (see the line above)"
+	$(PY) -m oodcli report --store $(CLIP_STORE)
 
 test: venv
 	$(PY) -m pytest -q
 
 bench: venv
 	$(PY) benchmarks/extract.py
+	$(PY) benchmarks/clip.py
+	$(PY) benchmarks/apex.py
 
 clean:
-	rm -rf $(STORE) $(CKPT)
+	rm -rf $(STORE) $(CKPT) $(CLIP_STORE) $(CLIP_CKPT) stores/digits-apex.safetensors stores/digits-palm.safetensors

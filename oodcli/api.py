@@ -68,6 +68,7 @@ def extract_splits(
     """
     spec = get_spec(model)
     spec.weights_identity(weights)
+    spec = spec.for_weights(weights)
     layer_names = check_layers(spec, layers)
     dev = resolve_device(device)
     if dtype not in DTYPES:

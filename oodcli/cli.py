@@ -20,7 +20,19 @@ from oodcli.errors import OodError, UsageError
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+class _Commands(typer.core.TyperGroup):
+    """Turns a user error raised anywhere below into one line on stderr and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OodError as exc:
+            err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(exc.exit_code) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="oodcli",
     help=(
         "Out-of-distribution detection from a feature store: extract a backbone's features once, "
@@ -79,9 +91,45 @@ def _split_list(text: Optional[str]) -> Optional[list[str]]:
 # ---- extract ------------------------------------------------------------------------
 
 
+def _list_models(value: bool) -> None:
+    if not value:
+        return
+    from rich.table import Table
+
+    from oodcli.backbones import all_specs
+
+    table = Table(title="backbones (the -tiny twins are random-initialised test models)")
+    for col in ("model", "family", "layers (default first)", "default weights"):
+        table.add_column(col)
+    for name, spec in sorted(all_specs().items()):
+        rest = [layer for layer in spec.layers if layer not in spec.default_layers]
+        layers = ", ".join(spec.default_layers) + (f" (+ {', '.join(rest)})" if rest else "")
+        weights = "--weights PATH" if spec.needs_weights_file else str(spec.default_weights)
+        table.add_row(name, spec.family, layers, weights)
+    _print_wide(table)
+    raise typer.Exit()
+
+
+def _list_benchmarks(value: bool) -> None:
+    if not value:
+        return
+    from rich.table import Table
+
+    from oodcli.data.benchmarks import get_benchmark, list_benchmarks
+
+    table = Table(title="benchmarks")
+    for col in ("benchmark", "classes", "splits"):
+        table.add_column(col)
+    for name in list_benchmarks():
+        bench = get_benchmark(name)
+        table.add_row(name, str(bench.num_classes), ", ".join(s.name for s in bench.splits))
+    _print_wide(table)
+    raise typer.Exit()
+
+
 @app.command()
 def extract(
-    model: str = typer.Option(..., "--model", "-m", help="Backbone name (see 'oodcli extract --list-models')."),
+    model: str = typer.Option(..., "--model", "-m", help="Backbone name (see --list-models)."),
     store: Path = typer.Option(..., "--store", "-s", help="Store path: *.zarr (default format) or *.h5."),
     benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Benchmark name, e.g. digits, cifar10."),
     data: Optional[str] = typer.Option(
@@ -103,6 +151,12 @@ def extract(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace features made with another model, weights or layers."),
     chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", min=1, help="Rows per stored chunk (default: ~8 MiB chunks)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    list_models: bool = typer.Option(
+        False, "--list-models", callback=_list_models, is_eager=True, help="List the backbones and exit."
+    ),
+    list_benchmarks: bool = typer.Option(
+        False, "--list-benchmarks", callback=_list_benchmarks, is_eager=True, help="List the benchmarks and exit."
+    ),
 ) -> None:
     """Run a backbone over a data set once and write its layers into the store.
 
@@ -168,43 +222,105 @@ def _literal(value: str):
     return {"true": True, "false": False}.get(value.lower(), value)
 
 
+def _print_wide(table) -> None:
+    """Print a rich table; a pipe or file gets it whole rather than wrapped to 80 columns."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    from rich.measure import Measurement
+
+    width = Measurement.get(out, out.options.update_width(10_000), table).maximum
+    Console(highlight=False, width=max(out.width, width)).print(table)
+
+
+def _row_progress(bar):
+    """``progress(description, total)`` for the library: one bar per pass, removed when done."""
+
+    def task(description: str, total: int):
+        if not bar.live.is_started:  # the bar appears only once every input has been checked
+            bar.start()
+        task_id = bar.add_task(description, total=total)
+        done = [0]
+
+        def advance(rows: int) -> None:
+            done[0] += rows
+            bar.advance(task_id, rows)
+            if done[0] >= total and description != "methods":
+                bar.remove_task(task_id)
+
+        return advance
+
+    return task
+
+
+def _print_scorer_list(as_json: bool) -> None:
+    from oodcli.scorers import describe_scorers
+
+    rows = describe_scorers()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="scorers (higher score = more in-distribution); set a parameter with -p METHOD.NAME=VALUE")
+    for col in ("method", "parameters (defaults)", "needs", "what"):
+        table.add_column(col)
+    for r in rows:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
+        table.add_row(r["method"], params, r["needs"], r["summary"])
+    _print_wide(table)
+
+
 @app.command()
 def score(
-    methods: str = typer.Argument(..., help="Method name(s), comma-separated, or 'all'."),
-    store: Path = typer.Option(..., "--store", "-s", help="Store to read features from and write scores to."),
+    methods: Optional[str] = typer.Argument(None, help="Method name(s), comma-separated, or 'all' (see --list)."),
+    store: Optional[Path] = typer.Option(None, "--store", "-s", help="Store to read features from and write scores to."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Which backbone's features (default: the only one)."),
     id_split: Optional[str] = typer.Option(None, "--id", help="ID evaluation split (default: test)."),
     ood: Optional[list[str]] = typer.Option(None, "--ood", help="OOD split(s) to score (default: every OOD split)."),
     train_split: str = typer.Option("train", "--train", help="ID split that fitted methods learn from."),
-    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Hyperparameter METHOD.NAME=VALUE (repeatable)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    param: Optional[list[str]] = typer.Option(
+        None, "--param", "-p", help="Hyperparameter METHOD.NAME=VALUE (repeatable); --list shows them with defaults."
+    ),
+    list_methods: bool = typer.Option(False, "--list", help="List every method with its parameters and defaults, then exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary (or --list) as JSON."),
 ) -> None:
     """Score the ID test split and every OOD split; writes scores/<method>/<split>.
 
+    Methods that learn from the ID train split (mahalanobis, rmds, knn, vim, residual,
+    react) keep what they learned under fitted/<method>; the next run with the same
+    parameters and train features loads it ("cached" in the summary).
+
     Examples:
 
-      oodcli score msp,energy --store stores/digits.zarr
+      oodcli score --list
 
-      oodcli score energy --store stores/digits.zarr -p energy.temperature=2 --json
+      oodcli score all --store stores/digits.zarr
+
+      oodcli score knn,vim --store stores/digits.zarr -p knn.k=10 -p vim.dim=32 --json
     """
+    if list_methods:
+        _print_scorer_list(as_json)
+        return
+    if methods is None or store is None:
+        raise UsageError("score needs METHODS and --store (e.g. 'oodcli score all --store stores/digits.zarr'); "
+                         "see 'oodcli score --list'")
     from oodcli.store import open_store
     from oodcli.scoring import parse_methods, score_store
 
     names = parse_methods(methods)
     hparams = _parse_params(param, names)
     bar = _progress()
-
-    def start(total: int):  # the bar appears only once every input has been checked
-        bar.start()
-        task = bar.add_task("scoring", total=total)
-        return lambda: bar.advance(task)
-
     try:
         with open_store(store, "r+") as st:
             results = score_store(
                 st, names, backbone=backbone, id_split=id_split, ood=ood, train_split=train_split,
-                hparams=hparams, progress=start,
+                hparams=hparams, progress=_row_progress(bar), only_applicable=methods.strip() == "all",
             )
+    except BaseException:
+        for task_id in bar.task_ids:  # the error line alone, no half-drawn bars
+            bar.remove_task(task_id)
+        raise
     finally:
         if bar.live.is_started:
             bar.stop()
@@ -214,12 +330,13 @@ def score(
     from rich.table import Table
 
     table = Table(title=f"scores written to {store}")
-    for col in ("method", "splits", "rows", "seconds"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    for col in ("method", "fit", "fit s", "splits", "rows", "score s"):
+        table.add_column(col, justify="left" if col in ("method", "fit") else "right")
     for m in dict.fromkeys(r.method for r in results):
         rs = [r for r in results if r.method == m]
-        table.add_row(m, str(len(rs)), str(sum(r.rows for r in rs)), f"{sum(r.seconds for r in rs):.3f}")
-    out.print(table)
+        fit_s = f"{rs[0].fit_seconds:.3f}" if rs[0].fit != "-" else "-"
+        table.add_row(m, rs[0].fit, fit_s, str(len(rs)), str(sum(r.rows for r in rs)), f"{sum(r.seconds for r in rs):.3f}")
+    _print_wide(table)
 
 
 @app.command()
@@ -229,6 +346,8 @@ def report(
     id_split: Optional[str] = typer.Option(None, "--id", help="ID evaluation split (default: test)."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, json, csv or markdown."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write score histograms and ROC curves (PNG) into this folder."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML report (table + plots) to this file."),
 ) -> None:
     """OOD metrics per OOD set and near/far averages (FPR@95, AUROC, AUPR-In/Out), ID accuracy.
 
@@ -237,6 +356,8 @@ def report(
       oodcli report --store stores/digits.zarr
 
       oodcli report --store stores/digits.zarr --format csv > digits.csv
+
+      oodcli report --store stores/digits.zarr --plots stores/plots --html stores/digits.html
     """
     from oodcli import report as rep
     from oodcli.store import open_store
@@ -244,10 +365,30 @@ def report(
     fmt = "json" if as_json else fmt
     if fmt not in rep.FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; use one of {', '.join(rep.FORMATS)}")
+    for path, what in ((plots, "--plots"), (html, "--html")):
+        if path is not None and ((what == "--plots" and path.is_file()) or (what == "--html" and path.is_dir())):
+            raise UsageError(f"{what} {path} is a {'file' if path.is_file() else 'folder'}; give a "
+                             f"{'folder' if what == '--plots' else 'file'} path")
+    images = {}
     with open_store(store, "r") as st:
         data = rep.build_report(st, _split_list(methods), id_split)
+        if plots is not None or html is not None:
+            bar = _progress()
+            with bar:
+                images = rep.make_plots(st, data, progress=_row_progress(bar))
+    if plots is not None:
+        plots.mkdir(parents=True, exist_ok=True)
+        for name, png in images.items():
+            (plots / name).write_bytes(png)
+        if not STATE["quiet"]:
+            err.print(f"wrote {len(images)} plots to {plots}", markup=False)
+    if html is not None:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        html.write_text(rep.render_html(data, images), encoding="utf-8")
+        if not STATE["quiet"]:
+            err.print(f"wrote {html}", markup=False)
     if fmt == "table":
-        out.print(rep.render_table(data))
+        _print_wide(rep.render_table(data))
     elif fmt == "json":
         print(rep.render_json(data))
     elif fmt == "csv":
@@ -336,14 +477,388 @@ def train_classifier(
     )
 
 
+@train_app.command("clip")
+def train_clip(
+    out_path: Path = typer.Option(Path("stores/clip_tiny.safetensors"), "--out", "-o", help="Where to save the weights."),
+    benchmark: str = typer.Option("digits", "--benchmark", "-b", help="Benchmark whose ID train split and class names are used."),
+    model: str = typer.Option("clip-tiny", "--model", "-m", help="CLIP configuration to train (clip-tiny)."),
+    epochs: int = typer.Option(40, "--epochs", min=1),
+    lr: float = typer.Option(2e-3, "--lr", min=0.0),
+    seed: int = typer.Option(0, "--seed"),
+    data_root: Optional[str] = typer.Option(None, "--data-root"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Train the tiny CLIP of the offline demo contrastively on images and class-name captions.
+
+    Example:  oodcli train clip --out stores/clip_tiny.safetensors && oodcli extract --model clip-tiny
+    --weights stores/clip_tiny.safetensors --benchmark digits --layers image_embeds,patch_tokens --store stores/digits_clip.zarr
+    """
+    from oodcli.train.clip import train_clip as run
+
+    log = None if STATE["quiet"] else (lambda msg: err.print(msg, style="dim"))
+    result = run(out_path, benchmark=benchmark, model=model, epochs=epochs, lr=lr, seed=seed,
+                 data_root_dir=data_root, log=log)
+    if as_json:
+        out.print_json(json.dumps(result.as_dict()))
+        return
+    test = f", test {100 * result.test_accuracy:.1f}%" if result.test_accuracy is not None else ""
+    out.print(
+        f"saved {result.path}: zero-shot accuracy train {100 * result.train_accuracy:.1f}%{test} "
+        f"({result.epochs} epochs, {result.seconds:.1f} s)"
+    )
+
+
+# ---- synthesize and index -----------------------------------------------------------------
+
+synth_app = typer.Typer(help="Synthesize OOD prototypes or features from the store and the backbone.", no_args_is_help=True)
+app.add_typer(synth_app, name="synthesize")
+
+
+@synth_app.command("grood")
+def synthesize_grood(
+    store: Path = typer.Option(..., "--store", "-s", help="Store with the ID train split's penultimate features."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", "--backbone", help="Backbone whose features to use (default: the only one)."
+    ),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", "-w", help="Its checkpoint (default: where the store says the weights came from); must match."
+    ),
+    ood_prototype: str = typer.Option(
+        "mixup", "--ood-prototype", help="mixup (eq. 9), noise (uniform-noise images), val (--val-split rows) or mean (of class prototypes)."
+    ),
+    quantile: float = typer.Option(
+        0.5, "--quantile", "-q", help="Proximity filter: drop candidates nearer to a class prototype than this quantile (0 keeps all)."
+    ),
+    mixup_lambda: float = typer.Option(0.5, "--lambda", help="Mixup weight of the image's own early map (eq. 9)."),
+    val_split: Optional[str] = typer.Option(None, "--val-split", help="With --ood-prototype val: an auxiliary OOD split of the store."),
+    samples: int = typer.Option(100, "--samples", help="noise/val: candidate OOD samples before the filter."),
+    seed: int = typer.Option(0, "--seed", help="noise/val: random seed."),
+    train_split: str = typer.Option("train", "--train", help="ID train split the prototypes come from."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where data sets live (default $OODCLI_DATA_ROOT or ./data)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """GROOD's class prototypes and OOD prototype (fitted/grood), then the gradients of every split (grads/grood/<split>).
+
+    mixup runs the backbone over the train images again (their early maps are not stored).
+    The same command again reuses the prototypes and only writes missing gradients.
+
+    Examples:
+
+      oodcli synthesize grood --store stores/digits.zarr
+
+      oodcli synthesize grood --store stores/cifar10.zarr --ood-prototype val --val-split ood/val/tin
+    """
+    from oodcli.store import open_store
+    from oodcli.synth.grood import synthesize_grood as run
+
+    bar = _progress()
+    try:
+        with open_store(store, "r+") as st:
+            result = run(
+                st, backbone=model, weights=weights, train_split=train_split, ood_prototype=ood_prototype,
+                quantile=quantile, mixup_lambda=mixup_lambda, val_split=val_split, samples=samples, seed=seed,
+                device=device, batch_size=batch_size, workers=workers, data_root_dir=data_root,
+                progress=_row_progress(bar),
+            )
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    kept = (f" ({result['kept']} of {result['candidates']} candidates kept at q={result['quantile']}, "
+            f"tau {result['tau']:.4g})" if "kept" in result else "")
+    early = f", early maps {'x'.join(map(str, result['early_shape']))}" if result.get("early_shape") else ""
+    out.print(f"fitted/grood: {result['status']}: {result['ood_prototype']} OOD prototype{kept}, "
+              f"{result['classes']} class prototypes, penultimate {result['dim']}-d{early}, "
+              f"in {result['seconds']:.2f} s", markup=False)
+    for g in result["gradients"]:
+        out.print(f"grads/grood/{g['split']}: {g['status']} {g['rows']} rows", markup=False)
+
+
+@app.command("index")
+def index_command(
+    store: Path = typer.Option(..., "--store", "-s", help="Store holding the vectors."),
+    source: str = typer.Option(
+        ..., "--source", help="2-D array to index, e.g. grads/grood/train or splits/train/<backbone>/penultimate."
+    ),
+    name: Optional[str] = typer.Option(None, "--name", help="Saved as index/<name> (default: the source's name)."),
+    kind: str = typer.Option("auto", "--kind", help="ivf (IndexIVFFlat), flat (exact) or auto (flat below 20k rows)."),
+    nlist: Optional[int] = typer.Option(None, "--nlist", help="IVF cells (default: about sqrt(rows))."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF cells visited per query (default: nlist/16, at least 8)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Build a faiss index over an array of the store and save it there (on a GPU when faiss sees one).
+
+    Examples:
+
+      oodcli index --store stores/digits.zarr --source grads/grood/train
+
+      oodcli index --store stores/cifar10.zarr --source grads/grood/train --kind ivf --nlist 256 --nprobe 16
+    """
+    from oodcli.index import build_in_store
+    from oodcli.store import open_store
+
+    bar = _progress()
+    try:
+        with open_store(store, "r+") as st:
+            info = build_in_store(st, source, name=name, kind=kind, nlist=nlist, nprobe=nprobe,
+                                  progress=_row_progress(bar))
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    how = f"ivf, nlist {info['nlist']}, nprobe {info['nprobe']}" if info["kind"] == "ivf" else "flat (exact)"
+    out.print(f"index/{info['name']}: {how}, {info['rows']} x {info['dim']} from {info['source']} "
+              f"in {info['seconds']:.2f} s", markup=False)
+
+
+# ---- APEX / PALM: select-k, train apex|palm, analyze collisions ----------------------------
+
+analyze_app = typer.Typer(help="Analyses of what a store holds besides scores.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+
+def _class_names(st) -> Optional[list[str]]:
+    """The ID class names of the benchmark a store was extracted from, if it is a known one."""
+    from oodcli.data.benchmarks import get_benchmark
+
+    try:
+        return get_benchmark(st.attrs["benchmark"]).resolve_class_names()
+    except (KeyError, OodError):
+        return None
+
+
+@app.command("select-k")
+def select_k_command(
+    store: Path = typer.Option(..., "--store", "-s", help="Store with the ID train split's features (the paper: DINOv2)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", "--backbone", help="Whose features (default: the only backbone)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Layer (default: cls if extracted, else penultimate)."),
+    split: str = typer.Option("train", "--split", help="ID split to fit on."),
+    k_range: str = typer.Option("1..10", "--k-range", help="Candidate numbers of prototypes, MIN..MAX."),
+    covariance: str = typer.Option("diag", "--covariance", help="GMM covariance: diag, full, tied or spherical."),
+    pca_dim: int = typer.Option(8, "--pca-dim", min=0, help="Per-class PCA dimensions before the GMM (0 = none)."),
+    n_init: int = typer.Option(3, "--n-init", min=1, help="EM restarts per GMM."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print K and the BIC curve of every class as JSON."),
+) -> None:
+    """Per ID class, the number of prototypes K_c* by GMM + BIC (APEX eq. 1); writes fitted/select_k.
+
+    Features are reduced per class by PCA first: in 768-d with ~500 images a class, a GMM's
+    parameter count would swamp BIC (see oodcli/select_k.py).
+
+    Example:  oodcli select-k --store stores/cifar100-dinov2.zarr --model dinov2-base
+    """
+    from oodcli.select_k import parse_k_range, select_k
+    from oodcli.store import open_store
+
+    k_min_max = parse_k_range(k_range)
+    bar = _progress()
+
+    def start(total: int):
+        bar.start()
+        task = bar.add_task("select-k: classes", total=total)
+        return lambda n: bar.advance(task, n)
+
+    try:
+        with open_store(store, "r+") as st:
+            result = select_k(st, model, layer, split, k_min_max, covariance, pca_dim, n_init, seed, progress=start)
+            data = result.as_dict(_class_names(st))
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    from rich.table import Table
+
+    s = data["settings"]
+    table = Table(title=f"K per class by BIC, {s['backbone']}/{s['layer']}")
+    for col in ("class", "name", "n", "K*", "BIC(K*)", "next best"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for row in data["classes"]:
+        curve = {k: b for k, b in row["bic"].items() if b is not None}
+        others = sorted((b, k) for k, b in curve.items() if k != row["k"])
+        runner = f"K={others[0][1]} (+{others[0][0] - curve[row['k']]:.1f})" if others else "-"
+        table.add_row(str(row["class"]), row["name"] or "", str(row["n"]), str(row["k"]), f"{curve[row['k']]:.1f}", runner)
+    _print_wide(table)
+    out.print(f"{len(data['classes'])} classes, {data['total_prototypes']} prototypes (mean K {data['mean_k']:.2f}) "
+              f"from {s['covariance']} GMMs on {s['pca_dim'] or 'all'} PCA dims, K in {k_range}, in {data['seconds']:.1f} s; "
+              f"written to {store}:fitted/select_k", markup=False)
+
+
+def _prototype_trainer(method: str):
+    palm = method == "palm"
+
+    def command(
+        store: Optional[Path] = typer.Option(None, "--store", "-s", help="With --head-only: store with the frozen backbone's train features."),
+        head_only: bool = typer.Option(False, "--head-only", help="Train only the head, on cached features from --store (fast)."),
+        backbone: Optional[str] = typer.Option(None, "--backbone", help="Head-only: whose features (default: the only backbone)."),
+        layer: Optional[str] = typer.Option(None, "--layer", help="Head-only: which layer (default: cls if stored, else penultimate)."),
+        split: str = typer.Option("train", "--split", help="Head-only: the ID split to train on."),
+        benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="End to end: benchmark whose ID train images are used."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="End to end: the encoder, e.g. cifar_resnet34 (paper), digits_cnn."),
+        weights: Optional[str] = typer.Option(None, "--weights", "-w", help="End to end: start from this checkpoint (default: random init)."),
+        k: Optional[int] = typer.Option(6 if palm else None, "--k", min=1, hidden=not palm, help="Prototypes per class (PALM: 6)."),
+        k_from: Optional[Path] = typer.Option(
+            None, "--k-from", hidden=palm, help="Store with 'oodcli select-k' results (default: --store)."
+        ),
+        out_path: Optional[Path] = typer.Option(
+            None, "--out", "-o", help=f"Model file (default: <store>-{method}.safetensors, or stores/<benchmark>-{method}.safetensors)."
+        ),
+        epochs: int = typer.Option(500, "--epochs", min=1),
+        batch_size: int = typer.Option(512, "--batch-size", min=1),
+        lr: float = typer.Option(0.5, "--lr", help="SGD learning rate, cosine-decayed per step."),
+        momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
+        weight_decay: float = typer.Option(1e-6, "--weight-decay"),
+        tau: float = typer.Option(0.1, "--tau", help="Temperature of the mixture posterior, eq. (3)."),
+        tau_p: float = typer.Option(0.1, "--tau-p", help="Temperature of the prototype contrastive loss, eq. (5)."),
+        lambda_pc: float = typer.Option(1.0, "--lambda-pc", help="Weight of L_PC, eq. (6)."),
+        epsilon: float = typer.Option(0.05, "--epsilon", help="Sinkhorn entropic regularisation, eq. (14)."),
+        sinkhorn_iters: int = typer.Option(3, "--sinkhorn-iters", min=1),
+        proto_momentum: float = typer.Option(0.999, "--proto-momentum", help="EMA momentum of the prototypes and qualities (1 - beta_p, eq. 15)."),
+        embed_dim: int = typer.Option(128, "--embed-dim", min=1, help="Dimension of the hypersphere."),
+        seed: int = typer.Option(0, "--seed"),
+        flip: bool = typer.Option(True, "--flip/--no-flip", help="End to end: random horizontal flips (off for digits)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+        workers: int = typer.Option(0, "--workers", min=0, help="End to end: DataLoader worker processes."),
+        data_root: Optional[str] = typer.Option(None, "--data-root", help="Where data sets live (default $OODCLI_DATA_ROOT or ./data)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ) -> None:
+        from oodcli.scoring import default_backbone
+        from oodcli.select_k import read_k
+        from oodcli.store import open_store
+        from oodcli.train.apex import ApexConfig, train_end_to_end, train_head_only
+
+        cfg = ApexConfig(embed_dim=embed_dim, tau=tau, tau_p=tau_p, lambda_pc=lambda_pc, epsilon=epsilon,
+                         sinkhorn_iters=sinkhorn_iters, proto_momentum=proto_momentum, epochs=epochs,
+                         batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, seed=seed)
+        cfg.check()
+        if palm and k_from is not None:
+            raise UsageError("--k-from is for 'train apex'; 'train palm' uses the same --k for every class")
+        if not palm and k is not None:
+            raise UsageError("'train apex' takes K per class from select-k; use 'train palm --k N' for a fixed K")
+        if head_only and store is None:
+            raise UsageError("--head-only trains on cached features: pass --store PATH")
+        if head_only and (benchmark or model or weights):
+            raise UsageError("--benchmark, --model and --weights are for end-to-end training; drop them with --head-only")
+        if not head_only and store is not None:
+            raise UsageError("--store goes with --head-only; for select-k results from a store use --k-from")
+        if not head_only and not (benchmark and model):
+            raise UsageError(f"end-to-end training needs --benchmark and --model (or: --head-only --store PATH)")
+        select = None
+        source = k_from or store
+        if not palm:
+            if source is None:
+                raise UsageError("'train apex' needs K per class from select-k: pass --k-from STORE")
+            with open_store(source, "r") as ks:
+                select = read_k(ks)
+        log = None if STATE["quiet"] else (lambda msg: err.print(msg, style="dim", markup=False))
+        if head_only:
+            target = out_path or store.with_name(f"{store.stem}-{method}.safetensors")
+            with open_store(store, "r") as st:
+                result = train_head_only(st, backbone or default_backbone(st, split), method, layer, split,
+                                         None if not palm else k, select, cfg, target, device, log)
+        else:
+            target = out_path or Path("stores") / f"{benchmark}-{method}.safetensors"
+            result = train_end_to_end(benchmark, model, method, weights, None if not palm else k, select, cfg,
+                                      target, device, workers, data_root, flip, log)
+        if as_json:
+            out.print_json(json.dumps(result.as_dict()))
+            return
+        ks = result.k_per_class
+        out.print(
+            f"saved {result.path}: {method} {result.mode}, {result.prototypes} prototypes (K {min(ks)}..{max(ks)}), "
+            f"{result.epochs} epochs in {result.seconds:.1f} s; loss {result.first_loss:.3f} -> {result.final_loss:.3f}, "
+            f"train accuracy {100 * result.train_accuracy:.1f}%, min Q_S {result.min_q_s:.3f}, "
+            f"{result.colliding_prototypes} colliding prototypes", markup=False,
+        )
+
+    return command
+
+
+_TRAIN_HELP = (
+    "{title} (APEX paper sec. 3; PALM, ICLR 2024): projection head onto the 128-d unit sphere, {k}, "
+    "L_MLE + lambda L_PC, Sinkhorn soft assignments, EMA prototypes, prototype qualities. Writes one "
+    "safetensors file that 'oodcli extract --model {method} --weights FILE' runs as a backbone.\n\n"
+    "Examples:\n\n"
+    "  oodcli train {method} --head-only --store stores/digits.zarr --backbone digits_cnn{example}\n\n"
+    "  oodcli train {method} --benchmark cifar100 --model cifar_resnet34{e2e} --device cuda --workers 8"
+)
+train_app.command("apex", help=_TRAIN_HELP.format(
+    title="Train APM, the adaptive mixture of prototypes", k="K_c* prototypes per class from 'oodcli select-k'",
+    method="apex", example="", e2e=" --k-from stores/cifar100-dinov2.zarr"))(_prototype_trainer("apex"))
+train_app.command("palm", help=_TRAIN_HELP.format(
+    title="Train PALM, the fixed-K mixture of prototypes", k="the same K (6) prototypes for every class",
+    method="palm", example=" --k 6", e2e=""))(_prototype_trainer("palm"))
+
+
+@analyze_app.command("collisions")
+def analyze_collisions(
+    store: Optional[Path] = typer.Option(None, "--store", "-s", help="Store whose backbones carry prototypes (apex, palm)."),
+    weights: Optional[list[Path]] = typer.Option(None, "--weights", "-w", help="Model files from 'train apex|palm' (repeatable)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Only this backbone of the store."),
+    threshold: float = typer.Option(1e-2, "--threshold", help="Q_S (cosine distance) below which prototypes collide."),
+    top: int = typer.Option(10, "--top", min=0, help="Closest colliding pairs to list per model."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything (every pair) as JSON."),
+) -> None:
+    """Inter-class prototype collisions (APEX Table 1): prototypes with Q_S below the threshold, their share, min Q_S.
+
+    Examples:
+
+      oodcli analyze collisions --store stores/digits.zarr
+
+      oodcli analyze collisions --weights stores/cifar100-palm.safetensors --weights stores/cifar100-apex.safetensors
+    """
+    from oodcli.collisions import find_collisions, store_prototypes
+    from oodcli.store import open_store
+
+    if store is None and not weights:
+        raise UsageError("say where the prototypes are: --store PATH and/or --weights FILE")
+    found, names = {}, None
+    if store is not None:
+        with open_store(store, "r") as st:
+            found = store_prototypes(st)
+            names = _class_names(st)
+        if backbone is not None:
+            if backbone not in found:
+                raise OodError(f"backbone '{backbone}' in {store} has no prototypes; it has: {', '.join(found) or 'none'}")
+            found = {backbone: found[backbone]}
+    for path in weights or []:
+        from oodcli.train.apex import read_model
+
+        _, tensors = read_model(path)
+        found[str(path)] = {"vectors": tensors["prototypes"].numpy(), "classes": tensors["proto_class"].numpy()}
+    if not found:
+        raise OodError(f"store {store} holds no prototypes; extract a trained model with --model apex|palm first")
+    results = {name: find_collisions(p["vectors"], p["classes"], threshold, names) for name, p in found.items()}
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"inter-class prototype collisions (Q_S < {threshold:g})")
+    for col in ("model", "K min/mean/max", "prototypes", "colliding prototypes", "% of total", "pairs", "min Q_S"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, r in results.items():
+        table.add_row(name, f"{r['k_min']}/{r['k_mean']:.2f}/{r['k_max']}", str(r["prototypes"]),
+                      str(r["colliding_prototypes"]), f"{100 * r['share']:.2f}", str(r["colliding_pairs"]),
+                      f"{r['min_q_s']:.3f}")
+    _print_wide(table)
+    for name, r in results.items():
+        for p in r["pairs"][:top]:
+            out.print(f"{name}: {p['class_a']} #{p['a']} <-> {p['class_b']} #{p['b']}  (Q_S {p['distance']:.4f})", markup=False)
+
+
 # ---- planned commands -------------------------------------------------------------------
 
-PLANNED = {
-    "select-k": "pick per-class prototype counts (GMM + BIC)",
-    "synthesize": "synthesize OOD prototypes or images (GROOD mixup, SynOOD inpainting)",
-    "index": "build faiss indexes over features or gradients",
-}
-PLANNED_TRAINERS = ("apex", "palm", "coop", "negprompt", "iim", "synood", "clip")
+PLANNED: dict[str, str] = {}
+PLANNED_TRAINERS = ("coop", "negprompt", "iim", "synood")
 
 
 def _not_built(name: str):
@@ -368,13 +883,10 @@ for _name in PLANNED_TRAINERS:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run the CLI and return its exit code; user errors become one line on stderr."""
+    """Run the CLI and return its exit code; usage errors become one line on stderr too."""
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="oodcli", standalone_mode=False)
-    except OodError as exc:
-        err.print(f"error: {exc}", markup=False)
-        return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted; finished chunks are kept: re-run the same command to resume", markup=False)
         return 130

@@ -270,6 +270,7 @@ def extract_split(
             oodcli_version=__version__,
         )
         _write_head(store, spec, weights, net)
+        _write_extras(store, spec, weights, net)
     attrs = store.node_attrs(node)
     rows = int(attrs["chunk_rows"])
     status = "resumed" if start else "extracted"
@@ -318,4 +319,19 @@ def _write_head(store: Store, spec: BackboneSpec, weights: str | None, net: Back
     weight, bias = (t.detach().float().cpu().numpy() for t in head)
     store.write_array(f"{node}/head/weight", weight)
     store.write_array(f"{node}/head/bias", bias)
+    store.set_attrs(node, weights=identity, model_id=_digest(model_identity(spec, weights)))
+
+
+def _write_extras(store: Store, spec: BackboneSpec, weights: str | None, net: Backbone) -> None:
+    """Keep what the backbone offers scorers besides its layers (``Backbone.extras``, e.g. APEX
+    prototypes and their qualities) under backbones/<name>/, like the head."""
+    extras = net.extras()
+    if not extras:
+        return
+    node = f"backbones/{spec.name}"
+    identity = spec.weights_identity(weights)
+    if all(store.exists(f"{node}/{key}") for key in extras) and store.node_attrs(node).get("weights") == identity:
+        return
+    for key, value in extras.items():
+        store.write_array(f"{node}/{key}", np.asarray(value))
     store.set_attrs(node, weights=identity, model_id=_digest(model_identity(spec, weights)))

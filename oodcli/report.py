@@ -75,6 +75,8 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
 
 def _id_accuracy(store: Store, report: dict, id_split: str, labels: np.ndarray) -> float | None:
     backbones = {m["backbone"] for m in report["methods"].values()}
+    # only a backbone with a classifier has an accuracy (APEX/PALM models beside it have none)
+    backbones = {b for b in backbones if store.is_array(f"{features_node(id_split, b)}/logits")}
     if len(backbones) != 1:
         return None
     node = f"{features_node(id_split, backbones.pop())}/logits"
@@ -153,3 +155,124 @@ def render_csv(report: dict) -> str:
 
 def render_json(report: dict) -> str:
     return json.dumps(report, indent=2, sort_keys=False)
+
+
+# ---- plots and the HTML report ---------------------------------------------------------
+
+
+def roc_points(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct threshold, ID positive, from (0, 0) to (1, 1)."""
+    scores = np.concatenate([id_scores, ood_scores]).astype(np.float64)
+    is_id = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
+    order = np.argsort(-scores, kind="mergesort")
+    scores, is_id = scores[order], is_id[order]
+    last = np.r_[np.flatnonzero(np.diff(scores) != 0), scores.size - 1]  # end of each run of ties
+    tp = np.cumsum(is_id)[last]
+    fp = (last + 1) - tp
+    return np.r_[0.0, fp / len(ood_scores)], np.r_[0.0, tp / len(id_scores)]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+def make_plots(store: Store, report: dict, progress=None) -> dict[str, bytes]:
+    """Per method: histograms of ID vs each OOD set's scores, and ROC curves; PNG bytes by file name.
+
+    Uses matplotlib's Agg canvas directly (no pyplot, no display, no global backend change).
+    """
+    from matplotlib.figure import Figure
+
+    id_split = report["id_split"]
+    advance = progress("plots", len(report["methods"])) if progress else (lambda n: None)
+    images: dict[str, bytes] = {}
+    for method, data in report["methods"].items():
+        id_scores = read_scores(store, method, id_split)
+        order = [key for _, key in _columns(report) if key in data["sets"]]  # near sets first
+        sets = {s: read_scores(store, method, s) for s in order}
+        cols = min(3, max(1, len(sets)))
+        rows = -(-len(sets) // cols) or 1
+        fig = Figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False).ravel()
+        for ax, (split, ood) in zip(axes, sets.items()):
+            both = np.concatenate([id_scores, ood])
+            lo, hi = np.quantile(both, [0.005, 0.995])  # keep far outliers from squashing the view
+            hi = hi if hi > lo else lo + 1.0
+            bins = np.linspace(lo, hi, 50)
+            ax.hist(np.clip(id_scores, lo, hi), bins=bins, density=True, alpha=0.55, label=f"ID ({id_split})")
+            ax.hist(np.clip(ood, lo, hi), bins=bins, density=True, alpha=0.55, label=split.split("/")[-1])
+            ax.set_title(f"{split}  AUROC {100 * data['sets'][split]['auroc']:.1f}%", fontsize=9)
+            ax.legend(fontsize=7)
+        for ax in axes[len(sets):]:
+            ax.set_visible(False)
+        fig.suptitle(f"{method}: score histograms (higher = more ID)", fontsize=10)
+        images[f"hist_{method}.png"] = _png(fig)
+
+        fig = Figure(figsize=(4.5, 4.2), layout="constrained")
+        ax = fig.subplots()
+        for split, ood in sets.items():
+            fpr, tpr = roc_points(id_scores, ood)
+            ax.plot(fpr, tpr, label=f"{split.split('/')[-1]} ({100 * data['sets'][split]['auroc']:.1f})")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="FPR (OOD kept)", ylabel="TPR (ID kept)", title=f"{method}: ROC, ID positive")
+        ax.legend(fontsize=7, title="OOD set (AUROC %)", title_fontsize=7)
+        images[f"roc_{method}.png"] = _png(fig)
+        advance(1)
+    return images
+
+
+def render_html(report: dict, images: dict[str, bytes]) -> str:
+    """One self-contained page: the table, every metric, hyperparameters, plots as base64 PNG."""
+    import base64
+    from html import escape
+
+    cols = _columns(report)
+    acc = report["id_accuracy"]
+    head = "".join(f"<th>{escape(name)}</th>" for name, _ in cols)
+    rows = "".join(
+        f"<tr><td>{escape(m)}</td>" + "".join(f"<td>{_fmt(_cell(d, key))}</td>" for _, key in cols) + "</tr>"
+        for m, d in report["methods"].items()
+    )
+    detail = "".join(
+        f"<tr><td>{escape(m)}</td><td>{escape(s)}</td><td>{escape(report['ood_splits'][s])}</td>"
+        + "".join(f"<td>{100 * v[k]:.2f}</td>" for k in METRIC_NAMES) + "</tr>"
+        for m, d in report["methods"].items() for s, v in d["sets"].items()
+    )
+    params = "".join(
+        f"<tr><td>{escape(m)}</td><td>{escape(str(d['backbone']))}</td><td><code>{escape(json.dumps(d['hparams']))}</code></td></tr>"
+        for m, d in report["methods"].items()
+    )
+    figures = "".join(
+        f'<h3>{escape(m)}</h3><div class="plots">'
+        + "".join(
+            f'<img alt="{escape(name)}" src="data:image/png;base64,{base64.b64encode(images[name]).decode()}">'
+            for name in (f"hist_{m}.png", f"roc_{m}.png") if name in images
+        )
+        + "</div>"
+        for m in report["methods"]
+    )
+    accuracy = f", ID accuracy {100 * acc:.2f}%" if acc is not None else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>oodcli report: {escape(report['store'])}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+.plots img {{ margin: 4px; border: 1px solid #eee; }}
+</style></head><body>
+<h1>OOD detection report</h1>
+<p>Store <code>{escape(report['store'])}</code>, ID split <code>{escape(report['id_split'])}</code>{accuracy}.
+Higher score = more in-distribution; ID is the positive class.</p>
+<h2>AUROC / FPR@95 (%)</h2>
+<table><tr><th>method</th>{head}</tr>{rows}</table>
+<h2>Every metric (%)</h2>
+<table><tr><th>method</th><th>OOD set</th><th>group</th>{''.join(f'<th>{k}</th>' for k in METRIC_NAMES)}</tr>{detail}</table>
+<h2>Hyperparameters</h2>
+<table><tr><th>method</th><th>backbone</th><th>parameters</th></tr>{params}</table>
+<h2>Plots</h2>
+{figures}
+</body></html>
+"""

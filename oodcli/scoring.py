@@ -1,7 +1,9 @@
 """Score splits of a store with one or more methods and write ``scores/<method>/<split>``.
 
-All splits are checked before anything is computed, and scores are written only
-after every method has scored every split, so a failure leaves the store as it was.
+All inputs are checked before anything is computed, and fitted state and scores are
+written only after every method has scored every split, so a failure leaves the
+store as it was. A method whose fitted state under ``fitted/<method>`` matches its
+hyperparameters and train features loads it instead of fitting (reported as cached).
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from oodcli.errors import OodError, UsageError
-from oodcli.scorers.base import Scorer, check_features, get_scorer, scorer_names
+from oodcli.scorers.base import (
+    Progress,
+    Scorer,
+    no_progress,
+    check_features,
+    check_train_split,
+    get_scorer,
+    load_head,
+    scorer_names,
+)
 from oodcli.store import Store, features_node, list_backbones, list_splits, split_role
 
 
@@ -23,6 +34,8 @@ class ScoreResult:
     rows: int
     mean: float
     seconds: float
+    fit: str = "-"  # "fitted", "cached" (state loaded from fitted/), or "-" (nothing to learn)
+    fit_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +94,16 @@ def check_same_model(store: Store, backbone: str, splits: list[str]) -> None:
             )
 
 
+def _applicable(store: Store, backbone: str, splits: list[str], train_split: str, scorer: Scorer) -> bool:
+    """Whether the store holds every layer (and the head) this scorer reads."""
+    needed = splits + ([train_split] if scorer.needs_fit else [])
+    if not all(store.is_array(f"{features_node(s, backbone)}/{layer}") for s in needed for layer in scorer.layers):
+        return False
+    if scorer.uses_head and not store.is_array(f"backbones/{backbone}/head/weight"):
+        return False
+    return scorer.applicable(store, backbone, train_split)
+
+
 def score_store(
     store: Store,
     methods: list[str],
@@ -89,12 +112,21 @@ def score_store(
     ood: list[str] | None = None,
     train_split: str = "train",
     hparams: dict[str, dict] | None = None,
-    progress=None,
+    progress: Progress | None = None,
+    only_applicable: bool = False,
 ) -> list[ScoreResult]:
-    """Check every input, then score; ``progress(total)`` returns a per-step callback."""
+    """Check every input, fit or load each method, score each split, then write everything.
+
+    ``only_applicable`` (what 'all' asks for) drops the methods whose layers or head the
+    store lacks, e.g. the CLIP scores on a classifier's store.
+
+    ``progress(description, total)`` returns ``advance(n)``: it is asked once for the
+    methods overall and once for every streamed pass over a split (rows).
+    """
     hparams = hparams or {}
+    progress = progress or no_progress
     id_split = id_split or default_id_split(store)
-    splits = [id_split] + (ood if ood else ood_splits(store))
+    splits = list(dict.fromkeys([id_split] + (ood if ood else ood_splits(store))))
     if len(splits) == 1:
         raise OodError(f"store {store.path} has no OOD split to score; extract one (e.g. ood/far/...) first")
     known = list_splits(store)
@@ -103,29 +135,48 @@ def score_store(
             raise OodError(f"store {store.path} has no split '{split}'; it has: {', '.join(known) or 'none'}")
     backbone = backbone or default_backbone(store, id_split)
     scorers: list[Scorer] = [get_scorer(m, **hparams.get(m, {})) for m in methods]
-    needs_train = any(s.needs_fit for s in scorers)
+    if only_applicable:  # if none applies, keep them all so the checks below say what is missing
+        scorers = [s for s in scorers if _applicable(store, backbone, splits, train_split, s)] or scorers
+    fitted = [s for s in scorers if s.needs_fit]
     for s in scorers:
-        for split in splits + ([train_split] if s.needs_fit else []):
+        for split in splits:
             check_features(store, backbone, split, s.layers)
-    check_same_model(store, backbone, splits + ([train_split] if needs_train else []))
+    for s in fitted:
+        check_features(store, backbone, train_split, s.layers)
+        check_train_split(store, backbone, train_split, s.layers, s.min_train_classes)
+    check_same_model(store, backbone, splits + ([train_split] if fitted else []))
+    model_id = store.node_attrs(features_node(id_split, backbone)).get("model_id")
+    if any(s.uses_head for s in scorers):
+        load_head(store, backbone, model_id)  # fail before any work if it is missing
 
-    advance = progress(len(scorers) * len(splits)) if progress else (lambda: None)
+    advance_methods = progress("methods", len(scorers))
     results: list[ScoreResult] = []
     pending: list[tuple[str, str, np.ndarray, dict]] = []
-    model_id = store.node_attrs(features_node(id_split, backbone)).get("model_id")
+    to_save: list[Scorer] = []  # scorers that fitted afresh
     for scorer in scorers:
+        scorer.progress = progress
+        t0 = time.perf_counter()
+        status = scorer.prepare(store, backbone, train_split, model_id)
+        fit_seconds = time.perf_counter() - t0
+        if status == "fitted":
+            to_save.append(scorer)
+        attrs = {"backbone": backbone, "model_id": model_id, "hparams": scorer.hparams()}
         if scorer.needs_fit:
-            scorer.fit(store, backbone, train_split)
+            attrs |= {"train_split": train_split, "fitted": f"fitted/{scorer.name}"}
         for split in splits:
             t0 = time.perf_counter()
             values = scorer.score(store, backbone, split)
             if not np.isfinite(values).all():
                 raise OodError(f"method '{scorer.name}' gave NaN/inf scores on split '{split}'")
             seconds = time.perf_counter() - t0
-            attrs = {"backbone": backbone, "model_id": model_id, "hparams": scorer.hparams()}
             pending.append((scorer.name, split, values, attrs))
-            results.append(ScoreResult(scorer.name, split, len(values), float(values.mean()), seconds))
-            advance()
+            results.append(
+                ScoreResult(scorer.name, split, len(values), float(values.mean()), seconds, status, fit_seconds)
+            )
+        scorer.release()
+        advance_methods(1)
+    for scorer in to_save:
+        scorer.save(store)
     for method, split, values, attrs in pending:
         store.write_array(f"scores/{method}/{split}", values.astype(np.float32), **attrs)
     return results

@@ -42,7 +42,7 @@ def describe_store(store: Store) -> dict:
                 "layers": {layer: _array_info(store, f"{bnode}/{layer}") for layer in store.children(bnode)},
             }
         info["splits"][split] = entry
-    for section in ("backbones", "fitted", "index", "scores"):
+    for section in ("backbones", "fitted", "grads", "index", "scores"):
         info[section] = {name: _array_info(store, name) for name in store.walk_arrays(section)} if store.exists(section) else {}
     return info
 
@@ -72,7 +72,7 @@ def render_tree(info: dict):
             bnode = node.add(f"{backbone}  {state}{bad}  [dim]weights {b['weights']}[/dim]")
             for layer, a in b["layers"].items():
                 bnode.add(f"{layer}  {tuple(a['shape'])} {a['dtype']}  {_size(a['bytes'])}")
-    for section in ("backbones", "fitted", "index", "scores"):
+    for section in ("backbones", "fitted", "grads", "index", "scores"):
         if info[section]:
             sec = tree.add(section)
             for name, a in info[section].items():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import one_line_error
-from oodcli.cli import main
+from oodcli.cli import PLANNED_TRAINERS, main
 from oodcli.store import open_store
 
 
@@ -26,6 +26,7 @@ def digits_store(tmp_path_factory):
     assert main(["-q", "train", "classifier", "--out", str(ckpt), "--epochs", "6"]) == 0
     assert main(["-q", "extract", "--model", "digits_cnn", "--weights", str(ckpt), "--benchmark", "digits",
                  "--store", str(store)]) == 0
+    assert main(["-q", "score", "msp,energy", "--store", str(store)]) == 0
     return ckpt, store
 
 
@@ -41,8 +42,7 @@ def test_python_dash_m_entry_point():
     assert proc.returncode == 0 and proc.stdout.startswith("oodcli ")
 
 
-@pytest.mark.parametrize("command", [["select-k", "--store", "x.zarr"], ["synthesize", "grood"], ["index"],
-                                     ["train", "apex"]])
+@pytest.mark.parametrize("command", [["train", name] for name in PLANNED_TRAINERS])
 def test_planned_commands_say_so(capsys, command):
     code, _, err = run(capsys, *command)
     assert code == 2 and one_line_error(err) and "not built yet" in err
@@ -216,3 +216,28 @@ def test_bad_input_gives_one_line_and_writes_nothing(capsys, tmp_path, digits_st
     assert message in err
     assert not (tmp_path / "n.zarr").exists()  # a failed extract leaves no half-made store
     assert sorted(open_store(store).walk_arrays()) == before
+
+
+def test_typer_runner_gives_the_same_exit_codes(tmp_path, digits_store):
+    """The Typer app itself (not only main()) turns user errors into one line and an exit code."""
+    from typer.testing import CliRunner
+
+    from oodcli.cli import app
+
+    _, store = digits_store
+    runner = CliRunner()
+    result = runner.invoke(app, ["score", "msp", "--store", str(tmp_path / "missing.zarr")])
+    assert result.exit_code == 1 and one_line_error(result.stderr) and result.exception is None or isinstance(
+        result.exception, SystemExit
+    )
+    result = runner.invoke(app, ["report", "--store", str(store), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["id_split"] == "test"
+
+
+def test_list_models_and_benchmarks(capsys):
+    from oodcli.backbones import all_specs
+
+    code, out, _ = run(capsys, "extract", "--list-models")
+    assert code == 0 and all(name in out for name in all_specs())
+    code, out, _ = run(capsys, "extract", "--list-benchmarks")
+    assert code == 0 and "digits" in out and "ood/near/digits6-9" in out and "imagenet200" in out

@@ -5,6 +5,7 @@ models or fingerprinting a run stays fast.
 """
 
 from oodcli.backbones import cifar_resnet, clip, digits_cnn, dinov2, torchvision_models  # noqa: F401
+from oodcli.backbones import apex  # noqa: F401  (last: it wraps the others)
 from oodcli.backbones.base import Backbone, BackboneSpec, Preprocess, all_specs, get_spec
 
 __all__ = ["Backbone", "BackboneSpec", "Preprocess", "all_specs", "get_spec"]

@@ -82,6 +82,11 @@ class Backbone(nn.Module):
         """(weight [C, D], bias [C]) of the final linear classifier, or None."""
         return None
 
+    def extras(self) -> dict:
+        """Other arrays scorers need beside the layers, as {relative name: numpy array}; extract
+        keeps them under backbones/<name>/ (APEX/PALM models: their prototypes and qualities)."""
+        return {}
+
 
 class StagedClassifier(Backbone):
     """A CNN classifier cut into early -> mid -> head, the shared shape of our CNN families.
@@ -136,6 +141,8 @@ class BackboneSpec:
     builder: Callable[[str | None], Backbone] = field(repr=False, compare=False)
     default_weights: str | None = None  # e.g. "IMAGENET1K_V1", "openai", "random"
     needs_weights_file: bool = False  # True: --weights PATH is required
+    #: families whose input depends on the checkpoint return the spec for given weights
+    adapt: Callable[["BackboneSpec", str | None], "BackboneSpec"] | None = field(default=None, repr=False, compare=False)
 
     def weights_identity(self, weights: str | None) -> str:
         """A stable string naming the parameters; a file is named by its content hash."""
@@ -152,6 +159,10 @@ class BackboneSpec:
                 raise OodError(f"weights file not found: {weights}")
             return f"file:{path.name}:sha256={sha256_file(path)}"
         return f"{self.family}:{weights}"
+
+    def for_weights(self, weights: str | None) -> "BackboneSpec":
+        """This spec as it applies to ``weights`` (APEX/PALM models take their base network's preprocessing)."""
+        return self.adapt(self, weights) if self.adapt is not None else self
 
     def build(self, weights: str | None = None) -> Backbone:
         self.weights_identity(weights)  # validates --weights before any work

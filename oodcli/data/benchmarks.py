@@ -28,6 +28,9 @@ class Benchmark:
     class_names: list[str] | str | None
     description: str
     splits: list[SplitDef] = field(default_factory=list)
+    #: the names CLIP prompts are built from, when they differ from ``class_names`` (CLIP's
+    #: cleaned ImageNet list): a list, a names file, or {"file": ..., "rows": [start, stop]}
+    prompt_names: list[str] | str | dict | None = None
 
     def split(self, name: str) -> SplitDef:
         for s in self.splits:
@@ -62,6 +65,23 @@ class Benchmark:
                 return names
         raise OodError(f"class names file '{self.class_names}' of benchmark '{self.name}' not found")
 
+    def resolve_prompt_names(self, root: Path | None = None) -> list[str] | None:
+        """The class names for text prompts (CLIP), falling back to ``class_names``."""
+        spec = self.prompt_names
+        if spec is None:
+            return self.resolve_class_names(root)
+        if isinstance(spec, list):
+            return spec
+        file, rows = (spec["file"], spec.get("rows")) if isinstance(spec, dict) else (spec, None)
+        path = BENCHMARK_DIR.parent / file  # shipped beside the benchmark files, in oodcli/data
+        if not path.is_file():
+            raise OodError(f"prompt names file '{file}' of benchmark '{self.name}' not found")
+        names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        names = names[rows[0] : rows[1]] if rows else names
+        if len(names) != self.num_classes:
+            raise OodError(f"{path} gives {len(names)} prompt names to benchmark '{self.name}'; expected {self.num_classes}")
+        return names
+
 
 def _parse(path: Path) -> Benchmark:
     """Read and check one benchmark file; a malformed file is a bug in the package."""
@@ -82,6 +102,7 @@ def _parse(path: Path) -> Benchmark:
         class_names=class_names,
         description=doc.get("description", ""),
         splits=splits,
+        prompt_names=doc.get("prompt_names"),
     )
 
 

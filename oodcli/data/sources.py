@@ -4,6 +4,7 @@
 ``folder:PATH``             an ImageFolder (class sub-folders), or a flat folder of images
 ``imglist:FILE[@IMAGEDIR]`` an OpenOOD image list; images under ``<root>/IMAGEDIR``
 ``digits:PART``             the embedded digits benchmark
+``classes:A-B:SOURCE``      the rows of SOURCE with labels A..B (inclusive), relabelled 0..B-A
 
 Every factory learns the labels without decoding an image, and opens images lazily.
 """
@@ -197,3 +198,39 @@ def digits_source(arg: str, root: Path, is_ood: bool) -> ImageDataset:
     from oodcli.data.digits import digits_part
 
     return digits_part(arg, is_ood)
+
+
+# --- classes (a class range of another source) ----------------------------------------------
+
+
+class ClassRangeDataset(ImageDataset):
+    """Rows of another data set whose labels fall in [first, last], relabelled from 0."""
+
+    def __init__(self, inner: ImageDataset, first: int, last: int):
+        self.inner = inner
+        self.name = f"classes:{first}-{last}:{inner.name}"
+        self.rows = np.flatnonzero((inner.labels >= first) & (inner.labels <= last))
+        self.labels = inner.labels[self.rows] - first
+        names = inner.class_names
+        self.class_names = list(names[first : last + 1]) if names else None
+
+    def load(self, i: int):
+        return self.inner.load(int(self.rows[i]))
+
+
+@register_source("classes")
+def class_range_source(arg: str, root: Path, is_ood: bool) -> ImageDataset:
+    """``A-B:SOURCE``: a class subset of a labelled source, e.g. the ImageNet-500 halves."""
+    from oodcli.data.base import open_source
+
+    span, _, inner = arg.partition(":")
+    m = re.fullmatch(r"(\d+)-(\d+)", span)
+    if not m or not inner or int(m.group(1)) > int(m.group(2)):
+        raise UsageError(f"bad source 'classes:{arg}'; write classes:FIRST-LAST:SOURCE, e.g. classes:0-499:folder:imagenet/val")
+    first, last = int(m.group(1)), int(m.group(2))
+    data = ClassRangeDataset(open_source(inner, root, is_ood=False), first, last)
+    if len(data) == 0:
+        raise OodError(f"{data.name} holds no images of classes {first}-{last}")
+    if is_ood:
+        data.labels = np.full(len(data), -1, np.int64)
+    return data

@@ -1,6 +1,14 @@
 """Scorers by name. Each family lives in its own module and registers itself on import."""
 
-from oodcli.scorers import logits  # noqa: F401
-from oodcli.scorers.base import Scorer, get_scorer, iter_feature_blocks, register, scorer_names
+from oodcli.scorers import apex, ash, clip_zeroshot, grood, knn, logits, mahalanobis, react, vim  # noqa: F401
+from oodcli.scorers.base import (
+    Scorer,
+    describe_scorers,
+    get_scorer,
+    iter_feature_blocks,
+    register,
+    scorer_names,
+    scorer_params,
+)
 
-__all__ = ["Scorer", "get_scorer", "iter_feature_blocks", "register", "scorer_names"]
+__all__ = ["Scorer", "describe_scorers", "get_scorer", "iter_feature_blocks", "register", "scorer_names", "scorer_params"]

@@ -2,20 +2,35 @@
 scoring any split chunk by chunk. Higher score = more in-distribution.
 
 Hyperparameters are keyword arguments with the papers' defaults; the CLI exposes
-them as ``--param name=value``.
+them as ``--param method.name=value`` and ``oodcli score --list`` prints them.
+
+What a scorer learns (``fit``) is a small dict of numpy arrays and numbers. It is
+kept under ``fitted/<method>/`` with the hyperparameters, the backbone, the model id
+and the train split's fingerprint, so the next run with the same inputs loads it
+instead of fitting again (a cache hit) and any change of those inputs refits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
-from typing import ClassVar, Iterator
+import json
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 
+from oodcli import __version__
 from oodcli.errors import OodError, UsageError
 from oodcli.store import Store, features_node, split_node
 
 _REGISTRY: dict[str, type["Scorer"]] = {}
+
+#: ``progress(description, total_rows)`` returns ``advance(rows)``; used for every pass over a split
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+def no_progress(description: str, total: int) -> Callable[[int], None]:
+    return lambda rows: None
 
 
 def register(cls: type["Scorer"]) -> type["Scorer"]:
@@ -31,49 +46,206 @@ def scorer_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def scorer_params(name: str) -> dict:
+    """A scorer's keyword arguments and their defaults (what ``--param`` accepts)."""
+    params = inspect.signature(_REGISTRY[name].__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self"}
+
+
+def describe_scorers() -> list[dict]:
+    """Name, family module, one-line summary and parameters of every scorer (``score --list``)."""
+    rows = []
+    for name in scorer_names():
+        cls = _REGISTRY[name]
+        rows.append({
+            "method": name,
+            "family": cls.__module__.rsplit(".", 1)[-1],
+            "summary": (cls.__doc__ or "").strip().splitlines()[0],
+            "needs": ", ".join(cls.layers) + (", head" if cls.uses_head else "") + (", train" if cls.needs_fit else ""),
+            "params": scorer_params(name),
+        })
+    return rows
+
+
 def get_scorer(name: str, **hparams) -> "Scorer":
     names = scorer_names()
     if name not in _REGISTRY:
         raise UsageError(f"unknown method '{name}'; choose from: {', '.join(names)}")
-    cls = _REGISTRY[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    accepted = set(scorer_params(name))
     unknown = set(hparams) - accepted
     if unknown:
         raise UsageError(
             f"method '{name}' has no parameter {', '.join(sorted(unknown))}; "
             f"it takes: {', '.join(sorted(accepted)) or 'none'}"
         )
-    return cls(**hparams)
+    try:
+        return _REGISTRY[name](**hparams)
+    except (TypeError, ValueError) as exc:  # e.g. --param knn.k=abc
+        raise UsageError(f"bad parameter for method '{name}': {exc}") from None
 
 
 class Scorer:
     """Base class. Subclasses set ``name`` and ``layers`` and implement ``score_batch``;
-    those that learn from the train split also implement ``fit``."""
+    those that learn from the train split set ``needs_fit`` and implement ``fit``.
+
+    Lifecycle (driven by ``oodcli.scoring.score_store``): ``prepare`` once (loads the
+    head, then the cached state or a fresh ``fit``), ``score`` per split, ``save`` if
+    it fitted, ``release`` at the end.
+    """
 
     name: ClassVar[str]
     layers: ClassVar[tuple[str, ...]] = ("logits",)
     needs_fit: ClassVar[bool] = False
+    uses_head: ClassVar[bool] = False  # reads backbones/<backbone>/head/{weight,bias}
+    min_train_classes: ClassVar[int] = 1  # class-conditional methods need 2
+
+    progress: Progress = staticmethod(no_progress)
+    state: dict  # what fit learned: numpy arrays and plain numbers
+    weight: np.ndarray  # float64 [C, D], set by prepare when uses_head
+    bias: np.ndarray  # float64 [C]
 
     def hparams(self) -> dict:
         """The keyword arguments this scorer was made with (recorded beside its scores)."""
-        params = inspect.signature(type(self).__init__).parameters
-        return {k: getattr(self, k) for k in params if k != "self"}
+        return {k: getattr(self, k) for k in scorer_params(self.name)}
 
-    def fit(self, store: Store, backbone: str, split: str) -> None:
-        """Learn from the ID train split. Stateless scorers need nothing."""
+    # ---- what subclasses implement ------------------------------------------------
+    def fit(self, store: Store, backbone: str, split: str) -> dict:
+        """Learn from the ID train split; return the state to keep. Stateless scorers need nothing."""
+        return {}
+
+    def ready(self, store: Store, backbone: str, split: str) -> None:
+        """Build what scoring needs from ``self.state`` (fresh or cached); e.g. KNN's index."""
+
+    def applicable(self, store: Store, backbone: str, train_split: str) -> bool:
+        """Whether 'score all' runs it, beyond having its layers: GROOD needs 'synthesize' first."""
+        return True
 
     def score_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Drop large structures built by ``ready`` once every split is scored."""
+
+    # ---- the lifecycle ------------------------------------------------------------
+    def prepare(self, store: Store, backbone: str, train_split: str, model_id: str | None) -> str:
+        """Load the head and the fitted state; returns 'fitted', 'cached' or '-' (nothing to fit)."""
+        if self.uses_head:
+            self.weight, self.bias = load_head(store, backbone, model_id)
+        if not self.needs_fit:
+            self.state = {}
+            return "-"
+        key = self._fit_key(store, backbone, train_split, model_id)
+        cached = self._load_cached(store, key)
+        status = "cached" if cached is not None else "fitted"
+        self.state = cached if cached is not None else self.fit(store, backbone, train_split)
+        self._key = key
+        self.ready(store, backbone, train_split)
+        return status
+
+    def save(self, store: Store) -> None:
+        """Write ``self.state`` under ``fitted/<method>/``: arrays first, the complete flag last."""
+        node = fitted_node(self.name)
+        store.delete(node)
+        store.require_group(node)
+        scalars = {}
+        for key, value in self.state.items():
+            if isinstance(value, np.ndarray):
+                store.write_array(f"{node}/{key}", value)
+            else:
+                scalars[key] = value
+        store.set_attrs(node, **self._key, scalars=scalars, complete=True)
+
     def score(self, store: Store, backbone: str, split: str) -> np.ndarray:
-        out = [self.score_batch(batch) for batch in iter_feature_blocks(store, backbone, split, self.layers)]
+        out = [self.score_batch(b) for b in self.blocks(store, backbone, split, f"score {split}")]
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+    def blocks(
+        self, store: Store, backbone: str, split: str, what: str, labels: bool = False
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """One streamed pass over a split's layers, shown as a progress bar."""
+        n = store.shape(f"{features_node(split, backbone)}/{self.layers[0]}")[0]
+        advance = self.progress(f"{self.name}: {what}", n)
+        for block in iter_feature_blocks(store, backbone, split, self.layers, labels=labels):
+            yield block
+            advance(len(block[self.layers[0]]))
+
+    # ---- the cache of fitted state -----------------------------------------------
+    def _fit_key(self, store: Store, backbone: str, split: str, model_id: str | None) -> dict:
+        return {
+            "method": self.name,
+            "hparams": self.hparams(),
+            "backbone": backbone,
+            "model_id": model_id,
+            "train_split": split,
+            "train_fingerprint": train_fingerprint(store, backbone, split, self.layers),
+            "oodcli_version": __version__,  # another release may fit differently
+        }
+
+    def _load_cached(self, store: Store, key: dict) -> dict | None:
+        node = fitted_node(self.name)
+        if not store.exists(node):
+            return None
+        attrs = store.node_attrs(node)
+        # compare through JSON so tuples/lists and ints/floats read back from attrs match
+        same = json.dumps({k: attrs.get(k) for k in key}, sort_keys=True) == json.dumps(key, sort_keys=True)
+        if not (attrs.get("complete") and same):
+            return None
+        state = dict(attrs.get("scalars", {}))
+        for name in store.children(node):
+            state[name] = store.read(f"{node}/{name}")
+        return state
+
+
+def fitted_node(method: str) -> str:
+    return f"fitted/{method}"
+
+
+def train_fingerprint(store: Store, backbone: str, split: str, layers: tuple[str, ...]) -> str:
+    """The extraction fingerprint of the train features (covers data, weights, layers, dtype)
+    and their row count; a hand-made split without one is hashed chunk by chunk instead."""
+    node = features_node(split, backbone)
+    attrs = store.node_attrs(node)
+    rows = store.shape(f"{node}/{layers[0]}")[0]
+    if attrs.get("fingerprint"):
+        return f"{attrs['fingerprint']}:{rows}"
+    digest = hashlib.sha256()
+    for layer in layers:
+        for _, block in store.iter_rows(f"{node}/{layer}"):
+            digest.update(np.ascontiguousarray(block).tobytes())
+    return f"sha256:{digest.hexdigest()[:16]}:{rows}"
+
+
+def load_head(store: Store, backbone: str, model_id: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier head saved beside the features, refused if it belongs to other weights."""
+    node = f"backbones/{backbone}"
+    if not (store.is_array(f"{node}/head/weight") and store.is_array(f"{node}/head/bias")):
+        raise OodError(
+            f"store {store.path} has no classifier head for '{backbone}' ({node}/head); "
+            "this method needs a backbone that ends in a linear classifier"
+        )
+    head_id = store.node_attrs(node).get("model_id")
+    if model_id is not None and head_id is not None and head_id != model_id:
+        raise OodError(
+            f"the '{backbone}' head in {store.path} comes from other weights than the features; "
+            "re-extract with the same --weights"
+        )
+    weight = store.read(f"{node}/head/weight").astype(np.float64)
+    bias = store.read(f"{node}/head/bias").astype(np.float64)
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],) or not np.isfinite(weight).all():
+        raise OodError(f"the '{backbone}' head in {store.path} is malformed or non-finite; re-extract")
+    return weight, bias
 
 
 def iter_feature_blocks(
-    store: Store, backbone: str, split: str, layers: tuple[str, ...], block_rows: int | None = None
+    store: Store,
+    backbone: str,
+    split: str,
+    layers: tuple[str, ...],
+    block_rows: int | None = None,
+    labels: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Aligned float32 row blocks of several layers of one split, never the whole array.
+    """Aligned float32 row blocks of several layers of one split (plus ``labels`` if asked),
+    never the whole array.
 
     Refuses incomplete splits, missing layers and non-finite values with a one-line error.
     """
@@ -90,6 +262,8 @@ def iter_feature_blocks(
                     f"split '{split}' has NaN or inf in '{backbone}/{layer}' (rows {rows.start}-{rows.stop - 1}); "
                     "check the input data or re-extract with --dtype float32"
                 )
+        if labels:
+            block["labels"] = store.read(f"{split_node(split)}/labels", rows)
         yield block
 
 
@@ -111,3 +285,20 @@ def check_features(store: Store, backbone: str, split: str, layers: tuple[str, .
             f"split '{split}' has no '{backbone}' layer {', '.join(missing)}; "
             f"re-extract with --layers {','.join(layers)} --overwrite"
         )
+
+
+def check_train_split(store: Store, backbone: str, split: str, layers: tuple[str, ...], min_classes: int = 1) -> None:
+    """Refuse a train split that cannot be fitted on: empty, with OOD rows, or too few classes."""
+    n = store.shape(f"{features_node(split, backbone)}/{layers[0]}")[0]
+    if n == 0:
+        raise OodError(f"train split '{split}' is empty; extract the ID train data first")
+    if min_classes > 1:
+        classes = set()
+        for _, block in store.iter_rows(f"{split_node(split)}/labels"):
+            if (block < 0).any():
+                raise OodError(f"train split '{split}' holds OOD rows (label -1); fit on ID data only (--train SPLIT)")
+            classes.update(np.unique(block).tolist())
+        if len(classes) < min_classes:
+            raise OodError(
+                f"train split '{split}' has {len(classes)} class(es); this method needs at least {min_classes}"
+            )

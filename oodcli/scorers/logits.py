@@ -1,4 +1,4 @@
-"""Scores computed from the classifier's logits alone: MSP, MaxLogit, Energy."""
+"""Scores computed from the classifier's logits alone: MSP, MaxLogit, Energy, GEN."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 from oodcli.scorers.base import Scorer, register
+
+
+def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Negative free energy T * logsumexp(logits / T); shared by every energy-based scorer."""
+    return temperature * logsumexp(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
 
 
 @register
@@ -44,5 +49,26 @@ class Energy(Scorer):
         self.temperature = float(temperature)
 
     def score_batch(self, batch):
-        t = self.temperature
-        return t * logsumexp(np.asarray(batch["logits"], dtype=np.float64) / t, axis=1)
+        return energy(batch["logits"], self.temperature)
+
+
+@register
+class GEN(Scorer):
+    """Generalized entropy -sum_j p_j^g (1 - p_j)^g over the top-M softmax probabilities (Liu et al., 2023).
+
+    Defaults gamma = 0.1 and M = 100 as published; with fewer than M classes all are used.
+    """
+
+    name = "gen"
+
+    def __init__(self, gamma: float = 0.1, top_m: int = 100):
+        self.gamma = float(gamma)
+        self.top_m = int(top_m)
+        if self.gamma <= 0 or self.top_m < 1:
+            raise ValueError("gamma must be > 0 and top_m >= 1")
+
+    def score_batch(self, batch):
+        p = softmax(np.asarray(batch["logits"], dtype=np.float64), axis=1)
+        m = min(self.top_m, p.shape[1])
+        top = np.partition(p, p.shape[1] - m, axis=1)[:, p.shape[1] - m :]  # the m largest, any order
+        return -np.sum(top**self.gamma * (1.0 - top) ** self.gamma, axis=1)

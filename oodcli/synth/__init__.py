@@ -1,0 +1,1 @@
+"""Synthetic OOD: GROOD's mixup OOD prototype (``grood``); one module per method."""

@@ -1,0 +1,101 @@
+"""The report: metrics per OOD set and near/far averages, machine formats, plots, HTML."""
+
+import base64
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_curve
+
+from conftest import one_line_error
+from oodcli.cli import main
+from oodcli.metrics import ood_metrics
+from oodcli.report import roc_points
+from oodcli.store import open_store
+from test_scorers import make_store
+
+METHODS = ["msp", "energy", "vim"]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    path = make_store(tmp_path_factory.mktemp("report") / "s.zarr")
+    assert main(["-q", "score", ",".join(METHODS), "--store", str(path)]) == 0
+    return path
+
+
+def test_report_numbers_and_averages(capsys, scored):
+    code, out, _ = run(capsys, "report", "--store", scored, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["ood_splits"] == {"ood/far/b": "far", "ood/near/a": "near"}
+    assert set(report["methods"]) == set(METHODS)
+    with open_store(scored) as st:
+        labels = st.read("splits/test/labels")
+        logits = st.read("splits/test/m/logits")
+        for method in METHODS:
+            data = report["methods"][method]
+            for split, group in report["ood_splits"].items():
+                want = ood_metrics(st.read(f"scores/{method}/test"), st.read(f"scores/{method}/{split}")).as_dict()
+                assert data["sets"][split] == pytest.approx(want)
+                assert data["averages"][group] == pytest.approx(want)  # one set per group here
+    assert report["id_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == labels))
+    assert report["methods"]["vim"]["hparams"] == {"dim": None}
+
+
+def test_report_formats(capsys, scored):
+    code, out, _ = run(capsys, "report", "--store", scored, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and len(rows) == len(METHODS) * 4  # two sets + two averages each
+    assert {r["ood_set"] for r in rows} == {"ood/near/a", "ood/far/b", "near_average", "far_average"}
+    code, out, _ = run(capsys, "report", "--store", scored, "--format", "markdown", "--methods", "vim")
+    assert code == 0 and "| vim |" in out and "| msp |" not in out
+    code, out, _ = run(capsys, "report", "--store", scored)
+    assert code == 0 and "near avg" in out and "far avg" in out and "ID accuracy" in out
+
+
+def test_plots_and_self_contained_html(capsys, tmp_path, scored):
+    plots, page = tmp_path / "plots", tmp_path / "out" / "report.html"
+    code, out, err = run(capsys, "report", "--store", scored, "--plots", plots, "--html", page)
+    assert code == 0, err
+    names = sorted(p.name for p in plots.iterdir())
+    assert names == sorted([f"hist_{m}.png" for m in METHODS] + [f"roc_{m}.png" for m in METHODS])
+    for p in plots.iterdir():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = page.read_text()
+    embedded = html.split('src="data:image/png;base64,')[1:]
+    assert len(embedded) == 2 * len(METHODS)
+    assert base64.b64decode(embedded[0].split('"')[0])[:4] == b"\x89PNG"
+    assert "http" not in html.replace("http-equiv", "")  # nothing fetched from elsewhere
+    assert "<table>" in html and "near avg" in html and "vim" in html
+    assert "near avg" in out  # the table still goes to stdout
+
+
+def test_roc_points_equal_sklearn():
+    rng = np.random.default_rng(0)
+    id_s, ood_s = np.round(rng.normal(1, 1, 200), 1), np.round(rng.normal(0, 1, 150), 1)  # with ties
+    fpr, tpr = roc_points(id_s, ood_s)
+    want_fpr, want_tpr, _ = roc_curve(np.r_[np.ones(200), np.zeros(150)], np.r_[id_s, ood_s], drop_intermediate=False)
+    np.testing.assert_allclose(fpr, want_fpr)
+    np.testing.assert_allclose(tpr, want_tpr)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(ood_metrics(id_s, ood_s).auroc)
+
+
+def test_report_bad_input(capsys, tmp_path, scored):
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    code, _, err = run(capsys, "report", "--store", scored, "--plots", afile)
+    assert code == 2 and one_line_error(err) and "--plots" in err
+    code, _, err = run(capsys, "report", "--store", scored, "--html", tmp_path)
+    assert code == 2 and one_line_error(err) and "--html" in err
+    empty = make_store(tmp_path / "empty.zarr")
+    code, _, err = run(capsys, "report", "--store", empty)
+    assert code == 1 and one_line_error(err) and "no scores yet" in err
