@@ -750,7 +750,7 @@ def _prototype_trainer(method: str):
         if not head_only and store is not None:
             raise UsageError("--store goes with --head-only; for select-k results from a store use --k-from")
         if not head_only and not (benchmark and model):
-            raise UsageError(f"end-to-end training needs --benchmark and --model (or: --head-only --store PATH)")
+            raise UsageError("end-to-end training needs --benchmark and --model (or: --head-only --store PATH)")
         select = None
         source = k_from or store
         if not palm:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from oodcli.errors import OodError, UsageError
+from oodcli.errors import UsageError
 
 DATA_ROOT_ENV = "OODCLI_DATA_ROOT"
 

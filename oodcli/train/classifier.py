@@ -11,14 +11,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from oodcli.backbones.base import get_spec
 from oodcli.backbones.digits_cnn import new_digits_cnn, save_digits_cnn
-from oodcli.data.base import data_root, open_source
+from oodcli.data.base import data_root
 from oodcli.data.benchmarks import get_benchmark
+from oodcli.train.images import random_shift, split_tensors
 from oodcli.errors import UsageError
 
 TRAINABLE = ("digits_cnn",)
@@ -34,19 +34,6 @@ class TrainResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _tensor_split(benchmark, split: str, transform, root) -> tuple[torch.Tensor, torch.Tensor]:
-    data = open_source(benchmark.split(split).source, root)
-    images = torch.stack([transform(data.load(i)) for i in range(len(data))])
-    return images, torch.as_tensor(np.asarray(data.labels), dtype=torch.long)
-
-
-def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Random translation by up to ``max_shift`` pixels (replicate padding), per batch."""
-    pad = F.pad(x, [max_shift] * 4, mode="replicate")
-    dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=gen).tolist()
-    return pad[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
 
 
 @torch.no_grad()
@@ -79,7 +66,7 @@ def train_classifier(
     spec = get_spec(model)
     root = data_root(data_root_dir)
     transform = spec.preprocess.to_transform()
-    x_train, y_train = _tensor_split(bench, "train", transform, root)
+    x_train, y_train = split_tensors(bench, "train", transform, root)
     if (y_train < 0).any():
         raise UsageError(f"the train split of '{benchmark}' has unlabelled rows; it cannot train a classifier")
     num_classes = int(y_train.max()) + 1
@@ -93,7 +80,7 @@ def train_classifier(
         total = 0.0
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            loss = F.cross_entropy(net(_shift(x_train[idx], 2, gen)), y_train[idx])
+            loss = F.cross_entropy(net(random_shift(x_train[idx], 2, gen)), y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -104,7 +91,7 @@ def train_classifier(
     train_acc = _accuracy(net, x_train, y_train)
     test_acc = None
     if any(s.name == "test" for s in bench.splits):
-        x_test, y_test = _tensor_split(bench, "test", transform, root)
+        x_test, y_test = split_tensors(bench, "test", transform, root)
         test_acc = _accuracy(net, x_test, y_test)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from oodcli.backbones.base import get_spec
-from oodcli.data.base import data_root, open_source
+from oodcli.data.base import data_root
 from oodcli.data.benchmarks import get_benchmark
+from oodcli.train.images import random_shift, split_tensors
 from oodcli.errors import OodError, UsageError
 
 TRAINABLE = ("clip-tiny",)
@@ -46,19 +47,6 @@ class ClipTrainResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _images(bench, split: str, transform, root) -> tuple[torch.Tensor, torch.Tensor]:
-    data = open_source(bench.split(split).source, root)
-    x = torch.stack([transform(data.load(i)) for i in range(len(data))])
-    return x, torch.as_tensor(np.asarray(data.labels), dtype=torch.long)
-
-
-def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Random translation by up to ``max_shift`` pixels (replicate padding), per batch."""
-    pad = F.pad(x, [max_shift] * 4, mode="replicate")
-    dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=gen).tolist()
-    return pad[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
 
 
 def contrastive_loss(image: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -102,7 +90,7 @@ def train_clip(
     spec = get_spec(model)
     root = data_root(data_root_dir)
     transform = spec.preprocess.to_transform()
-    x_train, y_train = _images(bench, "train", transform, root)
+    x_train, y_train = split_tensors(bench, "train", transform, root)
     if (y_train < 0).any() or int(y_train.max()) >= len(names):
         raise OodError(f"the train split of '{benchmark}' has labels outside its {len(names)} classes")
 
@@ -117,7 +105,7 @@ def train_clip(
     train_acc = zero_shot_accuracy(clip, tokenizer, x_train, y_train, names)
     test_acc = None
     if any(s.name == "test" for s in bench.splits):
-        x_test, y_test = _images(bench, "test", transform, root)
+        x_test, y_test = split_tensors(bench, "test", transform, root)
         test_acc = zero_shot_accuracy(clip, tokenizer, x_test, y_test, names)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +137,7 @@ def _fit(net, x_train, y_train, names, epochs, batch_size, lr, weight_decay, see
             idx = order[i : i + batch_size]
             labels = y_train[idx]
             which = torch.randint(0, len(CAPTIONS), (len(idx),), generator=gen)
-            image = clip.encode_image(_shift(x_train[idx], 2, gen), normalize=True)
+            image = clip.encode_image(random_shift(x_train[idx], 2, gen), normalize=True)
             # the few distinct captions are encoded once per step, then handed to their images
             texts = clip.encode_text(captions.flatten(0, 1), normalize=True).view(*captions.shape[:2], -1)
             texts = texts[which, labels]
