@@ -39,6 +39,8 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/extract.py
+	$(PY) benchmarks/scorers.py
+	$(PY) benchmarks/grood.py
 	$(PY) benchmarks/clip.py
 	$(PY) benchmarks/apex.py
 

@@ -282,6 +282,9 @@ def score(
     param: Optional[list[str]] = typer.Option(
         None, "--param", "-p", help="Hyperparameter METHOD.NAME=VALUE (repeatable); --list shows them with defaults."
     ),
+    save_as: Optional[str] = typer.Option(
+        None, "--as", help="Write one method's scores as scores/NAME/... (ablations, a second backbone)."
+    ),
     list_methods: bool = typer.Option(False, "--list", help="List every method with its parameters and defaults, then exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or --list) as JSON."),
 ) -> None:
@@ -298,6 +301,8 @@ def score(
       oodcli score all --store stores/digits.zarr
 
       oodcli score knn,vim --store stores/digits.zarr -p knn.k=10 -p vim.dim=32 --json
+
+      oodcli score energy --store stores/digits.zarr -p energy.temperature=10 --as energy-t10
     """
     if list_methods:
         _print_scorer_list(as_json)
@@ -316,6 +321,7 @@ def score(
             results = score_store(
                 st, names, backbone=backbone, id_split=id_split, ood=ood, train_split=train_split,
                 hparams=hparams, progress=_row_progress(bar), only_applicable=methods.strip() == "all",
+                save_as=save_as,
             )
     except BaseException:
         for task_id in bar.task_ids:  # the error line alone, no half-drawn bars

@@ -114,8 +114,12 @@ def score_store(
     hparams: dict[str, dict] | None = None,
     progress: Progress | None = None,
     only_applicable: bool = False,
+    save_as: str | None = None,
 ) -> list[ScoreResult]:
     """Check every input, fit or load each method, score each split, then write everything.
+
+    ``save_as`` writes a single method's scores under another name (``scores/<save_as>/``),
+    so that ablations and the same method on several backbones sit side by side in a report.
 
     ``only_applicable`` (what 'all' asks for) drops the methods whose layers or head the
     store lacks, e.g. the CLIP scores on a classifier's store.
@@ -125,6 +129,11 @@ def score_store(
     """
     hparams = hparams or {}
     progress = progress or no_progress
+    if save_as is not None:
+        if len(methods) != 1:
+            raise UsageError("--as names the scores of one method; give a single METHOD")
+        if not save_as or "/" in save_as or save_as.strip() != save_as:
+            raise UsageError(f"--as '{save_as}' is not a usable name (no '/', no surrounding spaces)")
     id_split = id_split or default_id_split(store)
     splits = list(dict.fromkeys([id_split] + (ood if ood else ood_splits(store))))
     if len(splits) == 1:
@@ -160,7 +169,8 @@ def score_store(
         fit_seconds = time.perf_counter() - t0
         if status == "fitted":
             to_save.append(scorer)
-        attrs = {"backbone": backbone, "model_id": model_id, "hparams": scorer.hparams()}
+        attrs = {"method": scorer.name, "backbone": backbone, "model_id": model_id, "hparams": scorer.hparams()}
+        out_name = save_as or scorer.name
         if scorer.needs_fit:
             attrs |= {"train_split": train_split, "fitted": f"fitted/{scorer.name}"}
         for split in splits:
@@ -169,9 +179,9 @@ def score_store(
             if not np.isfinite(values).all():
                 raise OodError(f"method '{scorer.name}' gave NaN/inf scores on split '{split}'")
             seconds = time.perf_counter() - t0
-            pending.append((scorer.name, split, values, attrs))
+            pending.append((out_name, split, values, attrs))
             results.append(
-                ScoreResult(scorer.name, split, len(values), float(values.mean()), seconds, status, fit_seconds)
+                ScoreResult(out_name, split, len(values), float(values.mean()), seconds, status, fit_seconds)
             )
         scorer.release()
         advance_methods(1)

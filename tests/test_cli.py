@@ -241,3 +241,21 @@ def test_list_models_and_benchmarks(capsys):
     assert code == 0 and all(name in out for name in all_specs())
     code, out, _ = run(capsys, "extract", "--list-benchmarks")
     assert code == 0 and "digits" in out and "ood/near/digits6-9" in out and "imagenet200" in out
+
+
+def test_scores_saved_under_another_name_sit_beside_the_method(capsys, tmp_path, digits_store):
+    import shutil
+
+    _, store = digits_store
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    code, _, err = run(capsys, "-q", "score", "energy", "--store", copy, "-p", "energy.temperature=10",
+                       "--as", "energy-t10")
+    assert code == 0, err
+    _, out, _ = run(capsys, "report", "--store", copy, "--json")
+    methods = json.loads(out)["methods"]
+    assert methods["energy-t10"]["hparams"] == {"temperature": 10.0}
+    assert methods["energy"]["hparams"] == {"temperature": 1.0}
+    assert methods["energy-t10"]["sets"]["ood/far/noise"] != methods["energy"]["sets"]["ood/far/noise"]
+    code, _, err = run(capsys, "score", "msp,energy", "--store", copy, "--as", "x")
+    assert code == 2 and one_line_error(err) and "single METHOD" in err
