@@ -31,7 +31,9 @@ demo: venv $(CKPT) $(CLIP_CKPT)
 	$(PY) -m oodcli report --store $(STORE)
 	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --benchmark digits --layers image_embeds,patch_tokens --store $(CLIP_STORE) --overwrite
 	$(PY) -m oodcli score mcm,gl-mcm,r-mcm --store $(CLIP_STORE)
-	$(PY) -m oodcli score neglabel --store $(CLIP_STORE) || echo "neglabel skipped: it needs WordNet (see the line above)"
+	@if $(PY) -c "from oodcli.negatives import find_wordnet; find_wordnet()" 2>/dev/null; then \
+		$(PY) -m oodcli score neglabel --store $(CLIP_STORE); \
+	else echo "neglabel skipped: no WordNet on this machine (apt-get install wordnet-base)"; fi
 	$(PY) -m oodcli report --store $(CLIP_STORE)
 
 test: venv
