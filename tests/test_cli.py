@@ -259,3 +259,10 @@ def test_scores_saved_under_another_name_sit_beside_the_method(capsys, tmp_path,
     assert methods["energy-t10"]["sets"]["ood/far/noise"] != methods["energy"]["sets"]["ood/far/noise"]
     code, _, err = run(capsys, "score", "msp,energy", "--store", copy, "--as", "x")
     assert code == 2 and one_line_error(err) and "single METHOD" in err
+
+
+def test_a_method_for_another_kind_of_backbone_says_so(capsys, digits_store):
+    _, store = digits_store
+    code, _, err = run(capsys, "score", "mcm", "--store", store)
+    assert code == 1 and one_line_error(err)
+    assert "backbone 'digits_cnn' has no layer image_embeds" in err

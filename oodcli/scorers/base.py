@@ -281,9 +281,17 @@ def check_features(store: Store, backbone: str, split: str, layers: tuple[str, .
         )
     missing = [layer for layer in layers if not store.is_array(f"{node}/{layer}")]
     if missing:
+        from oodcli.backbones.base import all_specs
+
+        spec = all_specs().get(backbone)
+        if spec is not None and any(layer not in spec.layers for layer in missing):
+            raise OodError(
+                f"backbone '{backbone}' has no layer {', '.join(missing)} (it offers {', '.join(spec.layers)}); "
+                "this method needs features from a backbone that has it, e.g. a CLIP model for image_embeds"
+            )
         raise OodError(
             f"split '{split}' has no '{backbone}' layer {', '.join(missing)}; "
-            f"re-extract with --layers {','.join(layers)} --overwrite"
+            f"re-extract with --layers {','.join(dict.fromkeys([*store.children(node), *layers]))} --overwrite"
         )
 
 
