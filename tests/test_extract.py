@@ -215,3 +215,16 @@ def test_nonfinite_features_are_recorded(tmp_path, images, monkeypatch):
 def test_empty_split_is_refused(tmp_path, images):
     with pytest.raises(OodError, match="no samples"):
         _extract(tmp_path / "s.zarr", images("fake:empty", 0))
+
+
+def test_dataloader_workers_give_the_same_arrays(tmp_path):
+    """Worker processes (the data set and transform pickled into them) change nothing in the store."""
+    from oodcli.data.digits import digits_part
+
+    data = digits_part("test")
+    _extract(tmp_path / "w0.zarr", data, split="test", batch_size=64)
+    _extract(tmp_path / "w2.zarr", data, split="test", batch_size=64, workers=2)
+    a, b = _arrays(tmp_path / "w0.zarr", "test"), _arrays(tmp_path / "w2.zarr", "test")
+    for k in a:
+        if k != "attrs":
+            np.testing.assert_array_equal(a[k], b[k])
