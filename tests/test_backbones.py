@@ -309,3 +309,22 @@ def test_preprocess_turns_any_image_into_a_crop(mode, size):
         tensor = pre.to_transform()(image)
         assert tuple(tensor.shape) == (3, pre.crop, pre.crop)
         assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vit_b_16", "cifar_resnet34", "dinov2-small", "clip-vit-b-16"])
+def test_real_architectures_with_random_weights_give_their_declared_shapes(name):
+    """The full-size configurations (built offline with random weights) match what they declare."""
+    import torch
+
+    spec = get_spec(name)
+    net = spec.build("random")
+    crop = spec.preprocess.crop
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, crop, crop), spec.layers)
+    assert set(out) == set(spec.layers)
+    for layer, value in out.items():
+        assert tuple(value.shape[1:]) == tuple(net.layer_shapes[layer]), layer
+    if name == "clip-vit-b-16":
+        assert net.layer_shapes["patch_tokens"] == (196, 512)
+    if name == "resnet50":
+        assert net.layer_shapes["penultimate"] == (2048,) and net.layer_shapes["logits"] == (1000,)
