@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from oodcli import negatives, text
-from oodcli.store import open_store
+from oodcli.store import digest, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONE, BENCH = "clip-vit-b-16", "imagenet-mos"
@@ -68,10 +68,10 @@ def make_store(path: Path, rows: int) -> None:
                      parts={"weights": identity}, layer_shapes={"image_embeds": [DIM], "patch_tokens": [PATCHES, DIM]})
         name, names = text.label_set(st)
         for templates, template_list in (("photo", ["a photo of a {}."]), ("The nice {}.", ["The nice {}."])):
-            key = {"weights": identity, "names": text.digest(names), "templates": template_list}
+            key = {"weights": identity, "names": digest(names), "templates": template_list}
             protos = _unit(rng.standard_normal((len(names), DIM), np.float32))
             text.write_cached(st, text.text_node(BACKBONE, name, text.template_key(templates)), key, protos)
-        key = {"weights": identity, "names": text.digest(names), "noun_template": "The nice {}.",
+        key = {"weights": identity, "names": digest(names), "noun_template": "The nice {}.",
                "adj_template": "This is a {} photo", "num_negatives": NEGATIVES, "percentile": 0.95, "wordnet": "auto"}
         words = [f"word{i}" for i in range(NEGATIVES)]
         negs = _unit(rng.standard_normal((NEGATIVES, DIM), np.float32))

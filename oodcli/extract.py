@@ -12,7 +12,6 @@ after a chunk is on disk, and ``complete`` is set last.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import threading
@@ -29,7 +28,7 @@ from oodcli import __version__
 from oodcli.backbones.base import Backbone, BackboneSpec
 from oodcli.data.base import ImageDataset, TransformedDataset
 from oodcli.errors import OodError, UsageError
-from oodcli.store import Store, chunk_rows_for, features_node, split_node
+from oodcli.store import Store, chunk_rows_for, digest, features_node, split_node
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -74,8 +73,8 @@ def weights_source(weights: str | None) -> str | None:
     return weights
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+def model_id(spec: BackboneSpec, weights: str | None) -> str:
+    return digest(model_identity(spec, weights))
 
 
 def fingerprint_parts(
@@ -229,7 +228,7 @@ def extract_split(
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype '{dtype}'; use float16 or float32")
     parts = fingerprint_parts(spec, weights, data, split, layers, dtype)
-    fingerprint = _digest(parts)
+    fingerprint = digest(parts)
     node = features_node(split, spec.name)
 
     prepare_split(store, split, role, source, data)
@@ -260,7 +259,7 @@ def extract_split(
             node,
             fingerprint=fingerprint,
             parts=parts,
-            model_id=_digest(model_identity(spec, weights)),
+            model_id=model_id(spec, weights),
             weights_source=weights_source(weights),
             layers=list(layers),
             layer_shapes={k: list(v) for k, v in shapes.items()},
@@ -319,7 +318,7 @@ def _write_head(store: Store, spec: BackboneSpec, weights: str | None, net: Back
     weight, bias = (t.detach().float().cpu().numpy() for t in head)
     store.write_array(f"{node}/head/weight", weight)
     store.write_array(f"{node}/head/bias", bias)
-    store.set_attrs(node, weights=identity, model_id=_digest(model_identity(spec, weights)))
+    store.set_attrs(node, weights=identity, model_id=model_id(spec, weights))
 
 
 def _write_extras(store: Store, spec: BackboneSpec, weights: str | None, net: Backbone) -> None:
@@ -334,4 +333,4 @@ def _write_extras(store: Store, spec: BackboneSpec, weights: str | None, net: Ba
         return
     for key, value in extras.items():
         store.write_array(f"{node}/{key}", np.asarray(value))
-    store.set_attrs(node, weights=identity, model_id=_digest(model_identity(spec, weights)))
+    store.set_attrs(node, weights=identity, model_id=model_id(spec, weights))

@@ -15,7 +15,6 @@ when the installed faiss sees one; the stored copy is always the CPU form.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from typing import Callable, Iterable, Iterator
@@ -169,10 +168,7 @@ def array_fingerprint(store: Store, name: str) -> str:
     group = store.node_attrs(parent).get("fingerprint") if parent else None
     if group:
         return f"{group}:{leaf}:{rows}"
-    digest = hashlib.sha256()
-    for _, block in store.iter_rows(name):
-        digest.update(np.ascontiguousarray(block).tobytes())
-    return f"sha256:{digest.hexdigest()[:16]}:{rows}"
+    return f"sha256:{store.content_hash(name)}:{rows}"
 
 
 def check_source(store: Store, source: str) -> tuple[int, int]:

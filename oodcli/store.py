@@ -21,6 +21,7 @@ for a finished one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -39,6 +40,11 @@ def chunk_rows_for(row_shape: tuple[int, ...], dtype, target: int = TARGET_CHUNK
     """Rows per chunk so that one chunk is about ``target`` bytes (16..65536 rows)."""
     row_bytes = int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     return int(np.clip(target // max(row_bytes, 1), 16, 65536))
+
+
+def digest(obj) -> str:
+    """A short stable hash of JSON-serialisable values: fingerprints, cache keys, model ids."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def backend_for(path: Path) -> str:
@@ -175,6 +181,14 @@ class Store:
         """Read an array (or a row range). Use ``iter_rows`` for anything large."""
         node = self._node(name)
         return np.asarray(node[rows if rows is not None else slice(None)])
+
+    def content_hash(self, *names: str) -> str:
+        """sha256 of the arrays' bytes, read chunk by chunk (for arrays that carry no fingerprint)."""
+        h = hashlib.sha256()
+        for name in names:
+            for _, block in self.iter_rows(name):
+                h.update(np.ascontiguousarray(block).tobytes())
+        return h.hexdigest()[:16]
 
     def iter_rows(self, name: str, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, block)`` over the rows, one chunk-aligned block at a time."""

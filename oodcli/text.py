@@ -9,8 +9,6 @@ names and the templates; a later run reads them without building the model.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +17,7 @@ import numpy as np
 import torch
 
 from oodcli.errors import OodError, UsageError
-from oodcli.store import Store, features_node, list_backbones, list_splits
+from oodcli.store import Store, digest, features_node, list_backbones, list_splits
 
 DATA_DIR = Path(__file__).parent / "data"
 TEXT_ROOT = "fitted/text"
@@ -57,10 +55,6 @@ def templates_for(spec: str) -> tuple[str, ...]:
 def template_key(spec: str) -> str:
     """A node name for a template choice: the set's name, or a digest of a literal template."""
     return spec if spec in TEMPLATE_SETS else "t-" + digest(spec)[:10]
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---- class names ------------------------------------------------------------------------

@@ -12,7 +12,6 @@ instead of fitting again (a cache hit) and any change of those inputs refits.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 from typing import Callable, ClassVar, Iterator
@@ -208,11 +207,7 @@ def train_fingerprint(store: Store, backbone: str, split: str, layers: tuple[str
     rows = store.shape(f"{node}/{layers[0]}")[0]
     if attrs.get("fingerprint"):
         return f"{attrs['fingerprint']}:{rows}"
-    digest = hashlib.sha256()
-    for layer in layers:
-        for _, block in store.iter_rows(f"{node}/{layer}"):
-            digest.update(np.ascontiguousarray(block).tobytes())
-    return f"sha256:{digest.hexdigest()[:16]}:{rows}"
+    return f"sha256:{store.content_hash(*(f'{node}/{layer}' for layer in layers))}:{rows}"
 
 
 def load_head(store: Store, backbone: str, model_id: str | None) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import torch
 from oodcli import negatives, text
 from oodcli.errors import UsageError
 from oodcli.scorers.base import Scorer, register
-from oodcli.store import Store, features_node
+from oodcli.store import Store, digest, features_node
 
 
 def _unit(x: np.ndarray) -> torch.Tensor:
@@ -164,7 +164,7 @@ class NegLabel(_ClipText):
         noun_template = text.templates_for(self.templates)[0]  # the nouns read like the ID labels
         key = {
             "weights": source.identity,
-            "names": text.digest(self.class_names),
+            "names": digest(self.class_names),
             "noun_template": noun_template,
             "adj_template": self.adj_template,
             "num_negatives": self.num_negatives,

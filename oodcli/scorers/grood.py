@@ -21,8 +21,6 @@ and ``--param grood.k=K`` (distance to the k-th nearest train gradient).
 
 from __future__ import annotations
 
-import hashlib
-import json
 
 import numpy as np
 from scipy.special import softmax
@@ -30,7 +28,7 @@ from scipy.special import softmax
 from oodcli import index as faiss_index
 from oodcli.errors import OodError, UsageError
 from oodcli.scorers.base import Progress, Scorer, iter_feature_blocks, no_progress, register, train_fingerprint
-from oodcli.store import Store, features_node, list_splits
+from oodcli.store import Store, digest, features_node, list_splits
 
 STATE_NODE = "fitted/grood"
 GRADS = "grads/grood"
@@ -113,7 +111,7 @@ def load_state(store: Store, backbone: str, train_split: str, model_id: str | No
 
 def gradient_fingerprint(store: Store, backbone: str, split: str, prototype_id: str) -> str:
     parts = [prototype_id, train_fingerprint(store, backbone, split, (LAYER,))]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return digest(parts)
 
 
 def write_gradients(store: Store, backbone: str, state: dict, progress: Progress = no_progress) -> list[dict]:
