@@ -10,7 +10,7 @@ from oodcli.data.base import SplitDef, data_root as resolve_root, open_source
 from oodcli.data.benchmarks import get_benchmark
 from oodcli.errors import OodError, UsageError
 from oodcli.extract import DTYPES, ExtractResult, LazyModel, check_layers, extract_split, resolve_device
-from oodcli.store import features_node, open_store, remove_store
+from oodcli.store import check_name, features_node, open_store, remove_store
 
 ROLES = ("id", "ood-near", "ood-far", "ood")
 
@@ -27,6 +27,8 @@ def resolve_splits(
 ) -> list[SplitDef]:
     if benchmark and data:
         raise UsageError("give either --benchmark or --data, not both")
+    for split in splits or []:
+        check_name(split, "--split")
     if benchmark:
         if role:
             raise UsageError("--role goes with --data; a benchmark defines its splits' roles")

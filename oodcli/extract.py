@@ -28,7 +28,17 @@ from oodcli import __version__
 from oodcli.backbones.base import Backbone, BackboneSpec
 from oodcli.data.base import ImageDataset, TransformedDataset
 from oodcli.errors import OodError, UsageError
-from oodcli.store import Store, chunk_rows_for, digest, features_node, split_node
+from oodcli.store import (
+    Store,
+    check_name,
+    chunk_rows_for,
+    digest,
+    features_node,
+    split_dependents,
+    split_is_whole,
+    split_node,
+    _split_groups,
+)
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -97,14 +107,14 @@ def run_backbone(model: Backbone, x: torch.Tensor, layers: tuple[str, ...]) -> d
 class _ChunkWriter(threading.Thread):
     """Collects batches into whole chunks and writes them, advancing ``rows_done``."""
 
-    def __init__(self, store: Store, node: str, layers, start: int, chunk_rows: int, dtype, on_rows):
+    def __init__(self, store: Store, node: str, layers, start: int, chunk_rows: int, dtype, on_rows, nonfinite: int = 0):
         super().__init__(daemon=True, name="oodcli-writer")
         self.store, self.node, self.layers = store, node, layers
         self.rows_done, self.chunk_rows, self.dtype = start, chunk_rows, dtype
         self.on_rows = on_rows
         self.inbox: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
-        self.nonfinite_rows = 0
+        self.nonfinite_rows = nonfinite  # kept with rows_done, so a resumed run counts what came before
         self._buffer: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
         self._buffered = 0
 
@@ -143,7 +153,7 @@ class _ChunkWriter(threading.Thread):
         self._buffered -= rows
         self.rows_done += rows
         self.nonfinite_rows += int(bad.sum())
-        self.store.set_attrs(self.node, rows_done=self.rows_done)
+        self.store.set_attrs(self.node, rows_done=self.rows_done, nonfinite_rows=self.nonfinite_rows)
         self.on_rows(rows)
 
 
@@ -184,23 +194,46 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def prepare_split(store: Store, split: str, role: str, source: str, data: ImageDataset) -> None:
-    """Write labels and ids of a split once; refuse a split that holds other data."""
+def check_new_split(store: Store, split: str) -> None:
+    """A new split may not sit inside another split or hold one (``ood/near`` beside
+    ``ood/near/x``): its group would mix a split's arrays with another split's."""
+    for other in _split_groups(store):
+        if other != split and (other.startswith(split + "/") or split.startswith(other + "/")):
+            raise UsageError(
+                f"split '{split}' would nest with the existing split '{other}'; pick a name beside it, "
+                f"e.g. '{split.rsplit('/', 1)[0] + '/' if '/' in split else ''}<name>'"
+            )
+
+
+def prepare_split(
+    store: Store, split: str, role: str, source: str, data: ImageDataset, overwrite: bool = False
+) -> None:
+    """Write labels, ids and the split's attributes in one transaction (never half a split).
+    A half-made split is redone; a split of other data is refused unless ``overwrite``, which
+    replaces it together with everything made from it (features, scores, gradients)."""
+    check_name(split, "split name")
     node = split_node(split)
     identity = data.identity()
-    if store.is_array(f"{node}/labels"):
+    if split_is_whole(store, split):
         old = store.node_attrs(node).get("data")
-        if old != identity:
+        if old == identity:
+            return
+        if not overwrite:
             raise OodError(
                 f"split '{split}' in {store.path} holds other data ({_short(old)}, now {_short(identity)}); "
-                "use another --split name or another --store"
+                "use another --split name or --store, or pass --overwrite to replace the split and all made from it"
             )
-        return
+    else:
+        check_new_split(store, split)
     labels = np.asarray(data.labels, dtype=np.int64)
-    store.require_group(node)
-    store.write_array(f"{node}/labels", labels)
-    store.write_array(f"{node}/ids", np.arange(len(labels), dtype=np.int64))
-    store.set_attrs(node, role=role, source=source, data=identity, n=int(len(labels)))
+    with store.transaction() as txn:
+        staged = txn.stage(node)
+        store.require_group(staged)
+        store.write_array(f"{staged}/labels", labels)
+        store.write_array(f"{staged}/ids", np.arange(len(labels), dtype=np.int64))
+        store.set_attrs(staged, role=role, source=source, data=identity, n=int(len(labels)))
+        for dependent in split_dependents(store, split):
+            txn.remove(dependent)
 
 
 def extract_split(
@@ -231,45 +264,47 @@ def extract_split(
     fingerprint = digest(parts)
     node = features_node(split, spec.name)
 
-    prepare_split(store, split, role, source, data)
-    start = 0
-    if store.exists(node):
+    same_data = split_is_whole(store, split) and store.node_attrs(split_node(split)).get("data") == data.identity()
+    start, fresh = 0, True
+    if same_data and store.exists(node):
         attrs = store.node_attrs(node)
-        if attrs.get("fingerprint") != fingerprint:
-            if not overwrite:
-                raise OodError(
-                    f"split '{split}' already has '{spec.name}' features made differently "
-                    f"({_describe_mismatch(attrs.get('parts', {}), parts)}); "
-                    "pass --overwrite to replace them"
-                )
-            store.delete(node)
-        elif attrs.get("complete"):
-            return ExtractResult(split, spec.name, "cached", n, 0, time.perf_counter() - t0, list(layers))
-        else:
-            start = int(attrs.get("rows_done", 0))
+        if attrs.get("fingerprint") == fingerprint:
+            if attrs.get("complete"):
+                return ExtractResult(split, spec.name, "cached", n, 0, time.perf_counter() - t0, list(layers))
+            start, fresh = int(attrs.get("rows_done", 0)), False
+        elif attrs.get("fingerprint") is not None and not overwrite:
+            raise OodError(
+                f"split '{split}' already has '{spec.name}' features made differently "
+                f"({_describe_mismatch(attrs.get('parts', {}), parts)}); "
+                "pass --overwrite to replace them"
+            )
+    check_readable(data, split, start)  # refuse before writing: an unreadable image never leaves half a split
+    prepare_split(store, split, role, source, data, overwrite)
 
     net = model.get()
-    if not store.exists(node):
+    if fresh:  # the node appears whole (arrays allocated, fingerprint, rows_done 0) or not at all
         shapes = {layer: tuple(net.layer_shapes[layer]) for layer in layers}
         rows = chunk_rows or min(chunk_rows_for(s, DTYPES[dtype]) for s in shapes.values())
         rows = max(batch_size, rows // batch_size * batch_size)  # whole batches per chunk
-        for layer, shape in shapes.items():
-            store.create_array(f"{node}/{layer}", (n, *shape), DTYPES[dtype], chunk_rows=rows)
-        store.set_attrs(
-            node,
-            fingerprint=fingerprint,
-            parts=parts,
-            model_id=model_id(spec, weights),
-            weights_source=weights_source(weights),
-            layers=list(layers),
-            layer_shapes={k: list(v) for k, v in shapes.items()},
-            chunk_rows=rows,
-            rows_done=0,
-            complete=False,
-            oodcli_version=__version__,
-        )
-        _write_head(store, spec, weights, net)
-        _write_extras(store, spec, weights, net)
+        with store.transaction() as txn:
+            staged = txn.stage(node)
+            for layer, shape in shapes.items():
+                store.create_array(f"{staged}/{layer}", (n, *shape), DTYPES[dtype], chunk_rows=rows)
+            store.set_attrs(
+                staged,
+                fingerprint=fingerprint,
+                parts=parts,
+                model_id=model_id(spec, weights),
+                weights_source=weights_source(weights),
+                layers=list(layers),
+                layer_shapes={k: list(v) for k, v in shapes.items()},
+                chunk_rows=rows,
+                rows_done=0,
+                nonfinite_rows=0,
+                complete=False,
+                oodcli_version=__version__,
+            )
+            _stage_backbone(store, txn, spec, weights, net)
     attrs = store.node_attrs(node)
     rows = int(attrs["chunk_rows"])
     status = "resumed" if start else "extracted"
@@ -284,7 +319,7 @@ def extract_split(
         persistent_workers=False,
     )
     advance = progress(split, n, start) if progress else (lambda k: None)
-    writer = _ChunkWriter(store, node, layers, start, rows, DTYPES[dtype], advance)
+    writer = _ChunkWriter(store, node, layers, start, rows, DTYPES[dtype], advance, int(attrs.get("nonfinite_rows", 0)))
     writer.start()
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
     try:
@@ -301,36 +336,42 @@ def extract_split(
         raise writer.error
     if writer.rows_done != n:
         raise OodError(f"extraction of '{split}' stopped at row {writer.rows_done} of {n}; re-run to resume")
-    nonfinite = int(attrs.get("nonfinite_rows", 0)) + writer.nonfinite_rows
-    store.set_attrs(node, complete=True, nonfinite_rows=nonfinite)
+    store.set_attrs(node, complete=True, nonfinite_rows=writer.nonfinite_rows)
     return ExtractResult(split, spec.name, status, n, n - start, time.perf_counter() - t0, list(layers))
 
 
-def _write_head(store: Store, spec: BackboneSpec, weights: str | None, net: Backbone) -> None:
-    """Keep the classifier head beside the features (ReAct, ASH, ViM need it)."""
-    head = net.head()
-    if head is None:
+def check_readable(data: ImageDataset, split: str, start: int = 0) -> None:
+    """Decode every image from ``start`` on before anything is written (file-based sources
+    only; see ``ImageDataset.unreadable``): a corrupt file is refused in one line naming it."""
+    bad = data.unreadable(start)
+    if bad:
+        path, reason = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise OodError(
+            f"split '{split}': image {path} cannot be read ({reason}){more}; nothing was written for it: "
+            "fix or remove the file(s) and run again"
+        )
+
+
+def _stage_backbone(store: Store, txn, spec: BackboneSpec, weights: str | None, net: Backbone) -> None:
+    """Keep what the backbone offers scorers besides its layers under backbones/<name>/: the
+    classifier head (ReAct, ASH, ViM) and ``Backbone.extras`` (e.g. APEX prototypes), replaced
+    whole when the weights change."""
+    head, extras = net.head(), net.extras() or {}
+    if head is None and not extras:
         return
     node = f"backbones/{spec.name}"
     identity = spec.weights_identity(weights)
-    if store.exists(f"{node}/head/weight") and store.node_attrs(node).get("weights") == identity:
+    keys = (["head/weight", "head/bias"] if head is not None else []) + list(extras)
+    if store.exists(node) and store.node_attrs(node).get("weights") == identity \
+            and all(store.is_array(f"{node}/{key}") for key in keys):
         return
-    weight, bias = (t.detach().float().cpu().numpy() for t in head)
-    store.write_array(f"{node}/head/weight", weight)
-    store.write_array(f"{node}/head/bias", bias)
-    store.set_attrs(node, weights=identity, model_id=model_id(spec, weights))
-
-
-def _write_extras(store: Store, spec: BackboneSpec, weights: str | None, net: Backbone) -> None:
-    """Keep what the backbone offers scorers besides its layers (``Backbone.extras``, e.g. APEX
-    prototypes and their qualities) under backbones/<name>/, like the head."""
-    extras = net.extras()
-    if not extras:
-        return
-    node = f"backbones/{spec.name}"
-    identity = spec.weights_identity(weights)
-    if all(store.exists(f"{node}/{key}") for key in extras) and store.node_attrs(node).get("weights") == identity:
-        return
+    staged = txn.stage(node)
+    store.require_group(staged)
+    if head is not None:
+        weight, bias = (t.detach().float().cpu().numpy() for t in head)
+        store.write_array(f"{staged}/head/weight", weight)
+        store.write_array(f"{staged}/head/bias", bias)
     for key, value in extras.items():
-        store.write_array(f"{node}/{key}", np.asarray(value))
-    store.set_attrs(node, weights=identity, model_id=model_id(spec, weights))
+        store.write_array(f"{staged}/{key}", np.asarray(value))
+    store.set_attrs(staged, weights=identity, model_id=model_id(spec, weights))

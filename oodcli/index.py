@@ -23,7 +23,7 @@ import numpy as np
 
 from oodcli import __version__
 from oodcli.errors import OodError, UsageError
-from oodcli.store import Store
+from oodcli.store import Store, check_name
 
 KINDS = ("auto", "ivf", "flat")
 FLAT_BELOW = 20_000  # 'auto' searches sets smaller than this exactly
@@ -199,8 +199,9 @@ def build_in_store(
 ) -> dict:
     """Build an index over ``source`` and write it to ``index/<name>`` (default: the source's
     own name); returns its attributes plus the build time."""
+    check_name(source, "--source")
+    name = check_name(name or source, "--name")
     rows, dim = check_source(store, source)
-    name = (name or source).strip("/")
     cfg = resolve(rows, kind, nlist, nprobe)
     fingerprint = array_fingerprint(store, source)
     t0 = time.perf_counter()
@@ -221,7 +222,8 @@ def build_in_store(
         "metric": "l2",
         "oodcli_version": __version__,
     }
-    store.write_array(index_node(name), data, **attrs)  # complete is set last
+    with store.transaction() as txn:  # replaces an older index of that name whole
+        store.write_array(txn.stage(index_node(name)), data, **attrs)
     return {"name": name, **attrs, "seconds": time.perf_counter() - t0}
 
 

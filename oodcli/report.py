@@ -14,8 +14,8 @@ import numpy as np
 
 from oodcli.errors import OodError, UsageError
 from oodcli.metrics import ood_metrics
-from oodcli.scoring import default_id_split, ood_splits, read_scores, scored_methods
-from oodcli.store import Store, features_node, split_node, split_role
+from oodcli.scoring import check_splits_exist, default_id_split, ood_splits, read_scores, scored_methods
+from oodcli.store import Store, check_name, features_node, split_node, split_role
 
 FORMATS = ("table", "json", "csv", "markdown")
 METRIC_NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out")
@@ -33,9 +33,12 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
     missing = [m for m in methods if m not in available]
     if missing:
         raise UsageError(f"no scores for {', '.join(missing)} in {store.path}; scored: {', '.join(available)}")
+    if id_split is not None:
+        check_name(id_split, "--id")
     id_split = id_split or default_id_split(store)
-    labels = store.read(f"{split_node(id_split)}/labels")
     oods = ood_splits(store)
+    check_splits_exist(store, [id_split, *oods])
+    labels = store.read(f"{split_node(id_split)}/labels")
     groups = {s: _group(split_role(store, s)) for s in oods}
     report: dict = {
         "store": str(store.path),
@@ -48,25 +51,31 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
         if len(id_scores) != len(labels):
             raise OodError(f"scores of '{method}' on '{id_split}' are stale (row count differs); re-score")
         attrs = store.node_attrs(f"scores/{method}/{id_split}")
-        per_set = {}
+        per_set, missing = {}, []
         for split in oods:
             node = f"scores/{method}/{split}"
             if not store.is_array(node):
+                missing.append(split)
                 continue
             if store.node_attrs(node).get("model_id") != attrs.get("model_id"):
                 raise OodError(
                     f"scores of '{method}' on '{split}' and '{id_split}' come from different models; re-score both"
                 )
-            per_set[split] = ood_metrics(id_scores, read_scores(store, method, split)).as_dict()
+            ood_scores = read_scores(store, method, split)
+            if len(ood_scores) != store.shape(f"{split_node(split)}/labels")[0]:
+                raise OodError(f"scores of '{method}' on '{split}' are stale (row count differs); re-score")
+            per_set[split] = ood_metrics(id_scores, ood_scores).as_dict()
         averages = {}
         for group in ("near", "far"):
             members = [per_set[s] for s in per_set if groups[s] == group]
-            if members:
+            # an average over fewer sets than the store holds would pass for the full one
+            if members and not any(groups[s] == group for s in missing):
                 averages[group] = {k: float(np.mean([m[k] for m in members])) for k in METRIC_NAMES}
         report["methods"][method] = {
             "backbone": attrs.get("backbone"),
             "hparams": attrs.get("hparams", {}),
             "sets": per_set,
+            "missing": missing,
             "averages": averages,
         }
     report["id_accuracy"] = _id_accuracy(store, report, id_split, labels)
@@ -123,7 +132,16 @@ def render_table(report: dict):
         table.add_column(name, justify="right", style="cyan" if key and key.startswith("avg:") else None)
     for method, data in report["methods"].items():
         table.add_row(method, *[_fmt(_cell(data, key)) for _, key in cols])
+    note = _missing_note(report)
+    if note:
+        table.caption = note
     return table
+
+
+def _missing_note(report: dict) -> str:
+    """Which methods lack scores on some OOD sets (their averages over those groups are left out)."""
+    gaps = [f"{m} ({', '.join(d['missing'])})" for m, d in report["methods"].items() if d.get("missing")]
+    return f"- = not scored; no average over a group with a missing set: {'; '.join(gaps)}" if gaps else ""
 
 
 def render_markdown(report: dict) -> str:
@@ -138,6 +156,8 @@ def render_markdown(report: dict) -> str:
     footer = f"\nAUROC / FPR@95 in %, ID split `{report['id_split']}`"
     if acc is not None:
         footer += f", ID accuracy {100 * acc:.2f}%"
+    if _missing_note(report):
+        footer += f"\n\n{_missing_note(report)}"
     return "\n".join(lines) + "\n" + footer + "\n"
 
 

@@ -24,7 +24,17 @@ from oodcli.scorers.base import (
     load_head,
     scorer_names,
 )
-from oodcli.store import Store, features_node, list_backbones, list_splits, split_role
+from oodcli.store import (
+    Store,
+    check_name,
+    features_node,
+    half_made_splits,
+    list_backbones,
+    list_splits,
+    require_whole_splits,
+    split_node,
+    split_role,
+)
 
 
 @dataclass
@@ -66,6 +76,7 @@ def default_backbone(store: Store, split: str | None = None) -> str:
 
 
 def default_id_split(store: Store) -> str:
+    require_whole_splits(store)
     splits = list_splits(store)
     if "test" in splits:
         return "test"
@@ -76,7 +87,24 @@ def default_id_split(store: Store) -> str:
 
 
 def ood_splits(store: Store) -> list[str]:
+    """Every OOD split; refused while the store holds a half-made split, which might be one."""
+    require_whole_splits(store)
     return [s for s in list_splits(store) if split_role(store, s).startswith("ood")]
+
+
+def check_splits_exist(store: Store, splits: list[str]) -> None:
+    """Each named split is whole and has rows, or a one-line error saying what to do."""
+    known = list_splits(store)
+    half = half_made_splits(store)
+    for split in splits:
+        if split in half:
+            raise OodError(f"split '{split}' in {store.path} is half-made (an interrupted extract); re-run that "
+                           f"extract, or remove it with 'oodcli store rm {store.path} {split}'")
+        if split not in known:
+            raise OodError(f"store {store.path} has no split '{split}'; it has: {', '.join(known) or 'none'}")
+        if store.shape(f"{split_node(split)}/labels")[0] == 0:
+            raise OodError(f"split '{split}' in {store.path} is empty; there is nothing to score "
+                           f"(remove it with 'oodcli store rm {store.path} {split}')")
 
 
 def check_same_model(store: Store, backbone: str, splits: list[str]) -> None:
@@ -132,16 +160,17 @@ def score_store(
     if save_as is not None:
         if len(methods) != 1:
             raise UsageError("--as names the scores of one method; give a single METHOD")
-        if not save_as or "/" in save_as or save_as.strip() != save_as:
-            raise UsageError(f"--as '{save_as}' is not a usable name (no '/', no surrounding spaces)")
+        check_name(save_as, "--as")
+        if "/" in save_as:
+            raise UsageError(f"--as '{save_as}' is not a usable name: it holds '/'; name the scores in one part")
+    for name, what in ((id_split, "--id"), (train_split, "--train"), *((o, "--ood") for o in ood or [])):
+        if name is not None:
+            check_name(name, what)
     id_split = id_split or default_id_split(store)
     splits = list(dict.fromkeys([id_split] + (ood if ood else ood_splits(store))))
     if len(splits) == 1:
         raise OodError(f"store {store.path} has no OOD split to score; extract one (e.g. ood/far/...) first")
-    known = list_splits(store)
-    for split in splits:
-        if split not in known:
-            raise OodError(f"store {store.path} has no split '{split}'; it has: {', '.join(known) or 'none'}")
+    check_splits_exist(store, splits)
     backbone = backbone or default_backbone(store, id_split)
     scorers: list[Scorer] = [get_scorer(m, **hparams.get(m, {})) for m in methods]
     if only_applicable:  # if none applies, keep them all so the checks below say what is missing
@@ -185,10 +214,11 @@ def score_store(
             )
         scorer.release()
         advance_methods(1)
-    for scorer in to_save:
-        scorer.save(store)
-    for method, split, values, attrs in pending:
-        store.write_array(f"scores/{method}/{split}", values.astype(np.float32), **attrs)
+    with store.transaction() as txn:  # every method's scores and fitted state land together, or none
+        for scorer in to_save:
+            scorer.save(store, txn)
+        for method, split, values, attrs in pending:
+            store.write_array(txn.stage(f"scores/{method}/{split}"), values.astype(np.float32), **attrs)
     return results
 
 

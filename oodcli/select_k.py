@@ -214,10 +214,12 @@ def select_k(
     attrs = store.node_attrs(features_node(split, backbone))
     result.settings |= {"backbone": backbone, "layer": layer, "split": split,
                         "model_id": attrs.get("model_id"), "fingerprint": attrs.get("fingerprint")}
-    store.delete(NODE)
-    for name in ("classes", "counts", "k", "candidates", "bic", "dims"):
-        store.write_array(f"{NODE}/{name}", getattr(result, name))
-    store.set_attrs(NODE, **result.settings, seconds=result.seconds, oodcli_version=__version__, complete=True)
+    with store.transaction() as txn:  # fitted/select_k is replaced whole or not at all
+        node = txn.stage(NODE)
+        store.require_group(node)
+        for name in ("classes", "counts", "k", "candidates", "bic", "dims"):
+            store.write_array(f"{node}/{name}", getattr(result, name))
+        store.set_attrs(node, **result.settings, seconds=result.seconds, oodcli_version=__version__, complete=True)
     return result
 
 

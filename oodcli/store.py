@@ -14,26 +14,47 @@ Layout (see DESIGN.md)::
 Both backends hold the same tree; plain ``zarr`` / ``h5py`` users can open it.
 Attribute values are JSON-serialisable; HDF5 keeps them as JSON strings.
 
-Arrays are written in whole chunks (Zarr writes each chunk file atomically), and a
-group's ``complete`` flag is set last, so an interrupted write is never mistaken
-for a finished one.
+What a crash can and cannot do (the guarantees the README states):
+
+- Whole nodes (a split's labels + ids, a method's scores and fitted state, an index,
+  a text cache...) are written through a :class:`Transaction`: built under the hidden
+  ``.txn/`` group, then moved into place after one commit marker. A crash before the
+  marker leaves the store as it was (the staging is dropped by the next open); a crash
+  after it is finished by the next open (roll forward). Readers never see half a node.
+- Extraction fills its arrays in place, chunk by chunk, with ``rows_done`` advanced
+  only after a chunk is on disk, so a resumed extraction equals an uninterrupted one.
+- Every array chunk carries a checksum (crc32c in Zarr, fletcher32 in HDF5) and every
+  chunk is written, so a truncated, altered or missing chunk is an error, never zeros.
+- One writer at a time: writers hold an exclusive lock (``.<store name>.lock`` beside
+  the store); a second writer is refused with one line.
+- Ctrl-C is held back while a store operation runs, so it lands between operations.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
+import re
 import shutil
+import signal
+import threading
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from oodcli import __version__
-from oodcli.errors import OodError
+from oodcli.errors import OodError, UsageError
 
 SCHEMA_VERSION = 1
 TARGET_CHUNK_BYTES = 8 << 20  # ~8 MiB chunks: big enough for fast I/O, small enough to stream
+TXN_ROOT = ".txn"  # hidden staging area of transactions
+KILL_ENV = "OODCLI_TEST_KILL_AT"  # test hook: SIGKILL this process before its N-th store mutation
 
 
 def chunk_rows_for(row_shape: tuple[int, ...], dtype, target: int = TARGET_CHUNK_BYTES) -> int:
@@ -53,14 +74,154 @@ def backend_for(path: Path) -> str:
     return "zarr"
 
 
-class Store:
-    """A store on disk. Node names are '/'-separated paths from the root."""
+# ---- names ---------------------------------------------------------------------------
 
-    def __init__(self, path: Path, root, backend: str, writable: bool):
+_RESERVED = {"zarr.json", ".zgroup", ".zarray", ".zattrs", "c"}
+_BAD_CHARS = re.compile(r"[\\\x00-\x1f\x7f]")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """The one rule for every name that becomes a node (split, --as name, index name, ...):
+    '/'-separated non-empty parts, none of them '.', '..' or starting with '.', no
+    surrounding spaces, no backslash or control characters. Returns the name."""
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "it is empty"
+    elif name.startswith("/") or name.endswith("/"):
+        problem = "it starts or ends with '/'"
+    elif "//" in name:
+        problem = "it has an empty part ('//')"
+    elif _BAD_CHARS.search(name):
+        problem = "it holds a backslash or a control character"
+    else:
+        for part in name.split("/"):
+            if part in {".", ".."}:
+                problem = f"it has a '{part}' part"
+            elif part.startswith("."):
+                problem = f"part '{part}' starts with '.' (reserved)"
+            elif part != part.strip():
+                problem = f"part '{part}' has surrounding spaces"
+            elif part in _RESERVED:
+                problem = f"part '{part}' is reserved by the store format"
+            if problem:
+                break
+    if problem:
+        raise UsageError(
+            f"{what} '{name}' is not a valid name: {problem}; use '/'-separated parts such as 'ood/far/textures'"
+        )
+    return name
+
+
+# ---- crash hook and interrupts ------------------------------------------------------------
+
+_mutations = 0
+_crit = threading.local()
+
+
+def _mutation() -> None:
+    """Counts store mutations; the kill-9 tests set OODCLI_TEST_KILL_AT=N to die before the N-th."""
+    global _mutations
+    at = os.environ.get(KILL_ENV)
+    if not at:
+        return
+    _mutations += 1
+    if _mutations >= int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Hold back Ctrl-C (SIGINT) until the block is done, then raise it. A store operation
+    interrupted half-way (inside zarr's event loop or HDF5's C code) is what leaves
+    attribute-less arrays and asyncio noise; between operations an interrupt is harmless."""
+    if threading.current_thread() is not threading.main_thread() or getattr(_crit, "depth", 0):
+        _crit.depth = getattr(_crit, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _crit.depth -= 1
+        return
+    pending: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    _crit.depth = 1
+    try:
+        yield
+    finally:
+        _crit.depth = 0
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            raise KeyboardInterrupt
+
+
+# ---- the writer lock -------------------------------------------------------------------------
+
+
+def lock_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.lock"
+
+
+class _WriterLock:
+    """An exclusive flock on a file beside the store; the OS drops it when the process dies."""
+
+    def __init__(self, path: Path):
+        self.file = lock_path(path)
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return True
+
+    def holder(self) -> str:
+        try:
+            return self.file.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _busy(path: Path, lock: _WriterLock) -> OodError:
+    return OodError(
+        f"another oodcli command is writing store {path} (pid {lock.holder()}); "
+        "wait for it to finish, then run this one again"
+    )
+
+
+class StoreDamaged(OodError):
+    """Part of the store cannot be read back as written (missing or altered chunk, garbled metadata)."""
+
+
+class Store:
+    """A store on disk. Node names are '/'-separated paths from the root.
+
+    Reads of arrays written by this version check that every chunk they touch exists
+    and matches its checksum; anything unreadable is a :class:`StoreDamaged` error
+    naming the node and what to do, never a traceback and never fill values.
+    """
+
+    def __init__(self, path: Path, root, backend: str, writable: bool, lock: _WriterLock | None = None):
         self.path = path
         self._root = root
         self.backend = backend
         self.writable = writable
+        self._lock = lock
 
     # ---- attributes -------------------------------------------------------------
     @property
@@ -69,18 +230,22 @@ class Store:
 
     def node_attrs(self, name: str) -> dict[str, Any]:
         node = self._node(name)
-        if self.backend == "hdf5":
-            return {k: json.loads(v) for k, v in node.attrs.items()}
-        return dict(node.attrs)
+        with self._reading(name):
+            if self.backend == "hdf5":
+                return {k: json.loads(v) for k, v in node.attrs.items()}
+            return dict(node.attrs)
 
     def set_attrs(self, name: str, **values: Any) -> None:
+        self._check_writable()
         node = self._node(name)
-        if self.backend == "hdf5":
-            for k, v in values.items():
-                node.attrs[k] = json.dumps(v)
-            self._root.flush()
-        else:
-            node.attrs.update(values)
+        _mutation()
+        with uninterrupted():
+            if self.backend == "hdf5":
+                for k, v in values.items():
+                    node.attrs[k] = json.dumps(v)
+                self._root.flush()
+            else:
+                node.attrs.update(values)
 
     # ---- tree -------------------------------------------------------------------
     def exists(self, name: str) -> bool:
@@ -93,13 +258,17 @@ class Store:
     def is_array(self, name: str) -> bool:
         return self.exists(name) and _is_array(self._node(name))
 
-    def children(self, name: str = "") -> list[str]:
+    def children(self, name: str = "", hidden: bool = False) -> list[str]:
+        """Child names of a group; names starting with '.' (staging) only if ``hidden``."""
         if not self.exists(name):
             return []
         node = self._node(name)
         if _is_array(node):
             return []
-        return sorted(node.keys())
+        with self._reading(name), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr warns about its own leftover '*.partial' files
+            keys = sorted(node.keys())
+        return [k for k in keys if hidden or not k.startswith(".")]
 
     def walk_arrays(self, name: str = "") -> Iterator[str]:
         """Every array below ``name``, as full node names."""
@@ -112,18 +281,51 @@ class Store:
 
     def require_group(self, name: str):
         self._check_writable()
-        return self._root.require_group(name) if name else self._root
+        if not name:
+            return self._root
+        if self.exists(name):
+            node = self._node(name)
+            if _is_array(node):
+                raise OodError(f"store {self.path}: '{name}' is an array, not a group")
+            return node
+        _mutation()
+        with uninterrupted():
+            return self._root.require_group(name)
 
     def delete(self, name: str) -> None:
+        """Remove a node. Outside a transaction this is not atomic for big nodes: use
+        ``Transaction.remove`` for anything a reader may look at."""
         self._check_writable()
+        if not name:
+            raise ValueError("refusing to delete the root")
         if not self.exists(name):
             return
-        if self.backend == "hdf5":
-            del self._root[name]
-            self._root.flush()
-        else:
-            parent, _, leaf = name.rpartition("/")
-            del self._node(parent)[leaf]
+        _mutation()
+        with uninterrupted():
+            if self.backend == "hdf5":
+                del self._root[name]
+                self._root.flush()
+            else:
+                shutil.rmtree(self.path / name)
+
+    def move(self, source: str, target: str) -> None:
+        """Rename a node (atomic: one rename in the file system, one link change in HDF5)."""
+        self._check_writable()
+        parent = target.rpartition("/")[0]
+        if parent:
+            self.require_group(parent)
+        _mutation()
+        with uninterrupted():
+            if self.backend == "hdf5":
+                self._root.move(source, target)
+                self._root.flush()
+            else:
+                os.rename(self.path / source, self.path / target)
+
+    def transaction(self) -> "Transaction":
+        """``with store.transaction() as txn:`` write whole nodes all or nothing (see Transaction)."""
+        self._check_writable()
+        return Transaction(self)
 
     # ---- arrays -----------------------------------------------------------------
     def create_array(
@@ -134,27 +336,39 @@ class Store:
         chunk_rows: int | None = None,
         attrs: dict | None = None,
     ):
-        """Allocate an array of its full shape, chunked along rows; replaces any old one."""
+        """Allocate an array of its full shape, chunked along rows, every chunk checksummed
+        and stored even when it is all zeros (so a missing chunk is damage); replaces any old one."""
         self._check_writable()
         self.delete(name)
         parent, _, leaf = name.rpartition("/")
         group = self.require_group(parent)
         rows = chunk_rows or chunk_rows_for(shape[1:], dtype)
         chunks = (max(1, min(rows, shape[0] or 1)),) + tuple(shape[1:])
-        if self.backend == "hdf5":
-            group.create_dataset(leaf, shape=shape, dtype=dtype, chunks=chunks if shape[0] else None)
-        else:
-            group.create_array(
-                leaf, shape=shape, dtype=dtype, chunks=chunks, compressors=None, fill_value=0
-            )
+        _mutation()
+        with uninterrupted():
+            if self.backend == "hdf5":
+                chunked = shape[0] > 0 and all(shape)
+                group.create_dataset(leaf, shape=shape, dtype=dtype, chunks=chunks if chunked else None,
+                                     fletcher32=chunked)
+            else:
+                from zarr.codecs import Crc32cCodec
+
+                group.create_array(
+                    leaf, shape=shape, dtype=dtype, chunks=chunks, compressors=[Crc32cCodec()], fill_value=0
+                )
         if attrs:
             self.set_attrs(name, **attrs)
 
     def write_rows(self, name: str, start: int, data: np.ndarray) -> None:
+        self._check_writable()
         arr = self._node(name)
-        arr[start : start + len(data)] = data
-        if self.backend == "hdf5":
-            self._root.flush()
+        if self.backend == "zarr":  # every chunk on disk, zeros too: a missing chunk is then always damage
+            arr = arr.with_config({"write_empty_chunks": True})
+        _mutation()
+        with uninterrupted():
+            arr[start : start + len(data)] = data
+            if self.backend == "hdf5":
+                self._root.flush()
 
     def write_array(self, name: str, data: np.ndarray, **attrs: Any) -> None:
         """Write a whole (small) array in one go, then mark it complete."""
@@ -180,7 +394,35 @@ class Store:
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         """Read an array (or a row range). Use ``iter_rows`` for anything large."""
         node = self._node(name)
-        return np.asarray(node[rows if rows is not None else slice(None)])
+        rows = rows if rows is not None else slice(None)
+        if self.backend == "zarr":
+            self._check_chunks(name, node, rows)
+        with self._reading(name, rows):
+            return np.asarray(node[rows])
+
+    def missing_chunks(self, name: str) -> list[int]:
+        """Row-chunk indices of a checksummed Zarr array whose chunk file is gone."""
+        node = self._node(name)
+        if self.backend != "zarr" or not _all_chunks_written(node) or not node.shape or not node.shape[0]:
+            return []
+        step = int(node.chunks[0])
+        return [i for i in range(-(-node.shape[0] // step)) if not self._chunk_file(name, node, i).exists()]
+
+    def _chunk_file(self, name: str, node, i: int) -> Path:
+        key = node.metadata.encode_chunk_key((i,) + (0,) * (len(node.shape) - 1))
+        return self.path / name / key
+
+    def _check_chunks(self, name: str, node, rows: slice) -> None:
+        if not node.shape or not node.shape[0] or not _all_chunks_written(node):
+            return
+        start, stop, _ = rows.indices(node.shape[0])
+        step = int(node.chunks[0])
+        for i in range(start // step, -(-stop // step)):
+            if not self._chunk_file(name, node, i).exists():
+                raise StoreDamaged(
+                    f"store {self.path} is damaged: chunk {i} of '{name}' (rows {i * step}-"
+                    f"{min(node.shape[0], (i + 1) * step) - 1}) is missing; {_REPAIR}"
+                )
 
     def content_hash(self, *names: str) -> str:
         """sha256 of the arrays' bytes, read chunk by chunk (for arrays that carry no fingerprint)."""
@@ -201,18 +443,43 @@ class Store:
     def _node(self, name: str):
         if not name:
             return self._root
+        with self._reading(name, missing_ok=True):
+            try:
+                return self._root[name]
+            except (KeyError, FileNotFoundError):
+                raise KeyError(name) from None
+
+    @contextlib.contextmanager
+    def _reading(self, name: str, rows: slice | None = None, missing_ok: bool = False):
+        """Backend errors while reading become one StoreDamaged line (KeyError passes for lookups)."""
         try:
-            return self._root[name]
+            with uninterrupted():
+                yield
         except (KeyError, FileNotFoundError):
-            raise KeyError(name) from None
+            if missing_ok:
+                raise
+            raise StoreDamaged(f"store {self.path} is damaged: '{name}' vanished while reading; {_REPAIR}") from None
+        except (OodError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            where = f" rows {rows.start}-{rows.stop}" if rows is not None and rows.start is not None else ""
+            raise StoreDamaged(
+                f"store {self.path} is damaged: cannot read '{name}'{where} "
+                f"({type(exc).__name__}: {_first_line(exc)}); {_REPAIR}"
+            ) from None
 
     def _check_writable(self) -> None:
         if not self.writable:
             raise OodError(f"store {self.path} is open read-only")
 
     def close(self) -> None:
-        if self.backend == "hdf5":
-            self._root.close()
+        try:
+            if self.backend == "hdf5":
+                self._root.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self) -> "Store":
         return self
@@ -224,13 +491,141 @@ class Store:
         return f"Store({str(self.path)!r}, backend={self.backend})"
 
 
+_REPAIR = ("'oodcli store verify' lists the damage; remove the damaged part with 'oodcli store rm' "
+           "and re-run the command that made it")
+
+
 def _is_array(node) -> bool:
     return hasattr(node, "shape") and hasattr(node, "dtype")
 
 
+def _all_chunks_written(node) -> bool:
+    """Arrays made by this version (checksummed, empty chunks written): a missing chunk is damage.
+    Older arrays skipped all-zero chunks, so there a missing chunk may be zeros."""
+    return any(type(c).__name__ == "Crc32cCodec" for c in getattr(node, "compressors", ()) or ())
+
+
+class Transaction:
+    """Write whole nodes all or nothing::
+
+        with store.transaction() as txn:
+            staged = txn.stage("scores/msp/test")     # build the node under the staging name
+            store.write_array(staged, values, method="msp")
+            txn.remove("scores/old")                   # and/or remove nodes
+        # on success: commit marker, then every staged node replaces its target
+
+    An exception (Ctrl-C included) inside the block drops the staging and leaves the store
+    as it was. After the commit marker, a crash is finished by the next ``open_store``.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.node = f"{TXN_ROOT}/{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.targets: list[str] = []
+        self.removals: list[str] = []
+
+    def __enter__(self) -> "Transaction":
+        self.store.require_group(self.node)
+        self.store.set_attrs(self.node, committed=False)
+        return self
+
+    def stage(self, target: str) -> str:
+        """The staging name under which to build the node that will replace ``target``."""
+        check_name(target, "node")
+        self._check_disjoint(target)
+        self.targets.append(target)
+        return f"{self.node}/n{len(self.targets) - 1}"
+
+    def remove(self, target: str) -> None:
+        check_name(target, "node")
+        self._check_disjoint(target)
+        self.removals.append(target)
+
+    def _check_disjoint(self, target: str) -> None:
+        for other in self.targets + self.removals:
+            if target == other or target.startswith(other + "/") or other.startswith(target + "/"):
+                raise ValueError(f"transaction touches '{target}' and '{other}'; they overlap")
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None:
+            with contextlib.suppress(Exception):
+                with uninterrupted():
+                    self.store.delete(self.node)
+            return
+        with uninterrupted():  # past the marker, a Ctrl-C waits until every node is in place
+            self.store.set_attrs(self.node, targets=self.targets, removals=self.removals, committed=True)
+            _apply(self.store, self.node)
+
+
+def _apply(store: Store, txn: str) -> None:
+    """Move a committed transaction's nodes into place; safe to run again after a crash."""
+    attrs = store.node_attrs(txn)
+    for j, target in enumerate(attrs.get("removals", [])):
+        if store.exists(target):
+            store.move(target, f"{txn}/r{j}")
+    for i, target in enumerate(attrs.get("targets", [])):
+        staged = f"{txn}/n{i}"
+        if not store.exists(staged):
+            continue  # moved before a crash
+        if store.exists(target):
+            store.move(target, f"{txn}/o{i}")
+        store.move(staged, target)
+    store.delete(txn)
+
+
+def _recover(store: Store) -> list[str]:
+    """Finish committed transactions and drop uncommitted ones (the writer lock is held)."""
+    done = []
+    for name in store.children(TXN_ROOT, hidden=True):
+        txn = f"{TXN_ROOT}/{name}"
+        try:
+            committed = store.node_attrs(txn).get("committed")
+        except OodError:
+            committed = False  # its marker was being deleted with it
+        if committed:
+            _apply(store, txn)
+            done.append(f"finished {name}")
+        else:
+            store.delete(txn)
+            done.append(f"dropped {name}")
+    if store.exists(TXN_ROOT) and not store.children(TXN_ROOT, hidden=True):
+        store.delete(TXN_ROOT)
+    return done
+
+
+def _has_pending(path: Path, backend: str) -> bool:
+    if backend == "zarr":
+        return (path / TXN_ROOT).exists()
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return TXN_ROOT in f
+    except Exception:
+        return False
+
+
+def _open_root(path: Path, backend: str, writable: bool):
+    try:
+        with uninterrupted():
+            if backend == "hdf5":
+                import h5py
+
+                return h5py.File(path, "a" if writable else "r")
+            import zarr
+
+            return zarr.open_group(path, mode="a" if writable else "r", zarr_format=3)
+    except Exception as exc:  # corrupt files surface as many different library errors
+        raise OodError(
+            f"cannot open store {path} ({type(exc).__name__}: {_first_line(exc)}); "
+            "it may be corrupt or not an oodcli store: check it with 'oodcli store verify' or re-extract"
+        ) from None
+
+
 def open_store(path: str | Path, mode: str = "r") -> Store:
     """Open a store: ``'r'`` read-only and ``'r+'`` writable need an existing store;
-    ``'a'`` creates one if missing."""
+    ``'a'`` creates one if missing. Writers take the store's lock (refused in one line
+    if another command holds it); any opener finishes what a crashed writer committed."""
     if mode not in {"r", "r+", "a"}:
         raise ValueError(f"mode must be r, r+ or a, not {mode!r}")
     path = Path(path)
@@ -240,36 +635,42 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
         raise OodError(
             f"no store at {path}; create one with 'oodcli extract ... --store {path}'"
         )
+    if exists and backend == "zarr" and not path.is_dir():
+        raise OodError(f"{path} is a file, not a Zarr store directory; pick another --store path (*.h5 for HDF5)")
+    writable = mode != "r"
+    lock = _WriterLock(path)
+    if writable:
+        if not lock.try_acquire():
+            raise _busy(path, lock)
+    elif exists and _has_pending(path, backend) and lock.try_acquire():
+        try:  # a writer died after its commit marker: finish its work before reading
+            with Store(path, _open_root(path, backend, True), backend, True) as fixer:
+                _recover(fixer)
+        finally:
+            lock.release()
     try:
-        if backend == "hdf5":
-            import h5py
-
-            root = h5py.File(path, "r" if mode == "r" else "a")
-        else:
-            import zarr
-
-            root = zarr.open_group(path, mode="r" if mode == "r" else "a", zarr_format=3)
-    except OodError:
+        store = Store(path, _open_root(path, backend, writable), backend, writable, lock if writable else None)
+    except BaseException:
+        lock.release()
         raise
-    except Exception as exc:  # corrupt files surface as many different library errors
-        raise OodError(
-            f"cannot open store {path} ({type(exc).__name__}: {_first_line(exc)}); "
-            "it may be corrupt or not an oodcli store: check it with 'oodcli store verify' or re-extract"
-        ) from None
-    store = Store(path, root, backend, writable=mode != "r")
-    attrs = store.attrs
-    if exists and "schema" not in attrs:
-        if mode == "r" or store.children():
-            store.close()
-            raise OodError(f"{path} is not an oodcli store (no schema attribute); pick another --store path")
-    if "schema" in attrs and attrs["schema"] != SCHEMA_VERSION:
+    try:
+        attrs = store.attrs
+        if exists and "schema" not in attrs:
+            if mode == "r" or store.children():
+                raise OodError(f"{path} is not an oodcli store (no schema attribute); pick another --store path")
+        if "schema" in attrs and attrs["schema"] != SCHEMA_VERSION:
+            raise OodError(
+                f"store {path} has schema {attrs['schema']} but this oodcli reads schema {SCHEMA_VERSION}; "
+                "re-extract it with this version"
+            )
+        if writable:
+            if "schema" not in attrs:
+                store.set_attrs("", schema=SCHEMA_VERSION, oodcli_version=__version__)
+            if store.exists(TXN_ROOT):
+                _recover(store)
+    except BaseException:
         store.close()
-        raise OodError(
-            f"store {path} has schema {attrs['schema']} but this oodcli reads schema {SCHEMA_VERSION}; "
-            "re-extract it with this version"
-        )
-    if mode != "r" and "schema" not in attrs:
-        store.set_attrs("", schema=SCHEMA_VERSION, oodcli_version=__version__)
+        raise
     return store
 
 
@@ -297,8 +698,8 @@ def features_node(split: str, backbone: str) -> str:
     return f"splits/{split}/{backbone}"
 
 
-def list_splits(store: Store) -> list[str]:
-    """Every split in the store: groups under ``splits/`` that hold a ``labels`` array."""
+def _split_groups(store: Store) -> list[str]:
+    """Every group under ``splits/`` that is (or was being made into) a split."""
     found: list[str] = []
 
     def visit(prefix: str) -> None:
@@ -307,12 +708,52 @@ def list_splits(store: Store) -> list[str]:
             node = split_node(name)
             if store.is_array(node):
                 continue
-            if store.is_array(f"{node}/labels"):
+            if store.exists(f"{node}/labels") or store.exists(f"{node}/ids") or "n" in store.node_attrs(node):
                 found.append(name)
             else:
                 visit(name)
 
     visit("")
+    return found
+
+
+def split_is_whole(store: Store, split: str) -> bool:
+    """labels and ids present with the row count the split's attributes promise."""
+    node = split_node(split)
+    if not (store.is_array(f"{node}/labels") and store.is_array(f"{node}/ids")):
+        return False
+    n = store.node_attrs(node).get("n")
+    return n is not None and store.shape(f"{node}/labels")[0] == n == store.shape(f"{node}/ids")[0]
+
+
+def list_splits(store: Store) -> list[str]:
+    """Every whole split in the store (see ``half_made_splits`` for the others)."""
+    return [s for s in _split_groups(store) if split_is_whole(store, s)]
+
+
+def half_made_splits(store: Store) -> list[str]:
+    """Splits an interrupted or failed command left without labels, ids or their attributes."""
+    return [s for s in _split_groups(store) if not split_is_whole(store, s)]
+
+
+def require_whole_splits(store: Store) -> None:
+    """Refuse to pick 'every split' from a store that holds half-made ones: a result over
+    fewer sets than the store holds would look complete."""
+    broken = half_made_splits(store)
+    if broken:
+        raise OodError(
+            f"store {store.path} holds half-made split(s) {', '.join(broken)} (an interrupted extract); "
+            f"re-run that extract, or remove them with 'oodcli store rm {store.path} {broken[0]}'"
+        )
+
+
+def split_dependents(store: Store, split: str) -> list[str]:
+    """Nodes made from a split that go when it goes: its scores and gradients of every method."""
+    found = []
+    for section in ("scores", "grads"):
+        for method in store.children(section):
+            if store.exists(f"{section}/{method}/{split}"):
+                found.append(f"{section}/{method}/{split}")
     return found
 
 

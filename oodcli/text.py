@@ -227,10 +227,12 @@ def read_cached(store: Store, node: str, key: dict) -> tuple[np.ndarray, dict] |
 
 
 def write_cached(store: Store, node: str, key: dict, embeds: np.ndarray, **info) -> None:
-    """Embeddings first, the complete flag last, so an interrupted write is never read back."""
-    store.delete(node)
-    store.write_array(f"{node}/embeds", np.asarray(embeds, np.float32))
-    store.set_attrs(node, key=digest(key), **key, **info, complete=True)
+    """Embeddings and their key land together (one transaction), so an interrupted write is never read back."""
+    with store.transaction() as txn:
+        staged = txn.stage(node)
+        store.require_group(staged)
+        store.write_array(f"{staged}/embeds", np.asarray(embeds, np.float32))
+        store.set_attrs(staged, key=digest(key), **key, **info, complete=True)
 
 
 def class_prototypes(

@@ -17,6 +17,8 @@ def _fill(path):
     feats = rng.normal(size=(70, 5)).astype(np.float16)
     with open_store(path, "a") as st:
         st.write_array("splits/ood/far/x/labels", -np.ones(70, dtype=np.int64))
+        st.write_array("splits/ood/far/x/ids", np.arange(70, dtype=np.int64))
+        st.set_attrs("splits/ood/far/x", role="ood-far", n=70)
         st.create_array("splits/ood/far/x/net/penultimate", (70, 5), np.float16, chunk_rows=16)
         for start in range(0, 70, 16):
             st.write_rows("splits/ood/far/x/net/penultimate", start, feats[start : start + 16])

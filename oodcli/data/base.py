@@ -38,6 +38,12 @@ class ImageDataset:
         """Return the i-th image as a PIL image."""
         raise NotImplementedError
 
+    def unreadable(self, start: int = 0) -> list[tuple[str, str]]:
+        """(file, reason) of every image from ``start`` on that cannot be decoded. Sources
+        that read image files check them all (extract refuses before writing anything);
+        generated and packaged data sets have nothing to check."""
+        return []
+
     def identity(self) -> str:
         """Name + content of the labels: changes whenever the data set changes."""
         h = hashlib.sha256(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes()).hexdigest()

@@ -37,6 +37,27 @@ def _open_image(path: Path, source: str):
             return img
     except FileNotFoundError:
         raise OodError(f"image {path} of {source} not found") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's ways of saying truncated or not an image
+        raise OodError(f"image {path} of {source} cannot be read ({_reason(exc)}); fix or remove it") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def decode_check(path: Path) -> str | None:
+    """Why ``path`` cannot be decoded, or None. JPEGs decode at 1/8 scale (``draft``): every
+    byte is still parsed, so truncation shows, at a fraction of the full decode."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except FileNotFoundError:
+        return "not found"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return _reason(exc)
+    return None
 
 
 # --- torchvision ------------------------------------------------------------------------
@@ -120,6 +141,14 @@ class FolderDataset(ImageDataset):
 
     def load(self, i: int):
         return _open_image(self.files[i], self.name)
+
+    def unreadable(self, start: int = 0) -> list[tuple[str, str]]:
+        bad = []
+        for path in self.files[start:]:
+            reason = decode_check(path)
+            if reason is not None:
+                bad.append((str(path), reason))
+        return bad
 
 
 @register_source("folder")
@@ -216,6 +245,13 @@ class ClassRangeDataset(ImageDataset):
 
     def load(self, i: int):
         return self.inner.load(int(self.rows[i]))
+
+    def unreadable(self, start: int = 0) -> list[tuple[str, str]]:
+        files = getattr(self.inner, "files", None)
+        if files is None:
+            return []
+        bad = [(str(files[r]), decode_check(files[r])) for r in self.rows[start:]]
+        return [(path, reason) for path, reason in bad if reason is not None]
 
 
 @register_source("classes")

@@ -141,10 +141,10 @@ class Scorer:
         self.ready(store, backbone, train_split)
         return status
 
-    def save(self, store: Store) -> None:
-        """Write ``self.state`` under ``fitted/<method>/``: arrays first, the complete flag last."""
-        node = fitted_node(self.name)
-        store.delete(node)
+    def save(self, store: Store, txn) -> None:
+        """Stage ``self.state`` as ``fitted/<method>/`` in the transaction ``txn`` (it lands
+        whole with the scores it produced, or not at all)."""
+        node = txn.stage(fitted_node(self.name))
         store.require_group(node)
         scalars = {}
         for key, value in self.state.items():

@@ -131,17 +131,18 @@ def write_gradients(store: Store, backbone: str, state: dict, progress: Progress
                 and store.node_attrs(out).get("complete"):
             done.append({"split": split, "rows": rows, "status": "cached"})
             continue
-        store.create_array(out, (rows, dim), np.float32, chunk_rows=store.chunk_rows(f"{node}/{LAYER}"),
-                           attrs={"complete": False})
-        advance = progress(f"grood: gradients {split}", rows)
-        start = 0
-        for block in iter_feature_blocks(store, backbone, split, (LAYER,)):
-            grads = ood_gradients(block[LAYER], state["class_prototypes"], state["ood_prototype"])
-            store.write_rows(out, start, grads.astype(np.float32))
-            start += len(grads)
-            advance(len(grads))
-        store.set_attrs(out, fingerprint=fingerprint, prototype_id=state["prototype_id"], backbone=backbone,
-                        features=f"{node}/{LAYER}", formula="GROOD eq. 5", complete=True)
+        with store.transaction() as txn:  # a split's gradients land whole or not at all
+            staged = txn.stage(out)
+            store.create_array(staged, (rows, dim), np.float32, chunk_rows=store.chunk_rows(f"{node}/{LAYER}"))
+            advance = progress(f"grood: gradients {split}", rows)
+            start = 0
+            for block in iter_feature_blocks(store, backbone, split, (LAYER,)):
+                grads = ood_gradients(block[LAYER], state["class_prototypes"], state["ood_prototype"])
+                store.write_rows(staged, start, grads.astype(np.float32))
+                start += len(grads)
+                advance(len(grads))
+            store.set_attrs(staged, fingerprint=fingerprint, prototype_id=state["prototype_id"], backbone=backbone,
+                            features=f"{node}/{LAYER}", formula="GROOD eq. 5", complete=True)
         done.append({"split": split, "rows": rows, "status": "written"})
     return done
 

@@ -298,33 +298,32 @@ def _make_prototypes(store, key, weights, samples, seed, device_name, batch_size
                                            progress("grood: early class means", len(labels)))
             arrays["early_prototypes"] = p_early[torch.as_tensor(classes, device=device)].cpu().numpy()
 
-    store.delete(STATE_NODE)
-    store.require_group(STATE_NODE)
-    store.set_attrs(STATE_NODE, complete=False)
-    node = f"{STATE_NODE}/candidates"
-    if kind == "mixup":
-        store.create_array(node, (len(labels), class_prototypes.shape[1]), np.float32)
-        row = 0
-        for block in mixup_features(stages, loader, p_early, c2, hp["mixup_lambda"], device,
-                                    progress("grood: mixup features", len(labels))):
-            store.write_rows(node, row, block)
-            row += len(block)
-    elif candidates is not None:
-        store.write_array(node, candidates.astype(np.float32))
-    scalars = {}
-    if kind != "mean":
-        arrays["ood_prototype"], distance, scalars = _filtered_mean(store, node, class_prototypes, hp["quantile"])
-        arrays["candidate_distance"] = distance
-    for name, value in arrays.items():
-        store.write_array(f"{STATE_NODE}/{name}", value)
-    prototype_id = hashlib.sha256(
-        np.ascontiguousarray(arrays["class_prototypes"], np.float64).tobytes()
-        + np.ascontiguousarray(arrays["ood_prototype"], np.float64).tobytes()
-    ).hexdigest()[:16]
-    early_shape = list(arrays["early_prototypes"].shape[1:]) if "early_prototypes" in arrays else None
-    store.set_attrs(STATE_NODE, **key, scalars=scalars, prototype_id=prototype_id, early_shape=early_shape,
-                    oodcli_version=__version__)
-    store.set_attrs(STATE_NODE, complete=True)
+    with store.transaction() as txn:  # fitted/grood appears whole or not at all
+        state = txn.stage(STATE_NODE)
+        store.require_group(state)
+        node = f"{state}/candidates"
+        if kind == "mixup":
+            store.create_array(node, (len(labels), class_prototypes.shape[1]), np.float32)
+            row = 0
+            for block in mixup_features(stages, loader, p_early, c2, hp["mixup_lambda"], device,
+                                        progress("grood: mixup features", len(labels))):
+                store.write_rows(node, row, block)
+                row += len(block)
+        elif candidates is not None:
+            store.write_array(node, candidates.astype(np.float32))
+        scalars = {}
+        if kind != "mean":
+            arrays["ood_prototype"], distance, scalars = _filtered_mean(store, node, class_prototypes, hp["quantile"])
+            arrays["candidate_distance"] = distance
+        for name, value in arrays.items():
+            store.write_array(f"{state}/{name}", value)
+        prototype_id = hashlib.sha256(
+            np.ascontiguousarray(arrays["class_prototypes"], np.float64).tobytes()
+            + np.ascontiguousarray(arrays["ood_prototype"], np.float64).tobytes()
+        ).hexdigest()[:16]
+        early_shape = list(arrays["early_prototypes"].shape[1:]) if "early_prototypes" in arrays else None
+        store.set_attrs(state, **key, scalars=scalars, prototype_id=prototype_id, early_shape=early_shape,
+                        oodcli_version=__version__, complete=True)
 
 
 def _stages(net, backbone: str, classes: np.ndarray):
