@@ -29,6 +29,11 @@ class _Commands(typer.core.TyperGroup):
         except OodError as exc:
             err.print(f"error: {exc}", markup=False)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # the file system said no (permissions, disk full, a path that is a folder)
+            if exc.filename is None:
+                raise
+            err.print(f"error: {exc.strerror or type(exc).__name__}: {exc.filename}", markup=False)
+            raise typer.Exit(1) from None
 
 
 app = typer.Typer(
@@ -371,10 +376,12 @@ def report(
     fmt = "json" if as_json else fmt
     if fmt not in rep.FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; use one of {', '.join(rep.FORMATS)}")
-    for path, what in ((plots, "--plots"), (html, "--html")):
-        if path is not None and ((what == "--plots" and path.is_file()) or (what == "--html" and path.is_dir())):
-            raise UsageError(f"{what} {path} is a {'file' if path.is_file() else 'folder'}; give a "
-                             f"{'folder' if what == '--plots' else 'file'} path")
+    from oodcli.outputs import atomic_write, check_output_file, check_output_folder
+
+    if plots is not None:
+        check_output_folder(plots, "--plots")
+    if html is not None:
+        check_output_file(html, "--html")
     images = {}
     with open_store(store, "r") as st:
         data = rep.build_report(st, _split_list(methods), id_split)
@@ -389,8 +396,8 @@ def report(
         if not STATE["quiet"]:
             err.print(f"wrote {len(images)} plots to {plots}", markup=False)
     if html is not None:
-        html.parent.mkdir(parents=True, exist_ok=True)
-        html.write_text(rep.render_html(data, images), encoding="utf-8")
+        page = rep.render_html(data, images).encode("utf-8")
+        atomic_write(html, lambda tmp: tmp.write_bytes(page))
         if not STATE["quiet"]:
             err.print(f"wrote {html}", markup=False)
     if fmt == "table":
@@ -448,6 +455,40 @@ def store_verify(
         out.print(f"{path}: {checked} arrays checked, {len(problems)} problem(s)")
     if problems:
         raise typer.Exit(1)
+
+
+@store_app.command("rm")
+def store_rm(
+    path: Path = typer.Argument(..., help="Store path."),
+    targets: list[str] = typer.Argument(..., help="Split(s), method(s) or node path(s) to remove."),
+    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Only print what would be removed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the removed nodes as JSON."),
+) -> None:
+    """Remove splits, methods or nodes, all in one step (a crash leaves all of them or none).
+
+    A split goes with its scores and gradients; a method with its scores, fitted state and
+    gradients; anything else is named by its path in the store ('store info' shows them).
+
+    Examples:
+
+      oodcli store rm stores/digits.zarr ood/far/noise
+
+      oodcli store rm stores/digits.zarr knn energy-t10
+
+      oodcli store rm stores/digits.zarr index/grads/grood/train --dry-run
+    """
+    from oodcli.store import open_store, remove_nodes, resolve_removal
+
+    with open_store(path, "r" if dry_run else "r+") as st:
+        if dry_run:
+            nodes = list(dict.fromkeys(n for t in targets for n in resolve_removal(st, t)))
+        else:
+            nodes = remove_nodes(st, targets)
+    if as_json:
+        print(json.dumps({"store": str(path), "removed": nodes, "dry_run": dry_run}, indent=2))
+        return
+    for node in nodes:
+        out.print(f"{'would remove' if dry_run else 'removed'} {node}", markup=False)
 
 
 # ---- train ----------------------------------------------------------------------------
@@ -894,7 +935,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         rv = command.main(args=argv, prog_name="oodcli", standalone_mode=False)
     except KeyboardInterrupt:
-        err.print("interrupted; finished chunks are kept: re-run the same command to resume", markup=False)
+        err.print("interrupted: the store keeps only whole results; run the same command again to finish "
+                  "(an extraction resumes where it stopped)", markup=False)
         return 130
     except Exception as exc:
         # click's exceptions (typer may vendor its own click): matched by shape, not by class

@@ -207,6 +207,10 @@ def _busy(path: Path, lock: _WriterLock) -> OodError:
 class StoreDamaged(OodError):
     """Part of the store cannot be read back as written (missing or altered chunk, garbled metadata)."""
 
+    def __init__(self, path: Path, what: str):
+        super().__init__(f"store {path} is damaged: {what}; {_REPAIR}")
+        self.what = what
+
 
 class Store:
     """A store on disk. Node names are '/'-separated paths from the root.
@@ -420,8 +424,7 @@ class Store:
         for i in range(start // step, -(-stop // step)):
             if not self._chunk_file(name, node, i).exists():
                 raise StoreDamaged(
-                    f"store {self.path} is damaged: chunk {i} of '{name}' (rows {i * step}-"
-                    f"{min(node.shape[0], (i + 1) * step) - 1}) is missing; {_REPAIR}"
+                    self.path, f"chunk {i} of '{name}' (rows {i * step}-{min(node.shape[0], (i + 1) * step) - 1}) is missing"
                 )
 
     def content_hash(self, *names: str) -> str:
@@ -458,15 +461,12 @@ class Store:
         except (KeyError, FileNotFoundError):
             if missing_ok:
                 raise
-            raise StoreDamaged(f"store {self.path} is damaged: '{name}' vanished while reading; {_REPAIR}") from None
+            raise StoreDamaged(self.path, f"'{name}' vanished while reading") from None
         except (OodError, KeyboardInterrupt):
             raise
         except Exception as exc:
             where = f" rows {rows.start}-{rows.stop}" if rows is not None and rows.start is not None else ""
-            raise StoreDamaged(
-                f"store {self.path} is damaged: cannot read '{name}'{where} "
-                f"({type(exc).__name__}: {_first_line(exc)}); {_REPAIR}"
-            ) from None
+            raise StoreDamaged(self.path, f"cannot read '{name}'{where} ({type(exc).__name__}: {_first_line(exc)})") from None
 
     def _check_writable(self) -> None:
         if not self.writable:
@@ -650,6 +650,14 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
             lock.release()
     try:
         store = Store(path, _open_root(path, backend, writable), backend, writable, lock if writable else None)
+    except OodError:
+        if not writable and lock.try_acquire():  # not busy: the file itself is the problem
+            lock.release()
+            raise
+        if not writable:  # HDF5 refuses readers while a writer has the file open
+            raise _busy(path, lock) from None
+        lock.release()
+        raise
     except BaseException:
         lock.release()
         raise
@@ -755,6 +763,33 @@ def split_dependents(store: Store, split: str) -> list[str]:
             if store.exists(f"{section}/{method}/{split}"):
                 found.append(f"{section}/{method}/{split}")
     return found
+
+
+def resolve_removal(store: Store, target: str) -> list[str]:
+    """What ``store rm TARGET`` removes: a split (whole or half-made) with its scores and
+    gradients; a method with its scores, fitted state and gradients; or any node by path."""
+    check_name(target, "what to remove")
+    if target in _split_groups(store):
+        return [split_node(target), *split_dependents(store, target)]
+    method = [f"{section}/{target}" for section in ("scores", "fitted", "grads") if store.exists(f"{section}/{target}")]
+    if method and "/" not in target:
+        return method
+    if store.exists(target):
+        return [target]
+    raise UsageError(
+        f"store {store.path} has no split, method or node '{target}'; splits: "
+        f"{', '.join(_split_groups(store)) or 'none'}; methods: {', '.join(store.children('scores')) or 'none'}"
+    )
+
+
+def remove_nodes(store: Store, targets: list[str]) -> list[str]:
+    """Remove what ``targets`` name (see ``resolve_removal``) in one transaction; returns the nodes."""
+    nodes = list(dict.fromkeys(node for target in targets for node in resolve_removal(store, target)))
+    nodes = [n for n in nodes if not any(n.startswith(other + "/") for other in nodes if other != n)]
+    with store.transaction() as txn:
+        for node in nodes:
+            txn.remove(node)
+    return nodes
 
 
 def list_backbones(store: Store, split: str) -> list[str]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from oodcli.store import Store, features_node, list_backbones, list_splits, split_node
+from oodcli.errors import OodError
+from oodcli.store import TXN_ROOT, Store, StoreDamaged, features_node, half_made_splits, list_backbones, list_splits, split_node
 
 
 def _array_info(store: Store, name: str) -> dict:
@@ -81,51 +82,104 @@ def render_tree(info: dict):
 
 
 def verify_store(store: Store) -> tuple[list[str], int]:
-    """Read every array once and check the store's invariants. Returns (problems, arrays checked)."""
+    """Read every chunk of every array and check the store's invariants without trusting an
+    attribute: missing or altered chunks, arrays the attributes promise but the tree lacks,
+    non-finite values, row counts that disagree, half-made splits and unfinished writes.
+    Returns (problems, arrays checked)."""
     problems: list[str] = []
-    checked = 0
+    checked: dict[str, bool] = {}  # array -> finite (None if unreadable)
 
-    def readable(name: str) -> bool:
-        nonlocal checked
-        checked += 1
+    def scan(name: str) -> bool | None:
+        """Read ``name`` chunk by chunk; whether it is all finite (None: unreadable)."""
+        if name in checked:
+            return checked[name]
+        finite: bool | None = True
         try:
-            for _ in store.iter_rows(name):
-                pass
-            return True
-        except Exception as exc:  # a corrupt chunk shows up as a decoding or I/O error
-            problems.append(f"{name}: unreadable ({type(exc).__name__})")
-            return False
+            gone = store.missing_chunks(name)
+            if gone:
+                problems.append(f"{name}: {len(gone)} chunk(s) missing (first: chunk {gone[0]})")
+                finite = None
+            else:
+                floating = store.dtype(name).kind in "fc"
+                for _, block in store.iter_rows(name):
+                    if floating and not np.isfinite(block).all():
+                        finite = False
+        except StoreDamaged as exc:
+            problems.append(f"{name}: unreadable: {exc.what}")
+            finite = None
+        checked[name] = finite
+        return finite
+
+    def guarded(what: str, check) -> None:
+        try:
+            check()
+        except StoreDamaged as exc:
+            problems.append(f"{what}: unreadable: {exc.what}")
+        except OodError as exc:
+            problems.append(f"{what}: {exc}")
 
     if "schema" not in store.attrs:
         problems.append("root: no schema attribute")
-    for split in list_splits(store):
-        node = split_node(split)
-        n = store.shape(f"{node}/labels")[0]
-        for arr in ("labels", "ids"):
-            if not store.is_array(f"{node}/{arr}"):
-                problems.append(f"{split}: no {arr} array")
+    if store.exists(TXN_ROOT):
+        problems.append(f"{TXN_ROOT}: an unfinished write (another command is writing, or one crashed: "
+                        "the next command that writes this store finishes or drops it)")
+    for split in half_made_splits(store):
+        problems.append(f"{split}: half-made split (labels, ids or their attributes missing); re-run the extract "
+                        f"that makes it or remove it with 'oodcli store rm {store.path} {split}'")
+    splits = list_splits(store)
+    rows: dict[str, int] = {}
+    for split in splits:
+        guarded(split, lambda: _verify_split(store, split, rows, scan, problems))
+    for section in ("backbones", "fitted", "grads", "index", "scores"):
+        guarded(section, lambda: _verify_section(store, section, splits, rows, scan, problems))
+    return problems, len(checked)
+
+
+def _verify_split(store: Store, split: str, rows: dict, scan, problems: list[str]) -> None:
+    node = split_node(split)
+    attrs = store.node_attrs(node)
+    n = rows[split] = int(attrs["n"])
+    scan(f"{node}/ids")
+    if scan(f"{node}/labels"):
+        labels = store.read(f"{node}/labels")
+        role = attrs.get("role", "id")
+        if role.startswith("ood") and (labels != -1).any():
+            problems.append(f"{split}: OOD split with class labels (expected -1 everywhere)")
+        if not role.startswith("ood") and (labels < 0).any():
+            problems.append(f"{split}: ID split with OOD labels (-1)")
+    for backbone in list_backbones(store, split):
+        bnode = features_node(split, backbone)
+        battrs = store.node_attrs(bnode)
+        where = f"{split}/{backbone}"
+        if not battrs.get("complete"):
+            problems.append(f"{where}: incomplete ({battrs.get('rows_done', 0)} of {n} rows); re-run extract to resume")
+        elif battrs.get("rows_done", n) != n:
+            problems.append(f"{where}: marked complete with {battrs.get('rows_done')} of {n} rows done")
+        present = store.children(bnode)
+        for layer in battrs.get("layers", []):
+            if layer not in present:
+                problems.append(f"{where}: layer '{layer}' promised by its attributes is missing")
+        for layer in present:
+            name = f"{bnode}/{layer}"
+            if store.shape(name)[0] != n:
+                problems.append(f"{where}/{layer}: {store.shape(name)[0]} rows, split has {n}")
                 continue
-            readable(f"{node}/{arr}")
-            if store.shape(f"{node}/{arr}")[0] != n:
-                problems.append(f"{split}: {arr} has {store.shape(f'{node}/{arr}')[0]} rows, labels {n}")
-        for backbone in list_backbones(store, split):
-            bnode = features_node(split, backbone)
-            attrs = store.node_attrs(bnode)
-            if not attrs.get("complete"):
-                problems.append(
-                    f"{split}/{backbone}: incomplete ({attrs.get('rows_done', 0)} of {n} rows); re-run extract to resume"
-                )
-            if attrs.get("nonfinite_rows"):
-                problems.append(f"{split}/{backbone}: {attrs['nonfinite_rows']} rows hold NaN or inf")
-            for layer in store.children(bnode):
-                name = f"{bnode}/{layer}"
-                if store.shape(name)[0] != n:
-                    problems.append(f"{split}/{backbone}/{layer}: {store.shape(name)[0]} rows, split has {n}")
-                readable(name)
-    for name in store.walk_arrays("scores") if store.exists("scores") else []:
-        split = name.split("/", 2)[2]
-        if store.is_array(f"{split_node(split)}/labels") and store.shape(name)[0] != store.shape(f"{split_node(split)}/labels")[0]:
-            problems.append(f"{name}: row count differs from split '{split}'")
-        if readable(name) and not np.isfinite(store.read(name)).all():
-            problems.append(f"{name}: NaN or inf scores")
-    return problems, checked
+            if not battrs.get("complete"):
+                continue  # rows past rows_done are legitimately unwritten
+            if scan(name) is False:
+                problems.append(f"{where}/{layer}: holds NaN or inf")
+
+
+def _verify_section(store: Store, section: str, splits: list[str], rows: dict, scan, problems: list[str]) -> None:
+    for name in store.walk_arrays(section):
+        finite = scan(name)
+        if section in ("scores", "grads"):
+            split = name.split("/", 2)[2] if name.count("/") >= 2 else ""
+            if split not in rows:
+                problems.append(f"{name}: made from split '{split}', which the store no longer holds")
+            elif store.shape(name)[0] != rows[split]:
+                problems.append(f"{name}: {store.shape(name)[0]} rows, split '{split}' has {rows[split]}")
+            if not store.node_attrs(name).get("complete"):
+                problems.append(f"{name}: written without its attributes (no complete flag)")
+        if finite is False:
+            problems.append(f"{name}: holds NaN or inf")

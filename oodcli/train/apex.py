@@ -60,6 +60,7 @@ from torch import nn
 
 from oodcli.collisions import THRESHOLD, find_collisions, separation
 from oodcli.errors import OodError, UsageError
+from oodcli.outputs import atomic_write, check_output_file
 
 METHODS = ("apex", "palm")
 FORMAT = "oodcli-prototypes/1"
@@ -379,6 +380,7 @@ def train_head_only(
     log=None,
 ) -> TrainResult:
     """Train the head and prototypes on a store's cached features of a frozen backbone."""
+    check_output_file(Path(out))
     from oodcli.select_k import default_layer, read_features
     from oodcli.store import features_node
 
@@ -444,6 +446,7 @@ def train_end_to_end(
     log=None,
 ) -> TrainResult:
     """Train encoder, head and prototypes from the benchmark's ID train images (the paper's setting)."""
+    check_output_file(Path(out))
     from torchvision import transforms as T
 
     from oodcli.backbones.base import get_spec
@@ -521,10 +524,7 @@ def save_model(
         "q_s": torch.from_numpy(protos.q_s()).float(),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta)})
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta)}))
 
 
 def read_model(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

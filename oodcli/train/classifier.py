@@ -19,6 +19,7 @@ from oodcli.backbones.digits_cnn import new_digits_cnn, save_digits_cnn
 from oodcli.data.base import data_root
 from oodcli.data.benchmarks import get_benchmark
 from oodcli.train.images import random_shift, split_tensors
+from oodcli.outputs import atomic_write, check_output_file
 from oodcli.errors import UsageError
 
 TRAINABLE = ("digits_cnn",)
@@ -57,6 +58,7 @@ def train_classifier(
     data_root_dir: str | None = None,
     log=None,
 ) -> TrainResult:
+    check_output_file(Path(out))
     if model not in TRAINABLE:
         raise UsageError(f"'train classifier' trains {', '.join(TRAINABLE)}; got '{model}'")
     t0 = time.perf_counter()
@@ -94,8 +96,5 @@ def train_classifier(
         x_test, y_test = split_tensors(bench, "test", transform, root)
         test_acc = _accuracy(net, x_test, y_test)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_digits_cnn(net, tmp)
-    tmp.replace(out)  # never leave a half-written checkpoint at the target path
+    atomic_write(out, lambda tmp: save_digits_cnn(net, tmp))  # never half a checkpoint at the target path
     return TrainResult(str(out), epochs, train_acc, test_acc, time.perf_counter() - t0)

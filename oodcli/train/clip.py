@@ -23,6 +23,7 @@ from oodcli.data.base import data_root
 from oodcli.data.benchmarks import get_benchmark
 from oodcli.train.images import random_shift, split_tensors
 from oodcli.errors import OodError, UsageError
+from oodcli.outputs import atomic_write, check_output_file
 
 TRAINABLE = ("clip-tiny",)
 CAPTIONS = (
@@ -80,6 +81,7 @@ def train_clip(
     data_root_dir: str | None = None,
     log=None,
 ) -> ClipTrainResult:
+    check_output_file(Path(out))
     if model not in TRAINABLE:
         raise UsageError(f"'train clip' trains {', '.join(TRAINABLE)}; got '{model}'")
     t0 = time.perf_counter()
@@ -108,13 +110,11 @@ def train_clip(
         x_test, y_test = split_tensors(bench, "test", transform, root)
         test_acc = zero_shot_accuracy(clip, tokenizer, x_test, y_test, names)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in clip.state_dict().items()}
-    save_file(state, str(tmp), metadata={"arch": model, "benchmark": benchmark, "classes": ",".join(names)})
-    tmp.replace(out)  # never leave a half-written checkpoint at the target path
+    meta = {"arch": model, "benchmark": benchmark, "classes": ",".join(names)}
+    atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=meta))  # never half a checkpoint
     scale = float(clip.logit_scale.detach().exp())
     return ClipTrainResult(str(out), epochs, train_acc, test_acc, scale, time.perf_counter() - t0)
 
