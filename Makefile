@@ -45,6 +45,7 @@ bench: venv
 	$(PY) benchmarks/grood.py
 	$(PY) benchmarks/clip.py
 	$(PY) benchmarks/apex.py
+	$(PY) benchmarks/store.py
 
 clean:
 	rm -rf $(STORE) $(CKPT) $(CLIP_STORE) $(CLIP_CKPT) stores/digits-apex.safetensors stores/digits-palm.safetensors

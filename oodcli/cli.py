@@ -20,6 +20,10 @@ from oodcli.errors import OodError, UsageError
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+INTERRUPTED = ("interrupted: the store keeps only whole results; run the same command again to finish "
+               "(an extraction resumes where it stopped)")
+
+
 class _Commands(typer.core.TyperGroup):
     """Turns a user error raised anywhere below into one line on stderr and its exit code."""
 
@@ -29,6 +33,9 @@ class _Commands(typer.core.TyperGroup):
         except OodError as exc:
             err.print(f"error: {exc}", markup=False)
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:  # typer would turn it into a silent exit 130
+            err.print(INTERRUPTED, markup=False)
+            raise typer.Exit(130) from None
         except OSError as exc:  # the file system said no (permissions, disk full, a path that is a folder)
             if exc.filename is None:
                 raise
@@ -935,8 +942,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         rv = command.main(args=argv, prog_name="oodcli", standalone_mode=False)
     except KeyboardInterrupt:
-        err.print("interrupted: the store keeps only whole results; run the same command again to finish "
-                  "(an extraction resumes where it stopped)", markup=False)
+        err.print(INTERRUPTED, markup=False)
         return 130
     except Exception as exc:
         # click's exceptions (typer may vendor its own click): matched by shape, not by class

@@ -43,6 +43,7 @@ def describe_store(store: Store) -> dict:
                 "layers": {layer: _array_info(store, f"{bnode}/{layer}") for layer in store.children(bnode)},
             }
         info["splits"][split] = entry
+    info["half_made_splits"] = half_made_splits(store)
     for section in ("backbones", "fitted", "grads", "index", "scores"):
         info[section] = {name: _array_info(store, name) for name in store.walk_arrays(section)} if store.exists(section) else {}
     return info
@@ -73,6 +74,8 @@ def render_tree(info: dict):
             bnode = node.add(f"{backbone}  {state}{bad}  [dim]weights {b['weights']}[/dim]")
             for layer, a in b["layers"].items():
                 bnode.add(f"{layer}  {tuple(a['shape'])} {a['dtype']}  {_size(a['bytes'])}")
+    for split in info.get("half_made_splits", []):
+        splits.add(f"[bold red]{split}[/bold red]  [red]half-made (an interrupted extract): re-run it or 'oodcli store rm'[/red]")
     for section in ("backbones", "fitted", "grads", "index", "scores"):
         if info[section]:
             sec = tree.add(section)

@@ -266,3 +266,50 @@ def test_a_method_for_another_kind_of_backbone_says_so(capsys, digits_store):
     code, _, err = run(capsys, "score", "mcm", "--store", store)
     assert code == 1 and one_line_error(err)
     assert "backbone 'digits_cnn' has no layer image_embeds" in err
+
+
+def _store_state(path):
+    with open_store(path) as st:
+        return {n: (st.read(n).tobytes(), st.node_attrs(n)) for n in st.walk_arrays()}
+
+
+@pytest.mark.parametrize("when", ["scoring", "writing"])
+def test_ctrl_c_during_score_gives_130_one_line_and_the_store_as_before(capsys, tmp_path, digits_store, monkeypatch,
+                                                                       when):
+    """A real SIGINT, sent while a method scores or while the results are being written:
+    exit 130, one line on stderr, and not one array or attribute changed."""
+    import os
+    import shutil
+    import signal
+
+    import oodcli.scorers.logits as logits
+    from oodcli.store import Store
+
+    _, store = digits_store
+    path = tmp_path / "s.zarr"
+    shutil.copytree(store, path)
+    before = _store_state(path)
+    sent = []
+
+    def interrupt_once():
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    if when == "scoring":
+        real = logits.Energy.score_batch
+        monkeypatch.setattr(logits.Energy, "score_batch", lambda self, b: (interrupt_once(), real(self, b))[1])
+    else:
+        real_write = Store.write_rows
+
+        def write_rows(self, name, start, data):
+            if name.startswith(".txn/"):
+                interrupt_once()  # lands inside the write: held back until the operation is done
+            real_write(self, name, start, data)
+
+        monkeypatch.setattr(Store, "write_rows", write_rows)
+    code, out, err = run(capsys, "score", "msp,energy", "--store", path, "-p", "energy.temperature=3")
+    assert sent and code == 130
+    assert len(err.strip().splitlines()) == 1 and err.strip().startswith("interrupted") and "Traceback" not in err
+    assert _store_state(path) == before
+    assert not (path / ".txn").exists()

@@ -199,6 +199,48 @@ def test_killed_extraction_resumes_to_the_same_arrays(tmp_path, suffix):
             np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_overwrite_replaces_a_split_of_other_data_with_all_made_from_it(tmp_path, images):
+    path = tmp_path / "s.zarr"
+    _extract(path, images("fake:train", 30))
+    with open_store(path, "r+") as st:
+        st.write_array("scores/msp/train", np.zeros(30, np.float32))
+        st.write_array("scores/msp/test", np.zeros(3, np.float32))
+    r = _extract(path, images("other:train", 20, seed=1), overwrite=True)
+    assert (r.status, r.rows) == ("extracted", 20)
+    with open_store(path) as st:
+        assert st.shape("splits/train/labels") == (20,)
+        assert list(st.walk_arrays("scores")) == ["scores/msp/test"]  # the old split's scores went with it
+
+
+def test_half_made_split_is_redone(tmp_path, images):
+    """labels written, ids not (what a kill between the two left before splits became one transaction)."""
+    path = tmp_path / "s.zarr"
+    with open_store(path, "a") as st:
+        st.write_array("splits/train/labels", np.zeros(30, np.int64))
+    r = _extract(path, images("fake:train", 30))
+    assert (r.status, r.rows) == ("extracted", 30)
+    with open_store(path) as st:
+        assert st.node_attrs("splits/train")["n"] == 30 and st.shape("splits/train/ids") == (30,)
+
+
+def test_unreadable_image_is_refused_before_anything_is_written(tmp_path):
+    from PIL import Image
+
+    from oodcli.api import extract_splits
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(folder / f"{i}.jpg")
+    raw = (folder / "1.jpg").read_bytes()
+    (folder / "1.jpg").write_bytes(raw[: len(raw) // 2])  # truncated
+    (folder / "2.png").write_text("not an image")
+    store = tmp_path / "s.zarr"
+    with pytest.raises(OodError, match=r"image .*1\.jpg cannot be read .*\(and 1 more\); nothing was written"):
+        extract_splits(MODEL, store, data=f"folder:{folder}", splits=["ood/far/x"], device="cpu")
+    assert not store.exists()  # a store this call created is gone again
+
+
 def test_nonfinite_features_are_recorded(tmp_path, images, monkeypatch):
     real = ex.run_backbone
 
