@@ -279,9 +279,9 @@ def extract_split(
                 "pass --overwrite to replace them"
             )
     check_readable(data, split, start)  # refuse before writing: an unreadable image never leaves half a split
+    net = model.get()  # bad weights fail here, before the split is written
     prepare_split(store, split, role, source, data, overwrite)
 
-    net = model.get()
     if fresh:  # the node appears whole (arrays allocated, fingerprint, rows_done 0) or not at all
         shapes = {layer: tuple(net.layer_shapes[layer]) for layer in layers}
         rows = chunk_rows or min(chunk_rows_for(s, DTYPES[dtype]) for s in shapes.values())
@@ -305,6 +305,9 @@ def extract_split(
                 oodcli_version=__version__,
             )
             _stage_backbone(store, txn, spec, weights, net)
+            for dependent in split_dependents(store, split):  # scores and gradients of the features replaced
+                if store.node_attrs(dependent).get("backbone") == spec.name:
+                    txn.remove(dependent)
     attrs = store.node_attrs(node)
     rows = int(attrs["chunk_rows"])
     status = "resumed" if start else "extracted"

@@ -167,6 +167,8 @@ def score_store(
         if name is not None:
             check_name(name, what)
     id_split = id_split or default_id_split(store)
+    if ood and id_split in ood:
+        raise UsageError(f"--ood '{id_split}' is the ID split (--id); name OOD splits, e.g. {', '.join(ood_splits(store)) or 'ood/far/...'}")
     splits = list(dict.fromkeys([id_split] + (ood if ood else ood_splits(store))))
     if len(splits) == 1:
         raise OodError(f"store {store.path} has no OOD split to score; extract one (e.g. ood/far/...) first")

@@ -550,7 +550,7 @@ class Transaction:
         if kind is not None:
             with contextlib.suppress(Exception):
                 with uninterrupted():
-                    self.store.delete(self.node)
+                    _drop(self.store, self.node)
             return
         with uninterrupted():  # past the marker, a Ctrl-C waits until every node is in place
             self.store.set_attrs(self.node, targets=self.targets, removals=self.removals, committed=True)
@@ -570,7 +570,14 @@ def _apply(store: Store, txn: str) -> None:
         if store.exists(target):
             store.move(target, f"{txn}/o{i}")
         store.move(staged, target)
+    _drop(store, txn)
+
+
+def _drop(store: Store, txn: str) -> None:
+    """Delete a transaction's group, and the staging area with it once it is empty."""
     store.delete(txn)
+    if store.exists(TXN_ROOT) and not store.children(TXN_ROOT, hidden=True):
+        store.delete(TXN_ROOT)
 
 
 def _recover(store: Store) -> list[str]:
@@ -586,7 +593,7 @@ def _recover(store: Store) -> list[str]:
             _apply(store, txn)
             done.append(f"finished {name}")
         else:
-            store.delete(txn)
+            _drop(store, txn)
             done.append(f"dropped {name}")
     if store.exists(TXN_ROOT) and not store.children(TXN_ROOT, hidden=True):
         store.delete(TXN_ROOT)
@@ -618,7 +625,7 @@ def _open_root(path: Path, backend: str, writable: bool):
     except Exception as exc:  # corrupt files surface as many different library errors
         raise OodError(
             f"cannot open store {path} ({type(exc).__name__}: {_first_line(exc)}); "
-            "it may be corrupt or not an oodcli store: check it with 'oodcli store verify' or re-extract"
+            "it is damaged or not an oodcli store: pick another path, or extract into a new store"
         ) from None
 
 
@@ -664,7 +671,8 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
     try:
         attrs = store.attrs
         if exists and "schema" not in attrs:
-            if mode == "r" or store.children():
+            # only 'a' (extract) may adopt a place that holds nothing yet, e.g. an empty folder
+            if mode != "a" or attrs or store.children(hidden=True):
                 raise OodError(f"{path} is not an oodcli store (no schema attribute); pick another --store path")
         if "schema" in attrs and attrs["schema"] != SCHEMA_VERSION:
             raise OodError(

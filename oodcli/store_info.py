@@ -126,10 +126,15 @@ def verify_store(store: Store) -> tuple[list[str], int]:
     if store.exists(TXN_ROOT):
         problems.append(f"{TXN_ROOT}: an unfinished write (another command is writing, or one crashed: "
                         "the next command that writes this store finishes or drops it)")
-    for split in half_made_splits(store):
-        problems.append(f"{split}: half-made split (labels, ids or their attributes missing); re-run the extract "
-                        f"that makes it or remove it with 'oodcli store rm {store.path} {split}'")
-    splits = list_splits(store)
+    splits: list[str] = []
+
+    def list_them() -> None:
+        for split in half_made_splits(store):
+            problems.append(f"{split}: half-made split (labels, ids or their attributes missing); re-run the extract "
+                            f"that makes it or remove it with 'oodcli store rm {store.path} {split}'")
+        splits.extend(list_splits(store))
+
+    guarded("splits", list_them)
     rows: dict[str, int] = {}
     for split in splits:
         guarded(split, lambda: _verify_split(store, split, rows, scan, problems))

@@ -295,12 +295,12 @@ def check_train_split(store: Store, backbone: str, split: str, layers: tuple[str
     n = store.shape(f"{features_node(split, backbone)}/{layers[0]}")[0]
     if n == 0:
         raise OodError(f"train split '{split}' is empty; extract the ID train data first")
+    classes = set()
+    for _, block in store.iter_rows(f"{split_node(split)}/labels"):
+        if (block < 0).any():
+            raise OodError(f"train split '{split}' holds OOD rows (label -1); fit on ID data only (--train SPLIT)")
+        classes.update(np.unique(block).tolist())
     if min_classes > 1:
-        classes = set()
-        for _, block in store.iter_rows(f"{split_node(split)}/labels"):
-            if (block < 0).any():
-                raise OodError(f"train split '{split}' holds OOD rows (label -1); fit on ID data only (--train SPLIT)")
-            classes.update(np.unique(block).tolist())
         if len(classes) < min_classes:
             raise OodError(
                 f"train split '{split}' has {len(classes)} class(es); this method needs at least {min_classes}"
