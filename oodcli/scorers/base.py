@@ -275,6 +275,11 @@ def check_features(store: Store, backbone: str, split: str, layers: tuple[str, .
             "re-run the same extract command to finish it"
         )
     missing = [layer for layer in layers if not store.is_array(f"{node}/{layer}")]
+    lost = [layer for layer in missing if layer in attrs.get("layers", [])]
+    if lost:
+        from oodcli.store import StoreDamaged
+
+        raise StoreDamaged(store.path, f"'{node}' lost its layer {', '.join(lost)}, which its attributes list")
     if missing:
         from oodcli.backbones.base import all_specs
 
