@@ -46,6 +46,7 @@ bench: venv
 	$(PY) benchmarks/clip.py
 	$(PY) benchmarks/apex.py
 	$(PY) benchmarks/store.py
+	$(PY) benchmarks/cli.py
 
 clean:
 	rm -rf $(STORE) $(CKPT) $(CLIP_STORE) $(CLIP_CKPT) stores/digits-apex.safetensors stores/digits-palm.safetensors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from oodcli.backbones.base import get_spec
 from oodcli.data.base import SplitDef, data_root as resolve_root, open_source
 from oodcli.data.benchmarks import get_benchmark
 from oodcli.errors import OodError, UsageError
-from oodcli.extract import DTYPES, ExtractResult, LazyModel, check_layers, extract_split, resolve_device
+from oodcli.extract import DTYPES, ExtractResult, LazyModel, check_device, check_layers, extract_split, resolve_device
 from oodcli.store import check_name, features_node, open_store, remove_store
 
 ROLES = ("id", "ood-near", "ood-far", "ood")
@@ -44,6 +45,23 @@ def resolve_splits(
     raise UsageError("say what to extract: --benchmark NAME or --data SOURCE")
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``--shard I/N`` (I = 0..N-1), or torchrun's RANK / WORLD_SIZE when it is not given."""
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return None
+        text = f"{os.environ.get('RANK', '0')}/{world}"
+    index, slash, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not slash or n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard '{text}' is not I/N with 0 <= I < N (e.g. --shard 0/4 ... --shard 3/4)")
+    return (i, n) if n > 1 else None
+
+
 def extract_splits(
     model: str,
     store: str | Path,
@@ -61,6 +79,7 @@ def extract_splits(
     overwrite: bool = False,
     chunk_rows: int | None = None,
     progress=None,
+    shard: str | None = None,
 ) -> list[ExtractResult]:
     """Extract several splits with one lazily built backbone.
 
@@ -72,7 +91,11 @@ def extract_splits(
     spec.weights_identity(weights)
     spec = spec.for_weights(weights)
     layer_names = check_layers(spec, layers)
-    dev = resolve_device(device)
+    shard_of = parse_shard(shard)
+    if shard_of is not None and shard is None and device == "auto" and "LOCAL_RANK" in os.environ:
+        if resolve_device("auto").type == "cuda":  # torchrun: one GPU per local rank
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+    dev = check_device(device)  # a cache hit with --device auto imports no torch
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype '{dtype}'; use float16 or float32")
     defs = resolve_splits(benchmark, data, splits, role)
@@ -83,8 +106,8 @@ def extract_splits(
             raise OodError(f"split '{d.name}' ({d.source}) has no samples; check the data source")
 
     store = Path(store)
-    created = not store.exists()
-    st = open_store(store, "a")
+    created = not store.exists() and shard_of is None  # shards share a store: none removes it
+    st = open_store(store, "a", shared=shard_of is not None)
     results: list[ExtractResult] = []
     try:
         old = st.attrs.get("benchmark")
@@ -105,6 +128,7 @@ def extract_splits(
                         st, spec, weights, ds, d.name, d.role, d.source, lazy, layer_names,
                         batch_size=batch_size, dtype=dtype, workers=workers, overwrite=overwrite,
                         chunk_rows=chunk_rows, progress=advance_for if progress is not None else None,
+                        shard=shard_of,
                     )
                 )
     except BaseException:

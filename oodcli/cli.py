@@ -162,6 +162,10 @@ def extract(
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where data sets live (default $OODCLI_DATA_ROOT or ./data)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace features made with another model, weights or layers."),
     chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", min=1, help="Rows per stored chunk (default: ~8 MiB chunks)."),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="I/N: compute shard I (0..N-1) of N, whole chunks each, into one Zarr store shared by "
+        "N processes (default under torchrun: RANK/WORLD_SIZE)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     list_models: bool = typer.Option(
         False, "--list-models", callback=_list_models, is_eager=True, help="List the backbones and exit."
@@ -179,6 +183,8 @@ def extract(
       oodcli extract --model digits_cnn --weights stores/digits_cnn.safetensors --benchmark digits --store stores/digits.zarr
 
       oodcli extract --model resnet50 --benchmark imagenet --split test --store stores/imagenet.zarr --device cuda --workers 8
+
+      for i in 0 1 2 3; do oodcli extract --model resnet50 --benchmark imagenet --store stores/imagenet.zarr --shard $i/4 & done; wait
     """
     from oodcli.api import extract_splits
 
@@ -199,6 +205,7 @@ def extract(
         overwrite=overwrite,
         chunk_rows=chunk_rows,
         progress=_progress(),
+        shard=shard,
     )
     if as_json:
         out.print_json(json.dumps([r.as_dict() for r in results]))
@@ -283,11 +290,48 @@ def _print_scorer_list(as_json: bool) -> None:
     _print_wide(table)
 
 
+def _score_progress(bar):
+    """``_row_progress`` plus ``clear(all_tasks)``: drops the bars a skipped method left half-drawn."""
+    task = _row_progress(bar)
+
+    def clear(everything: bool = False) -> None:
+        for t in list(bar.tasks):
+            if everything or (t.description != "methods" and not t.finished):
+                bar.remove_task(t.id)
+
+    return task, clear
+
+
+def _score_failed(outcomes, named: bool) -> bool:
+    """Exit 1: a method named on the command line was skipped, or 'all' wrote nothing."""
+    skipped = any(o.status == "skipped" for o in outcomes)
+    return skipped and (named or not any(o.status == "written" for o in outcomes))
+
+
+def _score_table(outcomes, store) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"scores written to {store}")
+    for col in ("method", "fit", "fit s", "splits", "rows", "score s", "backbone", "status", "note"):
+        table.add_column(col, justify="left" if col in ("method", "fit", "backbone", "status", "note") else "right")
+    for o in outcomes:
+        fit_s = f"{o.fit_seconds:.3f}" if o.fit != "-" else "-"
+        note = o.reason if o.status == "skipped" else "; ".join(o.notes)
+        if o.status == "written":
+            table.add_row(o.method, o.fit, fit_s, str(len(o.splits)), str(sum(r.rows for r in o.splits)),
+                          f"{sum(r.seconds for r in o.splits):.3f}", o.backbone or "-", o.status, note or "")
+        else:
+            table.add_row(o.method, "-", "-", "0", "0", "-", o.backbone or "-", o.status, note or "")
+    _print_wide(table)
+
+
 @app.command()
 def score(
     methods: Optional[str] = typer.Argument(None, help="Method name(s), comma-separated, or 'all' (see --list)."),
     store: Optional[Path] = typer.Option(None, "--store", "-s", help="Store to read features from and write scores to."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Which backbone's features (default: the only one)."),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="Which backbone's features (default: per method, the one that has what it needs)."
+    ),
     id_split: Optional[str] = typer.Option(None, "--id", help="ID evaluation split (default: test)."),
     ood: Optional[list[str]] = typer.Option(None, "--ood", help="OOD split(s) to score (default: every OOD split)."),
     train_split: str = typer.Option("train", "--train", help="ID split that fitted methods learn from."),
@@ -302,9 +346,27 @@ def score(
 ) -> None:
     """Score the ID test split and every OOD split; writes scores/<method>/<split>.
 
+    Each method stands on its own: its scores on every split and its fitted state are
+    written together (one transaction per method) or not at all. A method that cannot run
+    (a missing layer, head, split or fitted input, NaN features, an ambiguous backbone) is
+    skipped with its reason and the others are still written; the summary says, per
+    method, written or skipped and why. Exit 1 if a method named on the command line was
+    skipped (a method named alone: its error as one line). 'all' runs every method some
+    backbone of the store serves and leaves the others out: a skip there does not change
+    the exit code, unless nothing could be written. Unknown methods, bad -p values and a
+    missing store or split fail the whole command before any work.
+
+    Without --backbone each method uses the backbone that has what it needs (its layers on
+    the ID, OOD and train splits, and the head if it reads one), and says which on stderr;
+    a backbone named after the method (apex, palm) comes first; several that qualify ask for
+    --backbone. When a method's backbone lacks a split, the reason names the extract command
+    that makes it.
+
     Methods that learn from the ID train split (mahalanobis, rmds, knn, vim, residual,
     react) keep what they learned under fitted/<method>; the next run with the same
-    parameters and train features loads it ("cached" in the summary).
+    parameters and train features loads it ("cached" in the summary). GROOD writes the
+    gradients of a split that has none yet (e.g. an OOD set extracted after 'synthesize
+    grood') from its stored features; its index stays the one over the train gradients.
 
     Examples:
 
@@ -315,6 +377,8 @@ def score(
       oodcli score knn,vim --store stores/digits.zarr -p knn.k=10 -p vim.dim=32 --json
 
       oodcli score energy --store stores/digits.zarr -p energy.temperature=10 --as energy-t10
+
+      oodcli score apex,palm --store stores/digits.zarr --backbone apex -p apex.layer=embedding
     """
     if list_methods:
         _print_scorer_list(as_json)
@@ -322,39 +386,45 @@ def score(
     if methods is None or store is None:
         raise UsageError("score needs METHODS and --store (e.g. 'oodcli score all --store stores/digits.zarr'); "
                          "see 'oodcli score --list'")
+    from oodcli.scoring import failure_line, parse_methods, score_methods
     from oodcli.store import open_store
-    from oodcli.scoring import parse_methods, score_store
 
     names = parse_methods(methods)
+    named = methods.strip() != "all"
     hparams = _parse_params(param, names)
     bar = _progress()
+    progress, clear = _score_progress(bar)
+
+    def log(message: str) -> None:
+        if not STATE["quiet"]:
+            err.print(message, markup=False)
+
+    outcomes = None
     try:
         with open_store(store, "r+") as st:
-            results = score_store(
+            outcomes = score_methods(
                 st, names, backbone=backbone, id_split=id_split, ood=ood, train_split=train_split,
-                hparams=hparams, progress=_row_progress(bar), only_applicable=methods.strip() == "all",
-                save_as=save_as,
+                hparams=hparams, progress=progress, only_applicable=not named, save_as=save_as, log=log,
+                on_outcome=lambda o: clear() if o.status == "skipped" else None,
             )
     except BaseException:
-        for task_id in bar.task_ids:  # the error line alone, no half-drawn bars
-            bar.remove_task(task_id)
+        clear(everything=True)  # the error line alone, no half-drawn bars
         raise
     finally:
         if bar.live.is_started:
+            if outcomes is not None and _score_failed(outcomes, named):
+                clear(everything=True)  # the error line ends the output, no finished bars above it
             bar.stop()
+    failed = [o for o in outcomes if o.status == "skipped"]
+    if failed and len(outcomes) == 1 and named:
+        raise failed[0].error  # a method named alone: its error, one line, its exit code
     if as_json:
-        out.print_json(json.dumps([r.as_dict() for r in results]))
-        return
-    from rich.table import Table
-
-    table = Table(title=f"scores written to {store}")
-    for col in ("method", "fit", "fit s", "splits", "rows", "score s"):
-        table.add_column(col, justify="left" if col in ("method", "fit") else "right")
-    for m in dict.fromkeys(r.method for r in results):
-        rs = [r for r in results if r.method == m]
-        fit_s = f"{rs[0].fit_seconds:.3f}" if rs[0].fit != "-" else "-"
-        table.add_row(m, rs[0].fit, fit_s, str(len(rs)), str(sum(r.rows for r in rs)), f"{sum(r.seconds for r in rs):.3f}")
-    _print_wide(table)
+        out.print_json(json.dumps([r.as_dict() for o in outcomes for r in o.rows()]))
+    else:
+        _score_table(outcomes, store)
+    if _score_failed(outcomes, named):
+        err.print(f"error: {failure_line(failed)}", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command()

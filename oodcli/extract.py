@@ -19,13 +19,12 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from oodcli import __version__
-from oodcli.backbones.base import Backbone, BackboneSpec
+from oodcli.backbones.spec import BackboneSpec
 from oodcli.data.base import ImageDataset, TransformedDataset
 from oodcli.errors import OodError, UsageError
 from oodcli.store import (
@@ -39,6 +38,11 @@ from oodcli.store import (
     split_node,
     _split_groups,
 )
+
+if TYPE_CHECKING:  # torch is imported only where a split is computed (DESIGN.md, "Fast start")
+    import torch
+
+    from oodcli.backbones.modules import Backbone
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -57,13 +61,26 @@ class ExtractResult:
         return asdict(self)
 
 
+def check_device(device: str) -> str:
+    """Refuse a bad --device before any work. Only a cuda request imports torch (to ask
+    whether CUDA is there); auto and cpu are decided when a network is built."""
+    if device in ("auto", "cpu"):
+        return device
+    if not device.startswith("cuda"):
+        raise UsageError(f"unknown --device '{device}'; use auto, cpu or cuda[:N]")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return device
+
+
 def resolve_device(device: str) -> torch.device:
+    import torch
+
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    if device not in {"cpu"} and not device.startswith("cuda"):
-        raise UsageError(f"unknown --device '{device}'; use auto, cpu or cuda[:N]")
     return torch.device(device)
 
 
@@ -107,7 +124,8 @@ def run_backbone(model: Backbone, x: torch.Tensor, layers: tuple[str, ...]) -> d
 class _ChunkWriter(threading.Thread):
     """Collects batches into whole chunks and writes them, advancing ``rows_done``."""
 
-    def __init__(self, store: Store, node: str, layers, start: int, chunk_rows: int, dtype, on_rows, nonfinite: int = 0):
+    def __init__(self, store: Store, node: str, layers, start: int, chunk_rows: int, dtype, on_rows, nonfinite: int = 0,
+                 marker: str | None = None):
         super().__init__(daemon=True, name="oodcli-writer")
         self.store, self.node, self.layers = store, node, layers
         self.rows_done, self.chunk_rows, self.dtype = start, chunk_rows, dtype
@@ -115,6 +133,7 @@ class _ChunkWriter(threading.Thread):
         self.inbox: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
         self.nonfinite_rows = nonfinite  # kept with rows_done, so a resumed run counts what came before
+        self.marker = marker or node  # where rows_done is recorded: the node, or a shard's own group
         self._buffer: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
         self._buffered = 0
 
@@ -153,20 +172,21 @@ class _ChunkWriter(threading.Thread):
         self._buffered -= rows
         self.rows_done += rows
         self.nonfinite_rows += int(bad.sum())
-        self.store.set_attrs(self.node, rows_done=self.rows_done, nonfinite_rows=self.nonfinite_rows)
+        self.store.set_attrs(self.marker, rows_done=self.rows_done, nonfinite_rows=self.nonfinite_rows)
         self.on_rows(rows)
 
 
 class LazyModel:
     """Builds the backbone on first use, so cache hits never pay for it."""
 
-    def __init__(self, spec: BackboneSpec, weights: str | None, device: torch.device):
-        self.spec, self.weights, self.device = spec, weights, device
+    def __init__(self, spec: BackboneSpec, weights: str | None, device: str | torch.device):
+        self.spec, self.weights, self.device = spec, weights, device  # a --device string: resolved on build
         self._model: Backbone | None = None
 
     def get(self) -> Backbone:
         if self._model is None:
-            self._model = self.spec.build(self.weights).to(self.device).eval()
+            device = resolve_device(self.device) if isinstance(self.device, str) else self.device
+            self._model = self.spec.build(self.weights).to(device).eval()
         return self._model
 
 
@@ -236,6 +256,19 @@ def prepare_split(
             txn.remove(dependent)
 
 
+def shard_rows(n: int, chunk_rows: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """Rows [start, stop) of shard I of N: a contiguous run of whole chunks, so no two shards
+    ever write the same chunk file."""
+    index, count = shard
+    chunks = -(-n // chunk_rows)
+    return min(n, index * chunks // count * chunk_rows), min(n, (index + 1) * chunks // count * chunk_rows)
+
+
+def shard_node(node: str, shard: tuple[int, int]) -> str:
+    """Where one shard records its progress: its own group, so shards never write one file."""
+    return f"{node}/.shard-{shard[0]}-of-{shard[1]}"
+
+
 def extract_split(
     store: Store,
     spec: BackboneSpec,
@@ -252,8 +285,15 @@ def extract_split(
     overwrite: bool = False,
     chunk_rows: int | None = None,
     progress: Callable[[str, int, int], Callable[[int], None]] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> ExtractResult:
-    """Extract one split (or find it already done). See the module docstring."""
+    """Extract one split (or find it already done). See the module docstring.
+
+    ``shard=(I, N)``: compute only shard I's whole chunks of the rows; N processes (on one or
+    many machines sharing the store's file system) write disjoint chunk files of the same
+    arrays. Each shard resumes on its own; the shard that finds every shard done marks the
+    split complete, so no coordinator is needed.
+    """
     t0 = time.perf_counter()
     n = len(data)
     if n == 0:
@@ -264,65 +304,88 @@ def extract_split(
     fingerprint = digest(parts)
     node = features_node(split, spec.name)
 
-    same_data = split_is_whole(store, split) and store.node_attrs(split_node(split)).get("data") == data.identity()
-    start, fresh = 0, True
-    if same_data and store.exists(node):
+    with store.setup():  # sharded: one shard at a time changes the tree
+        same_data = split_is_whole(store, split) and store.node_attrs(split_node(split)).get("data") == data.identity()
+        start, fresh = 0, True
+        if same_data and store.exists(node):
+            attrs = store.node_attrs(node)
+            if attrs.get("fingerprint") == fingerprint:
+                if attrs.get("complete"):
+                    return ExtractResult(split, spec.name, "cached", n, 0, time.perf_counter() - t0, list(layers))
+                _check_sharding(split, attrs, shard, overwrite)
+                start, fresh = (0, True) if overwrite and attrs.get("shards") != (shard and shard[1]) \
+                    else (int(attrs.get("rows_done", 0)), False)
+            elif attrs.get("fingerprint") is not None and not overwrite:
+                raise OodError(
+                    f"split '{split}' already has '{spec.name}' features made differently "
+                    f"({_describe_mismatch(attrs.get('parts', {}), parts)}); "
+                    "pass --overwrite to replace them"
+                )
+        if shard is None:
+            check_readable(data, split, start)  # refuse before writing: an unreadable image never leaves half a split
+        net = model.get()  # bad weights fail here, before the split is written
+        prepare_split(store, split, role, source, data, overwrite)
+        if fresh:  # the node appears whole (arrays allocated, fingerprint, rows_done 0) or not at all
+            shapes = {layer: tuple(net.layer_shapes[layer]) for layer in layers}
+            rows = chunk_rows or min(chunk_rows_for(s, DTYPES[dtype]) for s in shapes.values())
+            rows = max(batch_size, rows // batch_size * batch_size)  # whole batches per chunk
+            with store.transaction() as txn:
+                staged = txn.stage(node)
+                for layer, shape in shapes.items():
+                    store.create_array(f"{staged}/{layer}", (n, *shape), DTYPES[dtype], chunk_rows=rows)
+                store.set_attrs(
+                    staged,
+                    fingerprint=fingerprint,
+                    parts=parts,
+                    model_id=model_id(spec, weights),
+                    weights_source=weights_source(weights),
+                    layers=list(layers),
+                    layer_shapes={k: list(v) for k, v in shapes.items()},
+                    chunk_rows=rows,
+                    rows_done=0,
+                    nonfinite_rows=0,
+                    complete=False,
+                    shards=shard[1] if shard else None,
+                    oodcli_version=__version__,
+                )
+                _stage_backbone(store, txn, spec, weights, net)
+                for dependent in split_dependents(store, split):  # scores and gradients of the features replaced
+                    if store.node_attrs(dependent).get("backbone") == spec.name:
+                        txn.remove(dependent)
         attrs = store.node_attrs(node)
-        if attrs.get("fingerprint") == fingerprint:
-            if attrs.get("complete"):
+        rows = int(attrs["chunk_rows"])
+        lo, hi, marker = 0, n, node
+        if shard is not None:
+            lo, hi = shard_rows(n, rows, shard)
+            marker = shard_node(node, shard)
+            if not store.exists(marker):  # appears with its attributes or not at all
+                with store.transaction() as txn:
+                    staged = txn.stage(marker, internal=True)
+                    store.require_group(staged)
+                    store.set_attrs(staged, start=lo, stop=hi, rows_done=lo, nonfinite_rows=0, complete=False)
+            mattrs = store.node_attrs(marker)
+            start = int(mattrs["rows_done"])
+            if mattrs.get("complete"):
+                _finish_shards(store, node, shard[1], n)
                 return ExtractResult(split, spec.name, "cached", n, 0, time.perf_counter() - t0, list(layers))
-            start, fresh = int(attrs.get("rows_done", 0)), False
-        elif attrs.get("fingerprint") is not None and not overwrite:
-            raise OodError(
-                f"split '{split}' already has '{spec.name}' features made differently "
-                f"({_describe_mismatch(attrs.get('parts', {}), parts)}); "
-                "pass --overwrite to replace them"
-            )
-    check_readable(data, split, start)  # refuse before writing: an unreadable image never leaves half a split
-    net = model.get()  # bad weights fail here, before the split is written
-    prepare_split(store, split, role, source, data, overwrite)
+            check_readable(data, split, start, hi)
+    status = "resumed" if start > lo else "extracted"
+    done_before = int(store.node_attrs(marker).get("nonfinite_rows", 0))
 
-    if fresh:  # the node appears whole (arrays allocated, fingerprint, rows_done 0) or not at all
-        shapes = {layer: tuple(net.layer_shapes[layer]) for layer in layers}
-        rows = chunk_rows or min(chunk_rows_for(s, DTYPES[dtype]) for s in shapes.values())
-        rows = max(batch_size, rows // batch_size * batch_size)  # whole batches per chunk
-        with store.transaction() as txn:
-            staged = txn.stage(node)
-            for layer, shape in shapes.items():
-                store.create_array(f"{staged}/{layer}", (n, *shape), DTYPES[dtype], chunk_rows=rows)
-            store.set_attrs(
-                staged,
-                fingerprint=fingerprint,
-                parts=parts,
-                model_id=model_id(spec, weights),
-                weights_source=weights_source(weights),
-                layers=list(layers),
-                layer_shapes={k: list(v) for k, v in shapes.items()},
-                chunk_rows=rows,
-                rows_done=0,
-                nonfinite_rows=0,
-                complete=False,
-                oodcli_version=__version__,
-            )
-            _stage_backbone(store, txn, spec, weights, net)
-            for dependent in split_dependents(store, split):  # scores and gradients of the features replaced
-                if store.node_attrs(dependent).get("backbone") == spec.name:
-                    txn.remove(dependent)
-    attrs = store.node_attrs(node)
-    rows = int(attrs["chunk_rows"])
-    status = "resumed" if start else "extracted"
+    import torch  # here, not at the top: a cache hit never imports it
 
     device = next(net.parameters()).device
     loader = torch.utils.data.DataLoader(
-        TransformedDataset(data, spec.preprocess.to_transform(), np.arange(start, n)),
+        TransformedDataset(data, spec.preprocess.to_transform(), np.arange(start, hi)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    advance = progress(split, n, start) if progress else (lambda k: None)
-    writer = _ChunkWriter(store, node, layers, start, rows, DTYPES[dtype], advance, int(attrs.get("nonfinite_rows", 0)))
+    advance = progress(split if shard is None else f"{split} [{shard[0]}/{shard[1]}]", hi - lo, start - lo) \
+        if progress else (lambda k: None)
+    writer = _ChunkWriter(store, node, layers, start, rows, DTYPES[dtype], advance, done_before, marker)
     writer.start()
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
     try:
@@ -337,16 +400,41 @@ def extract_split(
         writer.join()
     if writer.error is not None:
         raise writer.error
-    if writer.rows_done != n:
-        raise OodError(f"extraction of '{split}' stopped at row {writer.rows_done} of {n}; re-run to resume")
-    store.set_attrs(node, complete=True, nonfinite_rows=writer.nonfinite_rows)
-    return ExtractResult(split, spec.name, status, n, n - start, time.perf_counter() - t0, list(layers))
+    if writer.rows_done != hi:
+        raise OodError(f"extraction of '{split}' stopped at row {writer.rows_done} of {hi}; re-run to resume")
+    store.set_attrs(marker, complete=True, nonfinite_rows=writer.nonfinite_rows)
+    if shard is not None:
+        _finish_shards(store, node, shard[1], n)
+    return ExtractResult(split, spec.name, status, n, hi - start, time.perf_counter() - t0, list(layers))
 
 
-def check_readable(data: ImageDataset, split: str, start: int = 0) -> None:
-    """Decode every image from ``start`` on before anything is written (file-based sources
+def _check_sharding(split: str, attrs: dict, shard: tuple[int, int] | None, overwrite: bool) -> None:
+    """A half-done split goes on the way it started: in the same number of shards, or unsharded."""
+    started = attrs.get("shards")
+    now = shard[1] if shard else None
+    if started == now or overwrite:
+        return
+    if started is None:
+        raise OodError(f"split '{split}' was started without --shard ({attrs.get('rows_done', 0)} rows done); "
+                       "finish it without --shard, or pass --overwrite to start over in shards")
+    raise OodError(f"split '{split}' is being extracted in {started} shards; run the missing ones with "
+                   f"--shard I/{started} (I = 0..{started - 1}), or pass --overwrite to start over")
+
+
+def _finish_shards(store: Store, node: str, count: int, n: int) -> None:
+    """Mark the split complete once every shard is: whichever shard sees it first (all of them
+    write their own marker before looking, so the last one to finish always sees it)."""
+    markers = [store.node_attrs(shard_node(node, (i, count))) if store.exists(shard_node(node, (i, count))) else {}
+               for i in range(count)]
+    if all(m.get("complete") for m in markers):
+        store.set_attrs(node, rows_done=n, nonfinite_rows=sum(int(m.get("nonfinite_rows", 0)) for m in markers),
+                        complete=True)
+
+
+def check_readable(data: ImageDataset, split: str, start: int = 0, stop: int | None = None) -> None:
+    """Decode every image of rows [start, stop) before anything is written (file-based sources
     only; see ``ImageDataset.unreadable``): a corrupt file is refused in one line naming it."""
-    bad = data.unreadable(start)
+    bad = data.unreadable(start, stop)
     if bad:
         path, reason = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

@@ -20,7 +20,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from oodcli.errors import OodError, UsageError
 
@@ -109,6 +108,7 @@ def read_wordnet(location: Path, exclude: list[str] = ()) -> tuple[list[str], li
 
 def percentile_similarity(candidates: np.ndarray, prototypes: np.ndarray, percentile: float, rows: int = 4096) -> np.ndarray:
     """Per candidate, the ``percentile``-quantile of its cosine similarities to the ID prototypes."""
+    import torch  # only when mining runs; a mined set read back from the store needs none
     protos = torch.from_numpy(np.ascontiguousarray(prototypes, np.float32))
     out = []
     for i in range(0, len(candidates), rows):

@@ -46,7 +46,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` then rename onto ``path``: readers see the old file or the new one, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.partial")  # one fixed name: a run after a crash replaces it
     _mutation()
     try:
         write(tmp)

@@ -160,33 +160,31 @@ def uninterrupted():
 # ---- the writer lock -------------------------------------------------------------------------
 
 
-def lock_path(path: Path) -> Path:
-    return path.parent / f".{path.name}.lock"
-
-
 class _WriterLock:
-    """An exclusive flock on a file beside the store; the OS drops it when the process dies."""
+    """A flock on a file beside the store; the OS drops it when the process dies. Writers hold it
+    exclusively; the shards of one sharded extraction hold it shared (see ``Store.setup``)."""
 
-    def __init__(self, path: Path):
-        self.file = lock_path(path)
+    def __init__(self, path: Path, suffix: str = "lock"):
+        self.file = path.parent / f".{path.name}.{suffix}"
         self.fd: int | None = None
 
-    def try_acquire(self) -> bool:
+    def try_acquire(self, shared: bool = False, wait: bool = False) -> bool:
         self.file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except OSError:
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
         self.fd = fd
         return True
 
     def holder(self) -> str:
         try:
-            return self.file.read_text().strip() or "?"
+            return self.file.read_text().strip() or "a sharded extraction"
         except OSError:
             return "?"
 
@@ -220,12 +218,32 @@ class Store:
     naming the node and what to do, never a traceback and never fill values.
     """
 
-    def __init__(self, path: Path, root, backend: str, writable: bool, lock: _WriterLock | None = None):
+    def __init__(self, path: Path, root, backend: str, writable: bool, lock: _WriterLock | None = None,
+                 shared: bool = False):
         self.path = path
         self._root = root
         self.backend = backend
         self.writable = writable
+        self.shared = shared  # one of several shards writing disjoint rows (see ``setup``)
         self._lock = lock
+
+    @contextlib.contextmanager
+    def setup(self):
+        """Where a shard changes the tree (creates a split or a features node): one shard at a
+        time, behind a second lock, with what a crashed shard left staged finished or dropped
+        first. For an exclusive writer this is a plain block."""
+        if not self.shared:
+            yield
+            return
+        lock = _WriterLock(self.path, "setup.lock")
+        with uninterrupted():
+            lock.try_acquire(wait=True)
+        try:
+            if self.exists(TXN_ROOT):
+                _recover(self)
+            yield
+        finally:
+            lock.release()
 
     # ---- attributes -------------------------------------------------------------
     @property
@@ -358,7 +376,8 @@ class Store:
                 from zarr.codecs import Crc32cCodec
 
                 group.create_array(
-                    leaf, shape=shape, dtype=dtype, chunks=chunks, compressors=[Crc32cCodec()], fill_value=0
+                    leaf, shape=shape, dtype=dtype, chunks=chunks, compressors=[Crc32cCodec()], fill_value=0,
+                    dimension_names=_dimension_names(leaf, len(shape)),
                 )
         if attrs:
             self.set_attrs(name, **attrs)
@@ -495,6 +514,12 @@ _REPAIR = ("'oodcli store verify' lists the damage; remove the damaged part with
            "and re-run the command that made it")
 
 
+def _dimension_names(leaf: str, ndim: int) -> tuple[str, ...]:
+    """Zarr v3 dimension names, which xarray needs: rows are shared by every array of a split,
+    the other axes belong to their array (logits_1 and penultimate_1 differ in length)."""
+    return ("row",) + tuple(f"{leaf}_{axis}" for axis in range(1, ndim))
+
+
 def _is_array(node) -> bool:
     return hasattr(node, "shape") and hasattr(node, "dtype")
 
@@ -529,9 +554,11 @@ class Transaction:
         self.store.set_attrs(self.node, committed=False)
         return self
 
-    def stage(self, target: str) -> str:
-        """The staging name under which to build the node that will replace ``target``."""
-        check_name(target, "node")
+    def stage(self, target: str, internal: bool = False) -> str:
+        """The staging name under which to build the node that will replace ``target``
+        (``internal``: oodcli's own hidden nodes, whose '.' parts the name rule refuses)."""
+        if not internal:
+            check_name(target, "node")
         self._check_disjoint(target)
         self.targets.append(target)
         return f"{self.node}/n{len(self.targets) - 1}"
@@ -629,10 +656,12 @@ def _open_root(path: Path, backend: str, writable: bool):
         ) from None
 
 
-def open_store(path: str | Path, mode: str = "r") -> Store:
+def open_store(path: str | Path, mode: str = "r", shared: bool = False) -> Store:
     """Open a store: ``'r'`` read-only and ``'r+'`` writable need an existing store;
     ``'a'`` creates one if missing. Writers take the store's lock (refused in one line
-    if another command holds it); any opener finishes what a crashed writer committed."""
+    if another command holds it); any opener finishes what a crashed writer committed.
+    ``shared`` (Zarr only): one shard of a sharded extraction, which shares the lock with
+    the other shards and changes the tree only inside ``Store.setup``."""
     if mode not in {"r", "r+", "a"}:
         raise ValueError(f"mode must be r, r+ or a, not {mode!r}")
     path = Path(path)
@@ -645,9 +674,15 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
     if exists and backend == "zarr" and not path.is_dir():
         raise OodError(f"{path} is a file, not a Zarr store directory; pick another --store path (*.h5 for HDF5)")
     writable = mode != "r"
+    if shared and (not writable or backend != "zarr"):
+        raise UsageError(f"sharded writing needs a Zarr store; {path} is HDF5, which allows one writer: "
+                         "extract into a .zarr store, or run without --shard")
+    if not exists and mode == "a" and backend == "hdf5":
+        _create_hdf5(path)  # whole or not at all: h5py writes a new file's header only on flush
+        exists = True
     lock = _WriterLock(path)
     if writable:
-        if not lock.try_acquire():
+        if not lock.try_acquire(shared=shared):
             raise _busy(path, lock)
     elif exists and _has_pending(path, backend) and lock.try_acquire():
         try:  # a writer died after its commit marker: finish its work before reading
@@ -656,7 +691,7 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
         finally:
             lock.release()
     try:
-        store = Store(path, _open_root(path, backend, writable), backend, writable, lock if writable else None)
+        store = Store(path, _open_root(path, backend, writable), backend, writable, lock if writable else None, shared)
     except OodError:
         if not writable and lock.try_acquire():  # not busy: the file itself is the problem
             lock.release()
@@ -682,12 +717,30 @@ def open_store(path: str | Path, mode: str = "r") -> Store:
         if writable:
             if "schema" not in attrs:
                 store.set_attrs("", schema=SCHEMA_VERSION, oodcli_version=__version__)
-            if store.exists(TXN_ROOT):
+            if store.exists(TXN_ROOT) and not shared:  # shards recover inside Store.setup
                 _recover(store)
     except BaseException:
         store.close()
         raise
     return store
+
+
+def _create_hdf5(path: Path) -> None:
+    """A new HDF5 store, made beside its path and renamed into place once its header and
+    schema are on disk (a kill during h5py's first write would leave a file nothing opens)."""
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.new")
+    _mutation()
+    with uninterrupted():
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["schema"] = json.dumps(SCHEMA_VERSION)
+                f.attrs["oodcli_version"] = json.dumps(__version__)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def remove_store(path: str | Path) -> None:

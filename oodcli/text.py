@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from oodcli.errors import OodError, UsageError
 from oodcli.store import Store, digest, features_node, list_backbones, list_splits
+
+if TYPE_CHECKING:  # torch is imported only where a text tower runs (a cache hit never does)
+    import torch
 
 DATA_DIR = Path(__file__).parent / "data"
 TEXT_ROOT = "fitted/text"
@@ -123,6 +125,8 @@ def clip_source(store: Store, backbone: str, model_id: str | None = None) -> Cli
 
 def build_clip(source: ClipSource):
     """Rebuild the CLIP of ``source``, refusing weights that are not the ones that made the features."""
+    import torch
+
     from oodcli.backbones.base import get_spec
 
     spec = get_spec(source.backbone)
@@ -150,6 +154,8 @@ def encode_text(clip, texts: list[str]) -> torch.Tensor:
     it makes WordNet-sized encodes several times faster on a CPU. Models that pool otherwise
     go through open_clip's own ``encode_text``.
     """
+    import torch
+
     model = clip.model
     pool = getattr(model, "text_pool_type", None)
     mask = getattr(model, "attn_mask", None)
@@ -178,6 +184,8 @@ class TextEncoder:
 
     def __call__(self, texts: list[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
         """L2-normalised float32 embeddings [len(texts), D], in batches."""
+        import torch
+
         if self._model is None:
             self._model = build_clip(self.source)
         out = []

@@ -53,3 +53,14 @@ def test_bad_scores_are_refused():
 def test_accuracy():
     logits = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]])
     assert accuracy(logits, np.array([0, 1, 1])) == pytest.approx(2 / 3)
+
+
+def test_average_ranks_equal_scipy_rankdata_with_ties():
+    from scipy.stats import rankdata
+
+    from oodcli.metrics import average_ranks
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        x = rng.integers(0, 15, rng.integers(1, 200)).astype(np.float32)
+        np.testing.assert_allclose(average_ranks(x), rankdata(x))

@@ -1,11 +1,20 @@
-"""Backbone registry: importing this package registers every family.
+"""Backbone registry: importing this package declares every family's specs.
 
-Heavy libraries (transformers, open_clip) are imported inside the builders, so listing
-models or fingerprinting a run stays fast.
+The specs (``oodcli.backbones.registry``) import no torch; each family module
+(torch, torchvision, transformers, open_clip) is imported by its builder when a
+network is built, so listing models or fingerprinting a run stays fast.
+``Backbone`` (an ``nn.Module``) is resolved on first access.
 """
 
-from oodcli.backbones import cifar_resnet, clip, digits_cnn, dinov2, torchvision_models  # noqa: F401
-from oodcli.backbones import apex  # noqa: F401  (last: it wraps the others)
-from oodcli.backbones.base import Backbone, BackboneSpec, Preprocess, all_specs, get_spec
+from oodcli.backbones import registry  # noqa: F401  (declares every family's specs)
+from oodcli.backbones.spec import BackboneSpec, Preprocess, all_specs, get_spec
 
 __all__ = ["Backbone", "BackboneSpec", "Preprocess", "all_specs", "get_spec"]
+
+
+def __getattr__(name: str):
+    if name == "Backbone":
+        from oodcli.backbones.modules import Backbone
+
+        return Backbone
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,19 +12,18 @@ The prototypes and their qualities travel with the features: extract keeps them 
 ``backbones/<apex|palm>/prototypes/`` (``Backbone.extras``), where the PAOS scorer and
 ``oodcli analyze collisions`` read them. Two names, ``apex`` and ``palm``, let both
 models sit side by side in one store; each refuses the other method's file. Images are
-preprocessed as the base network wants, read from the file (``BackboneSpec.for_weights``).
+preprocessed as the base network wants, read from the file header without torch
+(``BackboneSpec.for_weights``, ``oodcli.backbones.registry.adapt_apex``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from oodcli.backbones.base import Backbone, BackboneSpec, Preprocess, get_spec, register
+from oodcli.backbones.modules import Backbone
+from oodcli.backbones.registry import APEX_LAYERS as LAYERS  # noqa: F401  (the specs are declared there)
+from oodcli.backbones.spec import get_spec
 from oodcli.errors import OodError, UsageError
-
-LAYERS = ("embedding", "penultimate")
 
 
 class PrototypeBackbone(Backbone):
@@ -82,42 +81,13 @@ def _base_network(meta: dict, tensors: dict[str, torch.Tensor], path: str) -> Ba
     return spec.build(weights)
 
 
-def _builder(method: str):
-    def build(weights: str | None) -> Backbone:
-        from oodcli.train.apex import ProjectionHead, read_model
+def build(method: str, weights: str | None) -> Backbone:
+    from oodcli.train.apex import ProjectionHead, read_model
 
-        meta, tensors = read_model(weights)
-        if meta["method"] != method:
-            raise UsageError(f"{weights} holds a {meta['method']} model; extract it with --model {meta['method']}")
-        base = _base_network(meta, tensors, weights)
-        head = ProjectionHead(meta["in_dim"], meta["embed_dim"])
-        head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
-        return PrototypeBackbone(base, meta["base_layer"], head, tensors)
-
-    return build
-
-
-def _adapt(spec: BackboneSpec, weights: str | None) -> BackboneSpec:
-    """The base network's preprocessing, read from the file's header."""
-    if weights is None:
-        return spec
-    from oodcli.train.apex import read_meta
-
-    meta = read_meta(weights)
-    if meta["method"] != spec.name:
+    meta, tensors = read_model(weights)
+    if meta["method"] != method:
         raise UsageError(f"{weights} holds a {meta['method']} model; extract it with --model {meta['method']}")
-    return dataclasses.replace(spec, preprocess=get_spec(meta["base_model"]).preprocess)
-
-
-for _method, _what in (("apex", "APM (adaptive K per class)"), ("palm", "PALM (fixed K)")):
-    register(BackboneSpec(
-        name=_method,
-        family="apex",
-        description=f"{_what} model from 'oodcli train {_method}'; needs --weights FILE.safetensors",
-        layers=LAYERS,
-        default_layers=LAYERS,
-        preprocess=Preprocess(resize=32, crop=32),  # placeholder: the base network's, per --weights
-        builder=_builder(_method),
-        needs_weights_file=True,
-        adapt=_adapt,
-    ))
+    base = _base_network(meta, tensors, weights)
+    head = ProjectionHead(meta["in_dim"], meta["embed_dim"])
+    head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+    return PrototypeBackbone(base, meta["base_layer"], head, tensors)

@@ -1,258 +1,38 @@
 """What every backbone provides: a spec that is cheap to inspect and a module built from it.
 
-The spec (name, layers, preprocessing, weights identity) is all that ``extract``
-needs to fingerprint a run, so a cache hit never builds the network.
+The spec side (``Preprocess``, ``BackboneSpec``, the registry) lives in
+``oodcli.backbones.spec`` and imports no torch; the network side (``Backbone``,
+``StagedClassifier``, checkpoint loading) lives in ``oodcli.backbones.modules``.
+This module offers both under their old names; the torch names are resolved on
+first access, so ``from oodcli.backbones.base import get_spec`` stays torch-free.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from oodcli.backbones.spec import (  # noqa: F401
+    _REGISTRY,
+    BackboneSpec,
+    Lazy,
+    Preprocess,
+    _to_rgb,
+    all_specs,
+    get_spec,
+    register,
+    safetensors_metadata,
+    sha256_dir,
+    sha256_file,
+)
 
-import torch
-from torch import nn
-
-from oodcli.errors import OodError, UsageError
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Image preprocessing, described as data so it can be fingerprinted and printed."""
-
-    resize: int  # shorter side is resized to this many pixels
-    crop: int  # then centre-cropped to crop x crop
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"  # or "bicubic"
-
-    def to_transform(self):
-        from torchvision import transforms as T
-
-        mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[
-            self.interpolation
-        ]
-        return T.Compose(
-            [
-                T.Lambda(_to_rgb),
-                T.Resize(self.resize, interpolation=mode),
-                T.CenterCrop(self.crop),
-                T.ToTensor(),
-                T.Normalize(self.mean, self.std),
-            ]
-        )
-
-    def describe(self) -> dict:
-        return dataclasses.asdict(self)
+_TORCH_NAMES = ("Backbone", "StagedClassifier", "read_state_dict", "load_state_dict_into")
 
 
-def _to_rgb(img):
-    return img.convert("RGB") if getattr(img, "mode", "RGB") != "RGB" else img
+def __getattr__(name: str):
+    if name in _TORCH_NAMES:
+        from oodcli.backbones import modules
+
+        return getattr(modules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class Backbone(nn.Module):
-    """A network that maps a batch of images to ``{layer: tensor}``.
-
-    Subclasses implement ``forward_layers`` and, when they end in a linear
-    classifier, ``head`` (ReAct, ASH and ViM need its weights).
-    """
-
-    #: layer name -> per-sample shape, filled in by the subclass after building
-    layer_shapes: dict[str, tuple[int, ...]]
-
-    def forward_layers(self, x: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def check_layers(self, layers) -> tuple[str, ...]:
-        """Fail early, naming the valid layers, before any compute is spent."""
-        layers = tuple(layers)
-        unknown = [name for name in layers if name not in self.layer_shapes]
-        if unknown:
-            raise UsageError(
-                f"unknown layer '{unknown[0]}' for this model; choose from: {', '.join(self.layer_shapes)}"
-            )
-        return layers
-
-    def forward(self, x: torch.Tensor, layers: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-        return self.forward_layers(x, tuple(layers or self.layer_shapes))
-
-    def head(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(weight [C, D], bias [C]) of the final linear classifier, or None."""
-        return None
-
-    def extras(self) -> dict:
-        """Other arrays scorers need beside the layers, as {relative name: numpy array}; extract
-        keeps them under backbones/<name>/ (APEX/PALM models: their prototypes and qualities)."""
-        return {}
-
-
-class StagedClassifier(Backbone):
-    """A CNN classifier cut into early -> mid -> head, the shared shape of our CNN families.
-
-    ``early`` runs up to and including the first residual/conv block, ``mid`` maps that
-    feature map to the pooled penultimate vector and ``head`` is the linear classifier, so
-    feature-space methods (GROOD mixup) can re-enter the network after ``early``.
-    """
-
-    def __init__(self, early: nn.Module, mid: nn.Module, fc: nn.Linear):
-        super().__init__()
-        self.early, self.mid, self.fc = early, mid, fc
-        early_channels = [m for m in early.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
-        self.layer_shapes = {
-            "logits": (fc.out_features,),
-            "penultimate": (fc.in_features,),
-            "early": (early_channels,),
-        }
-        self.eval()
-
-    def stages(self) -> tuple[nn.Module, nn.Module, nn.Module]:
-        return self.early, self.mid, self.fc
-
-    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fc.weight.detach(), self.fc.bias.detach()
-
-    def forward_layers(self, x, layers):
-        layers = self.check_layers(layers)
-        fmap = self.early(x)
-        out = {}
-        if "early" in layers:
-            out["early"] = fmap.mean(dim=(2, 3))
-        if "penultimate" in layers or "logits" in layers:
-            pen = self.mid(fmap)
-            if "penultimate" in layers:
-                out["penultimate"] = pen
-            if "logits" in layers:
-                out["logits"] = self.fc(pen)
-        return {name: out[name].float() for name in layers}
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """A registered backbone: everything known before building it."""
-
-    name: str
-    family: str  # torchvision | cifar_resnet | dinov2 | clip | digits_cnn | ...
-    description: str
-    layers: tuple[str, ...]  # every layer it can return
-    default_layers: tuple[str, ...]
-    preprocess: Preprocess
-    builder: Callable[[str | None], Backbone] = field(repr=False, compare=False)
-    default_weights: str | None = None  # e.g. "IMAGENET1K_V1", "openai", "random"
-    needs_weights_file: bool = False  # True: --weights PATH is required
-    #: families whose input depends on the checkpoint return the spec for given weights
-    adapt: Callable[["BackboneSpec", str | None], "BackboneSpec"] | None = field(default=None, repr=False, compare=False)
-
-    def weights_identity(self, weights: str | None) -> str:
-        """A stable string naming the parameters; a file is named by its content hash."""
-        weights = weights if weights is not None else self.default_weights
-        if weights is None:
-            if self.needs_weights_file:
-                raise UsageError(f"model '{self.name}' needs --weights PATH (a checkpoint file)")
-            return "none"
-        path = Path(weights)
-        if path.is_dir():  # e.g. a Hugging Face model saved with save_pretrained
-            return f"dir:{path.name}:sha256={sha256_dir(path)}"
-        if path.suffix in {".safetensors", ".pt", ".pth", ".ckpt", ".bin"} or path.exists():
-            if not path.is_file():
-                raise OodError(f"weights file not found: {weights}")
-            return f"file:{path.name}:sha256={sha256_file(path)}"
-        return f"{self.family}:{weights}"
-
-    def for_weights(self, weights: str | None) -> "BackboneSpec":
-        """This spec as it applies to ``weights`` (APEX/PALM models take their base network's preprocessing)."""
-        return self.adapt(self, weights) if self.adapt is not None else self
-
-    def build(self, weights: str | None = None) -> Backbone:
-        self.weights_identity(weights)  # validates --weights before any work
-        return self.builder(weights if weights is not None else self.default_weights)
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def sha256_dir(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(path).as_posix()}={sha256_file(f)};".encode())
-    return h.hexdigest()[:16]
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a user checkpoint safely (no pickle code execution) into a flat state_dict.
-
-    Accepts .safetensors or a torch.save file; unwraps the usual {"state_dict": ...}
-    wrappers and strips a DataParallel "module." prefix.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise OodError(f"weights file not found: {path}; pass --weights PATH to an existing checkpoint")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any parse failure is a bad file, not a bug here
-        raise OodError(
-            f"cannot read weights file {path} ({type(e).__name__}); "
-            "expected a state_dict saved with torch.save or safetensors"
-        ) from None
-    for key in ("state_dict", "model_state_dict", "model", "net"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise OodError(f"weights file {path} does not hold a state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that explains a mismatch in one line instead of a long RuntimeError."""
-    own = module.state_dict()
-    # old checkpoints lack BatchNorm's step counter; torch fills it in, so it is not "missing"
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-                parts.append(f"{label} keys: {', '.join(keys[:3])}{more}")
-        raise OodError(f"checkpoint {source} does not fit this model; " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
-
-
-_REGISTRY: dict[str, BackboneSpec] = {}
-
-
-def register(spec: BackboneSpec) -> BackboneSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"backbone {spec.name!r} registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
-def get_spec(name: str) -> BackboneSpec:
-    from oodcli import backbones  # noqa: F401  (imports every family module)
-
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UsageError(
-            f"unknown model '{name}'; choose one of: {', '.join(sorted(_REGISTRY))}"
-        ) from None
-
-
-def all_specs() -> dict[str, BackboneSpec]:
-    from oodcli import backbones  # noqa: F401
-
-    return dict(_REGISTRY)
+def __dir__():
+    return sorted([*globals(), *_TORCH_NAMES])

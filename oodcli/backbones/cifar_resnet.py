@@ -10,17 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodcli.backbones.base import (
-    Backbone,
-    BackboneSpec,
-    Preprocess,
-    StagedClassifier,
-    load_state_dict_into,
-    read_state_dict,
-    register,
-)
+from oodcli.backbones.modules import Backbone, StagedClassifier, load_state_dict_into, read_state_dict
+from oodcli.backbones.registry import CIFAR  # noqa: F401  (the specs are declared there)
 
-CIFAR = Preprocess(resize=32, crop=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
 DEPTHS = {"cifar_resnet18": (2, 2, 2, 2), "cifar_resnet34": (3, 4, 6, 3)}
 
 
@@ -75,39 +67,12 @@ def wrap(net: CifarResNet) -> StagedClassifier:
     return StagedClassifier(early, mid, net.fc)
 
 
-def _builder(arch: str):
-    def build(weights: str | None) -> Backbone:
-        if weights in (None, "random"):
-            torch.manual_seed(0)
-            return wrap(CifarResNet(DEPTHS[arch]))
-        state = {_rename(k): v for k, v in read_state_dict(weights).items()}
-        num_classes = state["fc.weight"].shape[0] if "fc.weight" in state else 10
-        net = CifarResNet(DEPTHS[arch], num_classes)
-        load_state_dict_into(net, state, weights)
-        return wrap(net)
-
-    return build
-
-
-for _arch in DEPTHS:
-    register(BackboneSpec(
-        name=_arch,
-        family="cifar_resnet",
-        description=f"CIFAR {_arch.split('_')[1]} (OpenOOD layout); needs --weights PATH to a state_dict",
-        layers=("logits", "penultimate", "early"),
-        default_layers=("logits", "penultimate"),
-        preprocess=CIFAR,
-        builder=_builder(_arch),
-        needs_weights_file=True,
-    ))
-
-register(BackboneSpec(
-    name="cifar_resnet18-tiny",
-    family="cifar_resnet",
-    description="random-init cifar_resnet18, 10 classes (tests and offline demos)",
-    layers=("logits", "penultimate", "early"),
-    default_layers=("logits", "penultimate"),
-    preprocess=CIFAR,
-    builder=_builder("cifar_resnet18"),
-    default_weights="random",
-))
+def build(arch: str, weights: str | None) -> Backbone:
+    if weights in (None, "random"):
+        torch.manual_seed(0)
+        return wrap(CifarResNet(DEPTHS[arch]))
+    state = {_rename(k): v for k, v in read_state_dict(weights).items()}
+    num_classes = state["fc.weight"].shape[0] if "fc.weight" in state else 10
+    net = CifarResNet(DEPTHS[arch], num_classes)
+    load_state_dict_into(net, state, weights)
+    return wrap(net)

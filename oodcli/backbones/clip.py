@@ -9,20 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from oodcli.backbones.base import (
-    Backbone,
-    BackboneSpec,
-    Preprocess,
-    load_state_dict_into,
-    read_state_dict,
-    register,
-)
+from oodcli.backbones.modules import Backbone, load_state_dict_into, read_state_dict
+from oodcli.backbones.registry import CLIP_224  # noqa: F401  (the specs are declared there)
+from oodcli.backbones.registry import CLIP_TINY as TINY
 from oodcli.errors import OodError, UsageError
-
-_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_224 = Preprocess(resize=224, crop=224, mean=_MEAN, std=_STD, interpolation="bicubic")
-TINY = Preprocess(resize=32, crop=32, mean=_MEAN, std=_STD, interpolation="bicubic")
 
 TINY_CFG = dict(
     embed_dim=32,
@@ -76,28 +66,25 @@ class ClipBackbone(Backbone):
         return {name: out[name].float() for name in layers}
 
 
-def _build_real(arch: str, crop: int):
-    def build(weights: str | None) -> Backbone:
-        import open_clip
+def build_real(arch: str, crop: int, weights: str | None) -> Backbone:
+    import open_clip
 
-        pretrained = None if weights in (None, "random") else weights
-        if pretrained is None:
-            torch.manual_seed(0)
-        # OpenAI's weights were trained with QuickGELU; the plain config would silently use GELU
-        quick_gelu = bool(pretrained and open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu"))
-        try:
-            model = open_clip.create_model(arch, pretrained=pretrained, force_quick_gelu=quick_gelu)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise OodError(
-                f"cannot load CLIP {arch} weights '{weights}': {str(e).splitlines()[0]}; "
-                "use an open_clip pretrained tag (needs internet once) or a local checkpoint path"
-            ) from None
-        return ClipBackbone(model, open_clip.get_tokenizer(arch), crop)
-
-    return build
+    pretrained = None if weights in (None, "random") else weights
+    if pretrained is None:
+        torch.manual_seed(0)
+    # OpenAI's weights were trained with QuickGELU; the plain config would silently use GELU
+    quick_gelu = bool(pretrained and open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu"))
+    try:
+        model = open_clip.create_model(arch, pretrained=pretrained, force_quick_gelu=quick_gelu)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise OodError(
+            f"cannot load CLIP {arch} weights '{weights}': {str(e).splitlines()[0]}; "
+            "use an open_clip pretrained tag (needs internet once) or a local checkpoint path"
+        ) from None
+    return ClipBackbone(model, open_clip.get_tokenizer(arch), crop)
 
 
-def _build_tiny(weights: str | None) -> Backbone:
+def build_tiny(weights: str | None) -> Backbone:
     import open_clip
 
     torch.manual_seed(0)
@@ -105,28 +92,3 @@ def _build_tiny(weights: str | None) -> Backbone:
     if weights not in (None, "random"):
         load_state_dict_into(model, read_state_dict(weights), weights)
     return ClipBackbone(model, open_clip.get_tokenizer("ViT-B-16"), TINY.crop)
-
-
-_LAYERS = ("image_embeds", "patch_tokens", "penultimate")
-
-register(BackboneSpec(
-    name="clip-vit-b-16",
-    family="clip",
-    description="CLIP ViT-B/16 image encoder (open_clip); text prototypes for MCM/GL-MCM; no logits",
-    layers=_LAYERS,
-    default_layers=("image_embeds",),
-    preprocess=CLIP_224,
-    builder=_build_real("ViT-B-16", CLIP_224.crop),
-    default_weights="openai",
-))
-
-register(BackboneSpec(
-    name="clip-tiny",
-    family="clip",
-    description="random-init 2-layer CLIP, 32x32 input (tests and offline demos)",
-    layers=_LAYERS,
-    default_layers=("image_embeds",),
-    preprocess=TINY,
-    builder=_build_tiny,
-    default_weights="random",
-))

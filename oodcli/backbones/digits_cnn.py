@@ -11,18 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from oodcli.backbones.base import (
-    Backbone,
-    BackboneSpec,
-    Preprocess,
-    StagedClassifier,
-    load_state_dict_into,
-    read_state_dict,
-    register,
-)
+from oodcli.backbones.modules import Backbone, StagedClassifier, load_state_dict_into, read_state_dict
+from oodcli.backbones.registry import DIGITS  # noqa: F401  (the specs are declared there)
 from oodcli.errors import OodError
-
-DIGITS = Preprocess(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 def _conv(cin: int, cout: int) -> list[nn.Module]:
@@ -84,32 +75,7 @@ def wrap(net: DigitsCNN) -> StagedClassifier:
     return StagedClassifier(net.block1, mid, net.fc)
 
 
-def _build(weights: str | None) -> Backbone:
+def build(weights: str | None) -> Backbone:
     if weights in (None, "random"):
         return wrap(new_digits_cnn())
     return wrap(load_digits_cnn(weights))
-
-
-_LAYERS = ("logits", "penultimate", "early")
-
-register(BackboneSpec(
-    name="digits_cnn",
-    family="digits_cnn",
-    description="small CNN for the embedded digits benchmark; needs --weights PATH (.safetensors)",
-    layers=_LAYERS,
-    default_layers=("logits", "penultimate"),
-    preprocess=DIGITS,
-    builder=_build,
-    needs_weights_file=True,
-))
-
-register(BackboneSpec(
-    name="digits_cnn-tiny",
-    family="digits_cnn",
-    description="random-init digits_cnn, 6 classes (tests and offline demos)",
-    layers=_LAYERS,
-    default_layers=("logits", "penultimate"),
-    preprocess=DIGITS,
-    builder=_build,
-    default_weights="random",
-))

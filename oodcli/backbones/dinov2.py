@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
-from oodcli.backbones.base import Backbone, BackboneSpec, Preprocess, register
+from oodcli.backbones.modules import Backbone
+from oodcli.backbones.registry import DINO  # noqa: F401  (the specs are declared there)
+from oodcli.backbones.registry import DINO_TINY as TINY  # noqa: F401
 from oodcli.errors import OodError
-
-DINO = Preprocess(resize=256, crop=224, interpolation="bicubic")
-TINY = Preprocess(resize=32, crop=32, interpolation="bicubic")
 
 # architecture of each released size (d, depth, heads), so weights="random" works offline
 _SIZES = {"dinov2-small": (384, 12, 6), "dinov2-base": (768, 12, 12), "dinov2-large": (1024, 24, 16)}
@@ -49,45 +48,18 @@ class Dinov2Backbone(Backbone):
         return {name: out[name].float() for name in layers}
 
 
-def _builder(name: str, crop: int):
-    def build(weights: str | None) -> Backbone:
-        from transformers import Dinov2Config, Dinov2Model
+def build(name: str, crop: int, weights: str | None) -> Backbone:
+    from transformers import Dinov2Config, Dinov2Model
 
-        if weights in (None, "random"):
-            torch.manual_seed(0)
-            return Dinov2Backbone(Dinov2Model(Dinov2Config(**_ARCH[name])), crop)
-        try:
-            model = Dinov2Model.from_pretrained(weights)
-        except (OSError, ValueError) as e:
-            where = "local directory" if Path(weights).exists() else "Hugging Face model id"
-            raise OodError(
-                f"cannot load DINOv2 weights '{weights}' ({where}): {str(e).splitlines()[0]}; "
-                "download it once with internet or pass a directory saved with save_pretrained"
-            ) from None
-        return Dinov2Backbone(model, crop)
-
-    return build
-
-
-for _name in _SIZES:
-    register(BackboneSpec(
-        name=_name,
-        family="dinov2",
-        description=f"DINOv2 {_name.split('-')[1]} ViT/14 features (no classifier: no logits)",
-        layers=("cls", "patch_mean", "penultimate", "patch_tokens"),
-        default_layers=("cls", "patch_mean"),
-        preprocess=DINO,
-        builder=_builder(_name, DINO.crop),
-        default_weights=f"facebook/{_name}",
-    ))
-
-register(BackboneSpec(
-    name="dinov2-tiny",
-    family="dinov2",
-    description="random-init 2-layer DINOv2, 32x32 input (tests and offline demos)",
-    layers=("cls", "patch_mean", "penultimate", "patch_tokens"),
-    default_layers=("cls", "patch_mean"),
-    preprocess=TINY,
-    builder=_builder("dinov2-tiny", TINY.crop),
-    default_weights="random",
-))
+    if weights in (None, "random"):
+        torch.manual_seed(0)
+        return Dinov2Backbone(Dinov2Model(Dinov2Config(**_ARCH[name])), crop)
+    try:
+        model = Dinov2Model.from_pretrained(weights)
+    except (OSError, ValueError) as e:
+        where = "local directory" if Path(weights).exists() else "Hugging Face model id"
+        raise OodError(
+            f"cannot load DINOv2 weights '{weights}' ({where}): {str(e).splitlines()[0]}; "
+            "download it once with internet or pass a directory saved with save_pretrained"
+        ) from None
+    return Dinov2Backbone(model, crop)

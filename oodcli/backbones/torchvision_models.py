@@ -11,19 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from oodcli.backbones.base import (
-    Backbone,
-    BackboneSpec,
-    Preprocess,
-    StagedClassifier,
-    load_state_dict_into,
-    read_state_dict,
-    register,
-)
+from oodcli.backbones.modules import Backbone, StagedClassifier, load_state_dict_into, read_state_dict
+from oodcli.backbones.registry import IMAGENET  # noqa: F401  (the specs are declared there)
+from oodcli.backbones.registry import TV_TINY as TINY  # noqa: F401
 from oodcli.errors import OodError, UsageError
-
-IMAGENET = Preprocess(resize=256, crop=224)
-TINY = Preprocess(resize=32, crop=32)
 
 
 def is_weights_file(weights: str) -> bool:
@@ -65,14 +56,11 @@ def wrap_resnet(net) -> StagedClassifier:
     return StagedClassifier(early, mid, net.fc)
 
 
-def _build_resnet(arch: str):
-    def build(weights: str | None) -> Backbone:
-        return wrap_resnet(_tv_model(arch, weights, "fc.weight"))
-
-    return build
+def build_resnet(arch: str, weights: str | None) -> Backbone:
+    return wrap_resnet(_tv_model(arch, weights, "fc.weight"))
 
 
-def _build_resnet18_tiny(weights: str | None) -> Backbone:
+def build_resnet18_tiny(weights: str | None) -> Backbone:
     from torchvision.models import resnet18
 
     if weights in (None, "random"):
@@ -125,11 +113,11 @@ class ViTBackbone(Backbone):
         return {name: out[name].float() for name in layers}
 
 
-def _build_vit_b_16(weights: str | None) -> Backbone:
+def build_vit_b_16(weights: str | None) -> Backbone:
     return ViTBackbone(_tv_model("vit_b_16", weights, "heads.head.weight"))
 
 
-def _build_vit_tiny(weights: str | None) -> Backbone:
+def build_vit_tiny(weights: str | None) -> Backbone:
     from torchvision.models import VisionTransformer
 
     def make(num_classes: int):
@@ -143,55 +131,3 @@ def _build_vit_tiny(weights: str | None) -> Backbone:
     vit = make(state["heads.head.weight"].shape[0] if "heads.head.weight" in state else 10)
     load_state_dict_into(vit, state, weights)
     return ViTBackbone(vit)
-
-
-_CNN_LAYERS = ("logits", "penultimate", "early")
-
-for _arch, _default, _dim in (
-    ("resnet18", "IMAGENET1K_V1", 512),
-    ("resnet34", "IMAGENET1K_V1", 512),
-    ("resnet50", "IMAGENET1K_V2", 2048),
-):
-    register(BackboneSpec(
-        name=_arch,
-        family="torchvision",
-        description=f"torchvision {_arch} ImageNet classifier (penultimate {_dim}-d)",
-        layers=_CNN_LAYERS,
-        default_layers=("logits", "penultimate"),
-        preprocess=IMAGENET,
-        builder=_build_resnet(_arch),
-        default_weights=_default,
-    ))
-
-register(BackboneSpec(
-    name="resnet18-tiny",
-    family="torchvision",
-    description="random-init torchvision resnet18, 10 classes, 32x32 input (tests and offline demos)",
-    layers=_CNN_LAYERS,
-    default_layers=("logits", "penultimate"),
-    preprocess=TINY,
-    builder=_build_resnet18_tiny,
-    default_weights="random",
-))
-
-register(BackboneSpec(
-    name="vit_b_16",
-    family="torchvision",
-    description="torchvision ViT-B/16 ImageNet classifier (penultimate 768-d class token)",
-    layers=_CNN_LAYERS,
-    default_layers=("logits", "penultimate"),
-    preprocess=IMAGENET,
-    builder=_build_vit_b_16,
-    default_weights="IMAGENET1K_V1",
-))
-
-register(BackboneSpec(
-    name="vit-tiny",
-    family="torchvision",
-    description="random-init 2-layer torchvision ViT, 10 classes, 32x32 input (tests and offline demos)",
-    layers=_CNN_LAYERS,
-    default_layers=("logits", "penultimate"),
-    preprocess=TINY,
-    builder=_build_vit_tiny,
-    default_weights="random",
-))

@@ -38,8 +38,8 @@ class ImageDataset:
         """Return the i-th image as a PIL image."""
         raise NotImplementedError
 
-    def unreadable(self, start: int = 0) -> list[tuple[str, str]]:
-        """(file, reason) of every image from ``start`` on that cannot be decoded. Sources
+    def unreadable(self, start: int = 0, stop: int | None = None) -> list[tuple[str, str]]:
+        """(file, reason) of every image of rows [start, stop) that cannot be decoded. Sources
         that read image files check them all (extract refuses before writing anything);
         generated and packaged data sets have nothing to check."""
         return []

@@ -10,11 +10,17 @@ methods must tell the sets apart by content.
 Parts: ``train``/``test`` (digits 0-5, stratified 70/30), ``ood/near/digits6-9``,
 ``ood/far/textures`` (crops of natural and synthetic photographs) and
 ``ood/far/noise`` (uniform noise, blurred noise, Gaussian blobs).
+
+Labels (and so ``identity()``, the fingerprint of a split) are known without making
+an image and without importing scikit-learn: a cache-hit ``extract`` costs
+milliseconds. Images are made on the first ``load`` (or ``unreadable``) of a part.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -37,6 +43,79 @@ TEXTURE_IMAGES = (
     "page", "clock", "cell", "coffee", "chelsea", "astronaut", "rocket",
     "immunohistochemistry",
 )  # fmt: skip
+
+
+# Which of the 1083 ID rows (digits 0-5, in load_digits order) are test rows: the split that
+# train_test_split(test_size=0.3, stratify=labels, random_state=0) makes (scikit-learn 1.x),
+# kept here so the split, and with it every store's fingerprint, is known without sklearn.
+_N_ID_ROWS = 1083
+_TEST_MASK = (
+    "01026a718821c1426424d000a400409c30110590109208f2028759082bd821940654a9040005c405c100028c08"
+    "80c1200970180015d640281080783e1db104000f5b50834611264800e426832e120054109122842802a357e096"
+    "0b4ac1028413490f22a2980b02580014840142700b425024c88a800b31430526835808910133a028a02a41a950a"
+)
+
+
+def _digits_csv() -> Path | None:
+    """scikit-learn's digits CSV, found without importing scikit-learn (which costs seconds)."""
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+@lru_cache(maxsize=None)
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits: (float64 images [1797, 8, 8] in [0, 1], int64 labels), what
+    ``load_digits()`` returns, read straight from its CSV when that file is where it always was."""
+    path = _digits_csv()
+    if path is not None:
+        raw = np.loadtxt(path, delimiter=",")
+        images, target = raw[:, :-1].reshape(-1, 8, 8), raw[:, -1]
+    else:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images, target = digits.images, digits.target
+    return images / 16.0, target.astype(np.int64)
+
+
+@lru_cache(maxsize=None)
+def _rows() -> dict[str, np.ndarray]:
+    """Sorted rows of the raw digits that make ``train``, ``test`` and ``ood/near/digits6-9``."""
+    labels = _digits_raw()[1]
+    is_id = labels < len(DIGITS_CLASS_NAMES)
+    id_rows = np.flatnonzero(is_id)
+    if len(id_rows) == _N_ID_ROWS:
+        bits = format(int(_TEST_MASK, 16), f"0{len(id_rows)}b")
+        is_test = np.frombuffer(bits.encode(), dtype=np.uint8) == ord("1")
+        train_rows, test_rows = id_rows[~is_test], id_rows[is_test]
+    else:  # not the digits data the mask was made for: split it the way the mask was made
+        from sklearn.model_selection import train_test_split
+
+        train_rows, test_rows = train_test_split(
+            id_rows, test_size=TEST_FRACTION, stratify=labels[id_rows], random_state=SEED
+        )
+        train_rows, test_rows = np.sort(train_rows), np.sort(test_rows)
+    return {"train": train_rows, "test": test_rows, "ood/near/digits6-9": np.flatnonzero(~is_id)}
+
+
+@lru_cache(maxsize=None)
+def digits_labels(part: str) -> np.ndarray:
+    """int64 labels [N] of a part (-1 for the OOD parts), known without making an image."""
+    part = _check_part(part)
+    if part in ("train", "test"):
+        y = _digits_raw()[1][_rows()[part]]
+    else:
+        n = {"ood/far/textures": N_TEXTURES, "ood/far/noise": N_NOISE}.get(part)
+        y = np.full(len(_rows()[part]) if n is None else n, -1, np.int64)
+    y.setflags(write=False)
+    return y
 
 
 def _quantize(x: np.ndarray) -> np.ndarray:
@@ -112,29 +191,18 @@ def _noise(rng: np.random.Generator, n: int) -> np.ndarray:
 @lru_cache(maxsize=None)
 def _generate() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """All parts as (8x8 float images in [0, 1], int64 labels); made once per process."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = digits.images / 16.0
-    labels = digits.target.astype(np.int64)
-    is_id = labels < len(DIGITS_CLASS_NAMES)
-    id_rows = np.flatnonzero(is_id)
-    train_rows, test_rows = train_test_split(
-        id_rows, test_size=TEST_FRACTION, stratify=labels[id_rows], random_state=SEED
-    )
-    train_rows, test_rows = np.sort(train_rows), np.sort(test_rows)
-    near = np.flatnonzero(~is_id)
+    images, rows = _digits_raw()[0], _rows()
     parts = {
-        "train": (images[train_rows], labels[train_rows]),
-        "test": (images[test_rows], labels[test_rows]),
-        "ood/near/digits6-9": (images[near], np.full(len(near), -1, np.int64)),
-        "ood/far/textures": (_textures(np.random.default_rng(SEED + 1), N_TEXTURES), None),
-        "ood/far/noise": (_noise(np.random.default_rng(SEED + 2), N_NOISE), None),
+        "train": images[rows["train"]],
+        "test": images[rows["test"]],
+        "ood/near/digits6-9": images[rows["ood/near/digits6-9"]],
+        "ood/far/textures": _textures(np.random.default_rng(SEED + 1), N_TEXTURES),
+        "ood/far/noise": _noise(np.random.default_rng(SEED + 2), N_NOISE),
     }
     out = {}
-    for name, (x, y) in parts.items():
-        y = np.full(len(x), -1, np.int64) if y is None else y
+    for name, x in parts.items():
+        y = np.array(digits_labels(name))
+        assert len(y) == len(x), name
         x = x.astype(np.float32)
         x.setflags(write=False)
         y.setflags(write=False)
@@ -180,17 +248,24 @@ def digits_arrays(part: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class DigitsDataset(ImageDataset):
-    """One part of the digits benchmark; images are 32x32 RGB PIL images."""
+    """One part of the digits benchmark; images are 32x32 RGB PIL images, made on first use
+    (labels, length and ``identity()`` need none)."""
 
     def __init__(self, part: str, is_ood: bool = False):
         self.part = _check_part(part)
-        labels = digits_arrays(part)[1]
+        labels = digits_labels(part)
         self.labels = np.full(len(labels), -1, np.int64) if is_ood else np.array(labels)
         self.name = f"digits:{part}"
         self.class_names = None if (is_ood or part.startswith("ood/")) else list(DIGITS_CLASS_NAMES)
 
     def load(self, i: int):
         return Image.fromarray(digits_arrays(self.part)[0][i])
+
+    def unreadable(self, start: int = 0, stop: int | None = None) -> list[tuple[str, str]]:
+        """Nothing to decode; makes the images now (extract calls this just before it computes),
+        so DataLoader workers forked afterwards share them instead of each making its own."""
+        digits_arrays(self.part)
+        return []
 
 
 def digits_part(part: str, is_ood: bool = False) -> ImageDataset:

@@ -142,9 +142,9 @@ class FolderDataset(ImageDataset):
     def load(self, i: int):
         return _open_image(self.files[i], self.name)
 
-    def unreadable(self, start: int = 0) -> list[tuple[str, str]]:
+    def unreadable(self, start: int = 0, stop: int | None = None) -> list[tuple[str, str]]:
         bad = []
-        for path in self.files[start:]:
+        for path in self.files[start:stop]:
             reason = decode_check(path)
             if reason is not None:
                 bad.append((str(path), reason))
@@ -246,11 +246,11 @@ class ClassRangeDataset(ImageDataset):
     def load(self, i: int):
         return self.inner.load(int(self.rows[i]))
 
-    def unreadable(self, start: int = 0) -> list[tuple[str, str]]:
+    def unreadable(self, start: int = 0, stop: int | None = None) -> list[tuple[str, str]]:
         files = getattr(self.inner, "files", None)
         if files is None:
             return []
-        bad = [(str(files[r]), decode_check(files[r])) for r in self.rows[start:]]
+        bad = [(str(files[r]), decode_check(files[r])) for r in self.rows[start:stop]]
         return [(path, reason) for path, reason in bad if reason is not None]
 
 

@@ -21,17 +21,17 @@ model over a frozen backbone that layer did not learn anything, so score its
 The prototype qualities are read from ``backbones/<backbone>/prototypes/`` (vectors,
 classes, q_c, q_s), which extract writes for ``apex``/``palm`` models; any other
 prototype method (the paper applies PAOS to CIDER) can put its prototypes there too.
-Both methods need such a backbone; ``score all`` runs them only where one is scored
-(e.g. ``score all --backbone apex``).
+Both methods need such a backbone; without ``--backbone``, ``score`` picks the one named
+after the method (``apex``, ``palm``) when the store holds it.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import logsumexp
 
 from oodcli.errors import OodError, UsageError
 from oodcli.scorers.base import Scorer, register
+from oodcli.scorers.logits import logsumexp
 from oodcli.scorers.mahalanobis import Distances, fit_gaussians
 
 PROTOTYPES = ("vectors", "classes", "q_c", "q_s")

@@ -15,17 +15,23 @@ prototypes come from ``oodcli.text`` and are cached under ``fitted/text/``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from oodcli import negatives, text
 from oodcli.errors import UsageError
 from oodcli.scorers.base import Scorer, register
 from oodcli.store import Store, digest, features_node
 
+if TYPE_CHECKING:
+    import torch
+
 
 def _unit(x: np.ndarray) -> torch.Tensor:
     """Float32 tensor, re-normalised along the last axis (float16 storage bends unit norms)."""
+    import torch  # here, not at the top: listing or running the other scorers must not import torch
+
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     return torch.nn.functional.normalize(t, dim=-1)
 
@@ -67,10 +73,14 @@ class _ClipText(Scorer):
         self.prototypes = None
 
     def mcm(self, image_embeds: np.ndarray) -> torch.Tensor:
+        import torch
+
         logits = _unit(image_embeds) @ torch.from_numpy(self.prototypes).T / self.temperature
         return torch.softmax(logits, dim=1).amax(dim=1)
 
     def local_softmax(self, patch_tokens: np.ndarray) -> torch.Tensor:
+        import torch
+
         """[B, P, C]: for each patch, the softmax over classes of its similarities / T."""
         logits = _unit(patch_tokens) @ torch.from_numpy(self.prototypes).T / self.temperature
         return torch.softmax(logits, dim=-1)
@@ -188,6 +198,8 @@ class NegLabel(_ClipText):
         # NegLabel's grouping: a fixed random split of the negatives into ngroup equal groups
         size = len(self.negatives) // self.ngroup
         order = np.random.default_rng(self.seed).permutation(len(self.negatives))[: size * self.ngroup]
+        import torch
+
         self.grouped = torch.from_numpy(np.ascontiguousarray(self.negatives[order]))
         return hit is not None
 
@@ -196,6 +208,8 @@ class NegLabel(_ClipText):
         self.negatives = self.grouped = None
 
     def score_batch(self, batch):
+        import torch
+
         x = _unit(batch["image_embeds"])
         pos = torch.logsumexp(x @ torch.from_numpy(self.prototypes).T / self.temperature, dim=1)
         neg = (x @ self.grouped.T / self.temperature).reshape(len(x), self.ngroup, -1)

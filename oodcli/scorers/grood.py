@@ -2,7 +2,10 @@
 
 The math lives here; the prototypes it needs come from ``oodcli synthesize grood``
 (``oodcli/synth/grood.py``), which keeps them under ``fitted/grood`` and then writes
-the gradient of every split with ``write_gradients``:
+the gradient of every split with ``write_gradients``. A split added later (e.g. a new
+OOD set) needs nothing but its stored penultimate features and those prototypes: ``score
+grood`` (and ``grood-gradnorm``) write its gradients then (``ensure_gradients``), and the
+index stays the one built over the train gradients:
 
 - logits are minus the L2 distances of a penultimate feature h to the C class
   prototypes and the OOD prototype (eq. 2), turned into probabilities by a softmax
@@ -23,11 +26,11 @@ from __future__ import annotations
 
 
 import numpy as np
-from scipy.special import softmax
 
 from oodcli import index as faiss_index
 from oodcli.errors import OodError, UsageError
 from oodcli.scorers.base import Progress, Scorer, iter_feature_blocks, no_progress, register, train_fingerprint
+from oodcli.scorers.logits import softmax
 from oodcli.store import Store, digest, features_node, list_splits
 
 STATE_NODE = "fitted/grood"
@@ -114,6 +117,48 @@ def gradient_fingerprint(store: Store, backbone: str, split: str, prototype_id: 
     return digest(parts)
 
 
+def gradients_current(store: Store, backbone: str, split: str, state: dict) -> bool:
+    """Whether ``grads/grood/<split>`` is whole and made from this split's features and these prototypes."""
+    node = grads_node(split)
+    if not store.is_array(node):
+        return False
+    attrs = store.node_attrs(node)
+    return bool(attrs.get("complete")) and attrs.get("fingerprint") == gradient_fingerprint(
+        store, backbone, split, state["prototype_id"])
+
+
+def write_split_gradients(store: Store, backbone: str, split: str, state: dict,
+                          progress: Progress = no_progress) -> dict:
+    """Eq. 5 for every row of one split, from its stored penultimate features and the
+    prototypes in ``state``, as ``grads/grood/<split>`` (in one transaction: whole or not
+    at all); left alone when current. Returns ``{split, rows, status}``."""
+    node = features_node(split, backbone)
+    rows, dim = store.shape(f"{node}/{LAYER}")
+    if gradients_current(store, backbone, split, state):
+        return {"split": split, "rows": rows, "status": "cached"}
+    owner = store.node_attrs(STATE_NODE).get("model_id") if store.exists(STATE_NODE) else None
+    if owner is not None and store.node_attrs(node).get("model_id") != owner:
+        raise OodError(f"split '{split}' was extracted with other '{backbone}' weights than the GROOD prototypes "
+                       f"were made from; re-extract it with the train split's weights")
+    if not store.writable:
+        raise OodError(f"split '{split}' has no GROOD gradients yet and store {store.path} is open read-only; "
+                       "open it writable to make them")
+    fingerprint = gradient_fingerprint(store, backbone, split, state["prototype_id"])
+    with store.transaction() as txn:  # a split's gradients land whole or not at all
+        staged = txn.stage(grads_node(split))
+        store.create_array(staged, (rows, dim), np.float32, chunk_rows=store.chunk_rows(f"{node}/{LAYER}"))
+        advance = progress(f"grood: gradients {split}", rows)
+        start = 0
+        for block in iter_feature_blocks(store, backbone, split, (LAYER,)):
+            grads = ood_gradients(block[LAYER], state["class_prototypes"], state["ood_prototype"])
+            store.write_rows(staged, start, grads.astype(np.float32))
+            start += len(grads)
+            advance(len(grads))
+        store.set_attrs(staged, fingerprint=fingerprint, prototype_id=state["prototype_id"], backbone=backbone,
+                        features=f"{node}/{LAYER}", formula="GROOD eq. 5", complete=True)
+    return {"split": split, "rows": rows, "status": "written"}
+
+
 def write_gradients(store: Store, backbone: str, state: dict, progress: Progress = no_progress) -> list[dict]:
     """Eq. 5 for every row of every split extracted with the train split's model, as
     ``grads/grood/<split>``; a split whose gradients are current is left alone."""
@@ -124,26 +169,7 @@ def write_gradients(store: Store, backbone: str, state: dict, progress: Progress
         attrs = store.node_attrs(node) if store.exists(node) else {}
         if not (attrs.get("complete") and attrs.get("model_id") == model_id and store.is_array(f"{node}/{LAYER}")):
             continue
-        out = grads_node(split)
-        fingerprint = gradient_fingerprint(store, backbone, split, state["prototype_id"])
-        rows, dim = store.shape(f"{node}/{LAYER}")
-        if store.is_array(out) and store.node_attrs(out).get("fingerprint") == fingerprint \
-                and store.node_attrs(out).get("complete"):
-            done.append({"split": split, "rows": rows, "status": "cached"})
-            continue
-        with store.transaction() as txn:  # a split's gradients land whole or not at all
-            staged = txn.stage(out)
-            store.create_array(staged, (rows, dim), np.float32, chunk_rows=store.chunk_rows(f"{node}/{LAYER}"))
-            advance = progress(f"grood: gradients {split}", rows)
-            start = 0
-            for block in iter_feature_blocks(store, backbone, split, (LAYER,)):
-                grads = ood_gradients(block[LAYER], state["class_prototypes"], state["ood_prototype"])
-                store.write_rows(staged, start, grads.astype(np.float32))
-                start += len(grads)
-                advance(len(grads))
-            store.set_attrs(staged, fingerprint=fingerprint, prototype_id=state["prototype_id"], backbone=backbone,
-                            features=f"{node}/{LAYER}", formula="GROOD eq. 5", complete=True)
-        done.append({"split": split, "rows": rows, "status": "written"})
+        done.append(write_split_gradients(store, backbone, split, state, progress))
     return done
 
 
@@ -166,11 +192,16 @@ def check_gradients(store: Store, backbone: str, split: str, state: dict) -> str
 
 class _GroodScorer(Scorer):
     """Shared life cycle: the state comes from ``oodcli synthesize grood`` (it needs the
-    backbone, which a scorer never runs), so ``prepare`` loads and checks it instead of fitting."""
+    backbone, which a scorer never runs), so ``prepare`` loads and checks it instead of fitting.
+
+    Scorers that read the gradient store (``uses_gradients``) make the gradients of a split
+    that has none yet from its stored features (``complete_inputs``, called by
+    ``oodcli.scoring`` before scoring, and again lazily by ``gradient_blocks``)."""
 
     layers = (LAYER,)
     needs_fit = True
     min_train_classes = 2
+    uses_gradients = False
 
     def check_inputs(self, store: Store, backbone: str, train_split: str, model_id: str | None) -> None:
         """Load the state, refusing inputs that are missing or stale with a one-line error."""
@@ -190,7 +221,21 @@ class _GroodScorer(Scorer):
         self.ready(store, backbone, train_split)
         return "cached"
 
+    def complete_inputs(self, store: Store, backbone: str, splits: list[str]) -> list[str]:
+        """Write the gradients of every split in ``splits`` that has none for the current
+        prototypes (eq. 5 needs only its penultimate features); returns one note per split written."""
+        if not self.uses_gradients:
+            return []
+        notes = []
+        for split in splits:
+            if write_split_gradients(store, backbone, split, self.state, self.progress)["status"] == "written":
+                notes.append(f"wrote grads/grood/{split} from its penultimate features and the stored prototypes "
+                             "(eq. 5; no synthesize needed)")
+        return notes
+
     def gradient_blocks(self, store: Store, backbone: str, split: str):
+        if not gradients_current(store, backbone, split, self.state):
+            self.complete_inputs(store, backbone, [split])
         node = check_gradients(store, backbone, split, self.state)
         advance = self.progress(f"{self.name}: score {split}", store.shape(node)[0])
         for _, block in store.iter_rows(node):
@@ -214,6 +259,7 @@ class GROOD(_GroodScorer):
     """Minus the distance to the k-th nearest train gradient w.r.t. the OOD prototype (GROOD eq. 6); after synthesize + index."""
 
     name = "grood"
+    uses_gradients = True
 
     def __init__(self, k: int = 1, index: str = ""):
         self.k = int(k)
@@ -255,6 +301,7 @@ class GroodGradNorm(_GroodScorer):
     """GROOD ablation (2): minus the L1 norm of the gradient w.r.t. the OOD prototype."""
 
     name = "grood-gradnorm"
+    uses_gradients = True
 
     def __init__(self):
         pass
@@ -277,6 +324,10 @@ class GroodClassGrad(_GroodScorer):
 
     def _grads(self, h: np.ndarray) -> np.ndarray:
         return class_gradients(h, self.state["class_prototypes"], self.state["ood_prototype"])
+
+    def check_inputs(self, store, backbone, train_split, model_id):
+        super().check_inputs(store, backbone, train_split, model_id)
+        self._check_k(store.shape(f"{features_node(train_split, backbone)}/{LAYER}")[0])  # before any work
 
     def ready(self, store, backbone, split):
         """An in-memory index over the train class gradients (computed on the fly: they are

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import logsumexp, softmax
 
 from oodcli.scorers.base import Scorer, register
+
+
+def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """log(sum(exp(x))) along ``axis``, stable (scipy.special's would cost 0.3 s of import per command)."""
+    top = np.max(x, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    return np.log(np.sum(np.exp(x - top), axis=axis)) + np.squeeze(top, axis=axis)
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
 
 
 def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

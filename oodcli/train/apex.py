@@ -63,7 +63,7 @@ from oodcli.errors import OodError, UsageError
 from oodcli.outputs import atomic_write, check_output_file
 
 METHODS = ("apex", "palm")
-FORMAT = "oodcli-prototypes/1"
+from oodcli.backbones.registry import APEX_FORMAT as FORMAT  # noqa: E402  (one home: the registry reads it)
 PALM_K = 6
 
 
@@ -533,20 +533,10 @@ def read_model(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def read_meta(path: str | Path) -> dict:
-    """Only the settings (cheap: reads the file header)."""
-    from safetensors import safe_open
+    """Only the settings (cheap: reads the file header, no tensors)."""
+    from oodcli.backbones.registry import read_apex_meta
 
-    path = Path(path)
-    if not path.is_file():
-        raise OodError(f"weights file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as exc:
-        raise OodError(f"cannot read {path} as safetensors ({type(exc).__name__})") from None
-    if metadata.get("format") != FORMAT:
-        raise OodError(f"{path} is not a model written by 'oodcli train apex|palm'")
-    return json.loads(metadata["meta"])
+    return read_apex_meta(path)
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:

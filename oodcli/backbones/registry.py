@@ -1,0 +1,227 @@
+"""Every backbone family's specs, declared without importing a network (or torch).
+
+Each spec names its builder as ``Lazy("oodcli.backbones.<family>:<function>", ...)``:
+the family module (torch, torchvision, transformers, open_clip) is imported only
+when ``spec.build`` runs, i.e. when a split actually needs computing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from oodcli.backbones.spec import BackboneSpec, Lazy, Preprocess, get_spec, register, safetensors_metadata
+from oodcli.errors import OodError, UsageError
+
+# ---- preprocessing of each family --------------------------------------------------------
+
+IMAGENET = Preprocess(resize=256, crop=224)
+TV_TINY = Preprocess(resize=32, crop=32)
+CIFAR = Preprocess(resize=32, crop=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+DIGITS = Preprocess(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+DINO = Preprocess(resize=256, crop=224, interpolation="bicubic")
+DINO_TINY = Preprocess(resize=32, crop=32, interpolation="bicubic")
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_224 = Preprocess(resize=224, crop=224, mean=_CLIP_MEAN, std=_CLIP_STD, interpolation="bicubic")
+CLIP_TINY = Preprocess(resize=32, crop=32, mean=_CLIP_MEAN, std=_CLIP_STD, interpolation="bicubic")
+
+# ---- torchvision ImageNet classifiers (oodcli.backbones.torchvision_models) ----------------
+
+_CNN_LAYERS = ("logits", "penultimate", "early")
+_TV = "oodcli.backbones.torchvision_models"
+
+for _arch, _default, _dim in (
+    ("resnet18", "IMAGENET1K_V1", 512),
+    ("resnet34", "IMAGENET1K_V1", 512),
+    ("resnet50", "IMAGENET1K_V2", 2048),
+):
+    register(BackboneSpec(
+        name=_arch,
+        family="torchvision",
+        description=f"torchvision {_arch} ImageNet classifier (penultimate {_dim}-d)",
+        layers=_CNN_LAYERS,
+        default_layers=("logits", "penultimate"),
+        preprocess=IMAGENET,
+        builder=Lazy(f"{_TV}:build_resnet", _arch),
+        default_weights=_default,
+    ))
+
+register(BackboneSpec(
+    name="resnet18-tiny",
+    family="torchvision",
+    description="random-init torchvision resnet18, 10 classes, 32x32 input (tests and offline demos)",
+    layers=_CNN_LAYERS,
+    default_layers=("logits", "penultimate"),
+    preprocess=TV_TINY,
+    builder=Lazy(f"{_TV}:build_resnet18_tiny"),
+    default_weights="random",
+))
+
+register(BackboneSpec(
+    name="vit_b_16",
+    family="torchvision",
+    description="torchvision ViT-B/16 ImageNet classifier (penultimate 768-d class token)",
+    layers=_CNN_LAYERS,
+    default_layers=("logits", "penultimate"),
+    preprocess=IMAGENET,
+    builder=Lazy(f"{_TV}:build_vit_b_16"),
+    default_weights="IMAGENET1K_V1",
+))
+
+register(BackboneSpec(
+    name="vit-tiny",
+    family="torchvision",
+    description="random-init 2-layer torchvision ViT, 10 classes, 32x32 input (tests and offline demos)",
+    layers=_CNN_LAYERS,
+    default_layers=("logits", "penultimate"),
+    preprocess=TV_TINY,
+    builder=Lazy(f"{_TV}:build_vit_tiny"),
+    default_weights="random",
+))
+
+# ---- CIFAR ResNets (oodcli.backbones.cifar_resnet) ---------------------------------------
+
+for _arch in ("cifar_resnet18", "cifar_resnet34"):
+    register(BackboneSpec(
+        name=_arch,
+        family="cifar_resnet",
+        description=f"CIFAR {_arch.split('_')[1]} (OpenOOD layout); needs --weights PATH to a state_dict",
+        layers=_CNN_LAYERS,
+        default_layers=("logits", "penultimate"),
+        preprocess=CIFAR,
+        builder=Lazy("oodcli.backbones.cifar_resnet:build", _arch),
+        needs_weights_file=True,
+    ))
+
+register(BackboneSpec(
+    name="cifar_resnet18-tiny",
+    family="cifar_resnet",
+    description="random-init cifar_resnet18, 10 classes (tests and offline demos)",
+    layers=_CNN_LAYERS,
+    default_layers=("logits", "penultimate"),
+    preprocess=CIFAR,
+    builder=Lazy("oodcli.backbones.cifar_resnet:build", "cifar_resnet18"),
+    default_weights="random",
+))
+
+# ---- DINOv2 (oodcli.backbones.dinov2) -------------------------------------------------------
+
+_DINO_LAYERS = ("cls", "patch_mean", "penultimate", "patch_tokens")
+
+for _name in ("dinov2-small", "dinov2-base", "dinov2-large"):
+    register(BackboneSpec(
+        name=_name,
+        family="dinov2",
+        description=f"DINOv2 {_name.split('-')[1]} ViT/14 features (no classifier: no logits)",
+        layers=_DINO_LAYERS,
+        default_layers=("cls", "patch_mean"),
+        preprocess=DINO,
+        builder=Lazy("oodcli.backbones.dinov2:build", _name, DINO.crop),
+        default_weights=f"facebook/{_name}",
+    ))
+
+register(BackboneSpec(
+    name="dinov2-tiny",
+    family="dinov2",
+    description="random-init 2-layer DINOv2, 32x32 input (tests and offline demos)",
+    layers=_DINO_LAYERS,
+    default_layers=("cls", "patch_mean"),
+    preprocess=DINO_TINY,
+    builder=Lazy("oodcli.backbones.dinov2:build", "dinov2-tiny", DINO_TINY.crop),
+    default_weights="random",
+))
+
+# ---- CLIP (oodcli.backbones.clip) ---------------------------------------------------------
+
+_CLIP_LAYERS = ("image_embeds", "patch_tokens", "penultimate")
+
+register(BackboneSpec(
+    name="clip-vit-b-16",
+    family="clip",
+    description="CLIP ViT-B/16 image encoder (open_clip); text prototypes for MCM/GL-MCM; no logits",
+    layers=_CLIP_LAYERS,
+    default_layers=("image_embeds",),
+    preprocess=CLIP_224,
+    builder=Lazy("oodcli.backbones.clip:build_real", "ViT-B-16", CLIP_224.crop),
+    default_weights="openai",
+))
+
+register(BackboneSpec(
+    name="clip-tiny",
+    family="clip",
+    description="random-init 2-layer CLIP, 32x32 input (tests and offline demos)",
+    layers=_CLIP_LAYERS,
+    default_layers=("image_embeds",),
+    preprocess=CLIP_TINY,
+    builder=Lazy("oodcli.backbones.clip:build_tiny"),
+    default_weights="random",
+))
+
+# ---- the digits CNN (oodcli.backbones.digits_cnn) ------------------------------------------
+
+register(BackboneSpec(
+    name="digits_cnn",
+    family="digits_cnn",
+    description="small CNN for the embedded digits benchmark; needs --weights PATH (.safetensors)",
+    layers=_CNN_LAYERS,
+    default_layers=("logits", "penultimate"),
+    preprocess=DIGITS,
+    builder=Lazy("oodcli.backbones.digits_cnn:build"),
+    needs_weights_file=True,
+))
+
+register(BackboneSpec(
+    name="digits_cnn-tiny",
+    family="digits_cnn",
+    description="random-init digits_cnn, 6 classes (tests and offline demos)",
+    layers=_CNN_LAYERS,
+    default_layers=("logits", "penultimate"),
+    preprocess=DIGITS,
+    builder=Lazy("oodcli.backbones.digits_cnn:build"),
+    default_weights="random",
+))
+
+# ---- APEX / PALM prototype models (oodcli.backbones.apex) ------------------------------------
+
+APEX_LAYERS = ("embedding", "penultimate")
+APEX_FORMAT = "oodcli-prototypes/1"  # the header format of models from train apex|palm
+
+
+def read_apex_meta(path: str | Path) -> dict:
+    """The settings of a model from 'oodcli train apex|palm', read from the file header only."""
+    path = Path(path)
+    if not path.is_file():
+        raise OodError(f"weights file not found: {path}")
+    try:
+        metadata = safetensors_metadata(path)
+    except Exception as exc:
+        raise OodError(f"cannot read {path} as safetensors ({type(exc).__name__})") from None
+    if metadata.get("format") != APEX_FORMAT:
+        raise OodError(f"{path} is not a model written by 'oodcli train apex|palm'")
+    return json.loads(metadata["meta"])
+
+
+def adapt_apex(spec: BackboneSpec, weights: str | None) -> BackboneSpec:
+    """The base network's preprocessing, read from the file's header (no torch)."""
+    if weights is None:
+        return spec
+    meta = read_apex_meta(weights)
+    if meta["method"] != spec.name:
+        raise UsageError(f"{weights} holds a {meta['method']} model; extract it with --model {meta['method']}")
+    return dataclasses.replace(spec, preprocess=get_spec(meta["base_model"]).preprocess)
+
+
+for _method, _what in (("apex", "APM (adaptive K per class)"), ("palm", "PALM (fixed K)")):
+    register(BackboneSpec(
+        name=_method,
+        family="apex",
+        description=f"{_what} model from 'oodcli train {_method}'; needs --weights FILE.safetensors",
+        layers=APEX_LAYERS,
+        default_layers=APEX_LAYERS,
+        preprocess=Preprocess(resize=32, crop=32),  # placeholder: the base network's, per --weights
+        builder=Lazy("oodcli.backbones.apex:build", _method),
+        needs_weights_file=True,
+        adapt=adapt_apex,
+    ))

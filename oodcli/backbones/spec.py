@@ -1,0 +1,185 @@
+"""What every backbone is before it is built: a spec that is cheap to inspect, and the registry.
+
+Nothing here imports torch (DESIGN.md, "Fast start"): the spec (name, layers,
+preprocessing, weights identity) is all that ``extract`` needs to fingerprint a run,
+so a cache hit, ``--list-models`` and every command that reads a store never pay for
+it. Builders are ``Lazy("module:function", *args)`` references; the module holding
+the network, and torch with it, is imported only when a network is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from oodcli.errors import OodError, UsageError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Image preprocessing, described as data so it can be fingerprinted and printed."""
+
+    resize: int  # shorter side is resized to this many pixels
+    crop: int  # then centre-cropped to crop x crop
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"  # or "bicubic"
+
+    def to_transform(self):
+        from torchvision import transforms as T
+
+        mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[
+            self.interpolation
+        ]
+        return T.Compose(
+            [
+                T.Lambda(_to_rgb),
+                T.Resize(self.resize, interpolation=mode),
+                T.CenterCrop(self.crop),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _to_rgb(img):
+    return img.convert("RGB") if getattr(img, "mode", "RGB") != "RGB" else img
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A callable named by ``"module:function"``: the module is imported on the first call.
+
+    ``Lazy("oodcli.backbones.cifar_resnet:build", "cifar_resnet18")(weights)`` calls
+    ``build("cifar_resnet18", weights)``; declaring a spec with it costs no import.
+    """
+
+    target: str
+    args: tuple = ()
+
+    def __init__(self, target: str, *args: Any):
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "args", args)
+
+    def resolve(self) -> Callable:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self, *more: Any):
+        return self.resolve()(*self.args, *more)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A registered backbone: everything known before building it."""
+
+    name: str
+    family: str  # torchvision | cifar_resnet | dinov2 | clip | digits_cnn | ...
+    description: str
+    layers: tuple[str, ...]  # every layer it can return
+    default_layers: tuple[str, ...]
+    preprocess: Preprocess
+    #: weights -> Backbone; usually a ``Lazy`` so that declaring the spec imports no torch
+    builder: Callable[[str | None], Any] = field(repr=False, compare=False)
+    default_weights: str | None = None  # e.g. "IMAGENET1K_V1", "openai", "random"
+    needs_weights_file: bool = False  # True: --weights PATH is required
+    #: families whose input depends on the checkpoint return the spec for given weights
+    adapt: Callable[["BackboneSpec", str | None], "BackboneSpec"] | None = field(default=None, repr=False, compare=False)
+
+    def weights_identity(self, weights: str | None) -> str:
+        """A stable string naming the parameters; a file is named by its content hash."""
+        weights = weights if weights is not None else self.default_weights
+        if weights is None:
+            if self.needs_weights_file:
+                raise UsageError(f"model '{self.name}' needs --weights PATH (a checkpoint file)")
+            return "none"
+        path = Path(weights)
+        if path.is_dir():  # e.g. a Hugging Face model saved with save_pretrained
+            return f"dir:{path.name}:sha256={sha256_dir(path)}"
+        if path.suffix in {".safetensors", ".pt", ".pth", ".ckpt", ".bin"} or path.exists():
+            if not path.is_file():
+                raise OodError(f"weights file not found: {weights}")
+            return f"file:{path.name}:sha256={sha256_file(path)}"
+        return f"{self.family}:{weights}"
+
+    def for_weights(self, weights: str | None) -> "BackboneSpec":
+        """This spec as it applies to ``weights`` (APEX/PALM models take their base network's preprocessing)."""
+        return self.adapt(self, weights) if self.adapt is not None else self
+
+    def build(self, weights: str | None = None):
+        """The network (a ``Backbone``); this is where torch is imported."""
+        self.weights_identity(weights)  # validates --weights before any work
+        return self.builder(weights if weights is not None else self.default_weights)
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def sha256_dir(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}={sha256_file(f)};".encode())
+    return h.hexdigest()[:16]
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a .safetensors file, read from its JSON header (no torch,
+    no tensor data read). Raises ValueError when the file is not safetensors."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("file too short for a safetensors header")
+        (size,) = struct.unpack("<Q", head)
+        if size > 100_000_000:
+            raise ValueError("safetensors header too large")
+        raw = f.read(size)
+    if len(raw) != size:
+        raise ValueError("truncated safetensors header")
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("safetensors __metadata__ is not a JSON object")
+    return meta
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> BackboneSpec:
+    from oodcli.backbones import registry  # noqa: F401  (declares every family's specs; no torch)
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown model '{name}'; choose one of: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def all_specs() -> dict[str, BackboneSpec]:
+    from oodcli.backbones import registry  # noqa: F401
+
+    return dict(_REGISTRY)
