@@ -6,8 +6,10 @@ For each case, in the same run and on the same data loader settings:
              background writes + fingerprinting), into a fresh store each repeat
   ratio    - extract throughput / bare throughput (goal >= 0.95)
   cache    - a re-run of the same extract on the finished store (goal < 1 s), timed
-             in-process and as a whole `oodcli extract` command (which also pays for
-             Python start-up, importing torch and building the digits data).
+             in-process and as a whole `oodcli extract` command (Python start-up and
+             imports included; a cache hit imports no torch).
+  shards   - the same extraction as whole `oodcli extract` processes: one process with
+             every core vs `--shard 0/2` and `--shard 1/2` side by side, one thread each.
 Best of --repeats runs is kept for each timing.
 
 Usage: python benchmarks/extract.py [--repeats 3] [--out benchmarks/results/extract.json]
@@ -103,6 +105,30 @@ def case(name: str, model: str, weights, splits, batch_size: int, repeats: int, 
     }
 
 
+def shards_case(model: str, weights, splits, batch_size: int, repeats: int, tmp: Path) -> dict:
+    """Wall time of one extract process vs two shards at once (whole processes, start-up included)."""
+    base = [sys.executable, "-m", "oodcli", "-q", "extract", "--model", model, "--benchmark", "digits",
+            "--batch-size", str(batch_size), "--device", "cpu"] + [a for s in splits for a in ("--split", s)]
+    if weights:
+        base += ["--weights", str(weights)]
+    one, two = [], []
+    for r in range(repeats):
+        store = tmp / f"one-{r}.zarr"
+        t0 = time.perf_counter()
+        subprocess.run(base + ["--store", str(store)], check=True, capture_output=True)
+        one.append(time.perf_counter() - t0)
+        store = tmp / f"two-{r}.zarr"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(base + ["--store", str(store), "--shard", f"{i}/2"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+        for p in procs:
+            assert p.wait() == 0, p.stderr.read()
+        two.append(time.perf_counter() - t0)
+    return {"model": model, "splits": splits, "one_process_s": min(one), "two_shards_s": min(two),
+            "speedup": min(one) / min(two)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -118,6 +144,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows.append(case("digits-cnn-32px", cnn, cnn_weights, all_splits, 256, args.repeats, Path(tmp)))
         rows.append(case("resnet18-224px", "resnet18", "random", ["test"], 64, max(1, args.repeats - 1), Path(tmp)))
+        sharded = shards_case("resnet18", "random", ["test", "ood/far/noise"], 64, max(1, args.repeats - 1), Path(tmp))
     header = f"{'case':18} {'rows':>6} {'bare img/s':>11} {'extract img/s':>14} {'ratio':>6} {'hit (lib)':>10} {'hit (CLI)':>10}"
     print(header)
     for r in rows:
@@ -125,6 +152,8 @@ def main() -> None:
             f"{r['case']:18} {r['rows']:6d} {r['bare_img_per_s']:11.1f} {r['extract_img_per_s']:14.1f} "
             f"{r['ratio']:6.3f} {r['cache_hit_s_in_process']:9.3f}s {r['cache_hit_s_cli']:9.2f}s"
         )
+    print(f"shards  resnet18 224 px, {', '.join(sharded['splits'])}: one process {sharded['one_process_s']:.1f} s, "
+          f"two shards at once {sharded['two_shards_s']:.1f} s (x{sharded['speedup']:.2f})")
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
@@ -132,7 +161,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    args.out.write_text(json.dumps({"meta": meta, "results": rows, "shards": sharded}, indent=2))
     print(f"saved {args.out}")
 
 
