@@ -690,8 +690,14 @@ def open_store(path: str | Path, mode: str = "r", shared: bool = False) -> Store
                 _recover(fixer)
         finally:
             lock.release()
+    creating = _WriterLock(path, "setup.lock") if shared else None
+    if creating is not None:  # shards starting together: one creates the root, the others then open it
+        with uninterrupted():
+            creating.try_acquire(wait=True)
     try:
         store = Store(path, _open_root(path, backend, writable), backend, writable, lock if writable else None, shared)
+        if creating is not None and "schema" not in store.attrs and not store.children(hidden=True):
+            store.set_attrs("", schema=SCHEMA_VERSION, oodcli_version=__version__)
     except OodError:
         if not writable and lock.try_acquire():  # not busy: the file itself is the problem
             lock.release()
@@ -703,6 +709,9 @@ def open_store(path: str | Path, mode: str = "r", shared: bool = False) -> Store
     except BaseException:
         lock.release()
         raise
+    finally:
+        if creating is not None:
+            creating.release()
     try:
         attrs = store.attrs
         if exists and "schema" not in attrs:

@@ -113,3 +113,28 @@ def test_cluster_readers_see_a_plain_store(single):
     assert float(lazy.astype("float64").mean().compute()) == pytest.approx(expected.astype(np.float64).mean())
     ds = xr.open_zarr(str(single), group=node, consolidated=False, zarr_format=3)
     np.testing.assert_array_equal(ds["penultimate"].values, expected)
+
+
+def test_shards_starting_together_create_the_store_once(tmp_path):
+    """Two shards opening a store that does not exist yet: one creates it, the other opens it
+    (without the setup lock around creation, zarr raises ContainsGroupError in the second)."""
+    import threading
+
+    errors = []
+
+    def open_shard(path):
+        try:
+            open_store(path, "a", shared=True).close()
+        except Exception as exc:  # collected: an exception in a thread would not fail the test
+            errors.append(exc)
+
+    for i in range(25):
+        path = tmp_path / f"s{i}.zarr"
+        threads = [threading.Thread(target=open_shard, args=(path,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with open_store(path) as st:
+            assert st.attrs["schema"] == 1
+    assert errors == []
