@@ -31,3 +31,24 @@ def images():
 def one_line_error(text: str) -> bool:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in text
+
+
+def run(capsys, *args):
+    """The CLI in-process: (exit code, stdout, stderr)."""
+    from oodcli.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and arrays: intra-op threads only add overhead (a lot of it on a shared CPU),
+    and a process forked after torch ran two threads hangs in its first convolution."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

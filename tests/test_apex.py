@@ -7,8 +7,7 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
-from conftest import one_line_error
-from oodcli.cli import main
+from conftest import one_line_error, run
 from oodcli.collisions import find_collisions, separation
 from oodcli.scoring import score_store
 from oodcli.store import open_store
@@ -26,19 +25,7 @@ from oodcli.train.apex import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (a lot of it on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def unit(rng, n, d):

@@ -7,15 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import one_line_error
+from conftest import one_line_error, run
 from oodcli.cli import PLANNED_TRAINERS, main
 from oodcli.store import open_store
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import oodcli.negatives as negatives
 import oodcli.text as text
-from conftest import one_line_error
+from conftest import one_line_error, run
 from oodcli.backbones import get_spec
 from oodcli.cli import main
 from oodcli.errors import OodError
@@ -63,12 +63,6 @@ ADJS = """  1 This software and database is being provided to you, the LICENSEE,
 """
 
 
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def _save_tiny(path, seed):
     """A random-initialised tiny CLIP saved as the weights file a user would pass."""
     from safetensors.torch import save_file
@@ -81,13 +75,7 @@ def _save_tiny(path, seed):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny CLIP's ops are too small to split: extra threads only spin on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import oodcli.store as store_mod
 from oodcli.cli import main
@@ -361,14 +360,6 @@ class Chain:
                         self.step("select_k").ref, self.path("rm"))
         return Step("rm", lambda s: ["store", "rm", s, "ood/far/noise", "knn"], self.step("score").ref,
                     self.path("rm"))
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

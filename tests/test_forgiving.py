@@ -16,8 +16,7 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import one_line_error
-from oodcli.cli import main
+from conftest import one_line_error, run
 from oodcli.store import open_store
 
 DIM, CLASSES, CHUNK = 12, 3, 32
@@ -25,21 +24,7 @@ SPLITS = {"train": ("id", 150), "test": ("id", 60), "ood/near/a": ("ood-near", 5
 APEX_WEIGHTS = "/models/digits-apex.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models and arrays: intra-op threads only add overhead (a lot of it on a shared CPU)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def add_split(st, split, role, n, rng, source=None):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import one_line_error
+from conftest import one_line_error, run
 from oodcli import index as faiss_index
 from oodcli.cli import main
 from oodcli.errors import UsageError
@@ -19,12 +19,6 @@ from oodcli.synth.grood import proximity_filter
 
 MODEL = "digits_cnn-tiny"
 SPLITS = ("train", "test", "ood/near/digits6-9", "ood/far/noise")  # textures left out: the tests stay fast
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # ---- the math ----------------------------------------------------------------------------------

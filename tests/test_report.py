@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from conftest import one_line_error
+from conftest import one_line_error, run
 from oodcli.cli import main
 from oodcli.metrics import ood_metrics
 from oodcli.report import roc_points
@@ -17,12 +17,6 @@ from oodcli.store import open_store
 from test_scorers import make_store
 
 METHODS = ["msp", "energy", "vim"]
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

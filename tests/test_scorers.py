@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from conftest import one_line_error
-from oodcli.cli import main
+from conftest import one_line_error, run
 from oodcli.scorers import describe_scorers, scorer_names
 from oodcli.scorers.knn import default_k
 from oodcli.scorers.vim import default_dim
@@ -286,12 +285,6 @@ def test_gen_uses_only_the_top_m_classes(tmp_path):
 
 
 # ---- the command line ------------------------------------------------------------------------
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_reports_fitted_then_cached(capsys, tmp_path):

@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import one_line_error
-from oodcli.cli import main
+from conftest import one_line_error, run
 from oodcli.errors import UsageError
 from oodcli.select_k import parse_k_range, read_k, select_k_arrays
 from oodcli.store import open_store
@@ -25,12 +24,6 @@ def mixtures(dim=128, n=400, sep=8.0, seed=0):
         xs.append(means[rng.integers(0, k, n)] + rng.normal(size=(n, dim)))
         ys.append(np.full(n, c))
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_bic_recovers_the_true_k():
