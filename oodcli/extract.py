@@ -36,7 +36,7 @@ from oodcli.store import (
     split_dependents,
     split_is_whole,
     split_node,
-    _split_groups,
+    split_groups,
 )
 
 if TYPE_CHECKING:  # torch is imported only where a split is computed (DESIGN.md, "Fast start")
@@ -217,7 +217,7 @@ def _short(value) -> str:
 def check_new_split(store: Store, split: str) -> None:
     """A new split may not sit inside another split or hold one (``ood/near`` beside
     ``ood/near/x``): its group would mix a split's arrays with another split's."""
-    for other in _split_groups(store):
+    for other in split_groups(store):
         if other != split and (other.startswith(split + "/") or split.startswith(other + "/")):
             raise UsageError(
                 f"split '{split}' would nest with the existing split '{other}'; pick a name beside it, "

@@ -45,12 +45,12 @@ from oodcli.store import (
     Store,
     check_name,
     features_node,
-    half_made_splits,
     list_backbones,
     list_splits,
     require_whole_splits,
     split_node,
     split_role,
+    split_states,
 )
 
 WRITTEN, SKIPPED = "written", "skipped"
@@ -125,8 +125,7 @@ def default_backbone(store: Store, split: str | None = None) -> str:
 
 
 def default_id_split(store: Store) -> str:
-    require_whole_splits(store)
-    splits = list_splits(store)
+    splits = require_whole_splits(store)
     if "test" in splits:
         return "test"
     ids = [s for s in splits if split_role(store, s) == "id" and s != "train"]
@@ -137,14 +136,12 @@ def default_id_split(store: Store) -> str:
 
 def ood_splits(store: Store) -> list[str]:
     """Every OOD split; refused while the store holds a half-made split, which might be one."""
-    require_whole_splits(store)
-    return [s for s in list_splits(store) if split_role(store, s).startswith("ood")]
+    return [s for s in require_whole_splits(store) if split_role(store, s).startswith("ood")]
 
 
 def check_splits_exist(store: Store, splits: list[str]) -> None:
     """Each named split is whole and has rows, or a one-line error saying what to do."""
-    known = list_splits(store)
-    half = half_made_splits(store)
+    known, half = split_states(store)
     for split in splits:
         if split in half:
             raise OodError(f"split '{split}' in {store.path} is half-made (an interrupted extract); re-run that "

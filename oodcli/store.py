@@ -776,7 +776,7 @@ def features_node(split: str, backbone: str) -> str:
     return f"splits/{split}/{backbone}"
 
 
-def _split_groups(store: Store) -> list[str]:
+def split_groups(store: Store) -> list[str]:
     """Every group under ``splits/`` that is (or was being made into) a split."""
     found: list[str] = []
 
@@ -804,25 +804,34 @@ def split_is_whole(store: Store, split: str) -> bool:
     return n is not None and store.shape(f"{node}/labels")[0] == n == store.shape(f"{node}/ids")[0]
 
 
+def split_states(store: Store) -> tuple[list[str], list[str]]:
+    """(whole splits, half-made splits) from one walk of ``splits/``; half-made ones are what an
+    interrupted or failed command left without labels, ids or their attributes."""
+    whole, half = [], []
+    for split in split_groups(store):
+        (whole if split_is_whole(store, split) else half).append(split)
+    return whole, half
+
+
 def list_splits(store: Store) -> list[str]:
     """Every whole split in the store (see ``half_made_splits`` for the others)."""
-    return [s for s in _split_groups(store) if split_is_whole(store, s)]
+    return split_states(store)[0]
 
 
 def half_made_splits(store: Store) -> list[str]:
-    """Splits an interrupted or failed command left without labels, ids or their attributes."""
-    return [s for s in _split_groups(store) if not split_is_whole(store, s)]
+    return split_states(store)[1]
 
 
-def require_whole_splits(store: Store) -> None:
-    """Refuse to pick 'every split' from a store that holds half-made ones: a result over
-    fewer sets than the store holds would look complete."""
-    broken = half_made_splits(store)
+def require_whole_splits(store: Store) -> list[str]:
+    """Every whole split, refused while the store holds half-made ones: a result over fewer
+    sets than the store holds would look complete."""
+    splits, broken = split_states(store)
     if broken:
         raise OodError(
             f"store {store.path} holds half-made split(s) {', '.join(broken)} (an interrupted extract); "
             f"re-run that extract, or remove them with 'oodcli store rm {store.path} {broken[0]}'"
         )
+    return splits
 
 
 def split_dependents(store: Store, split: str) -> list[str]:
@@ -839,7 +848,7 @@ def resolve_removal(store: Store, target: str) -> list[str]:
     """What ``store rm TARGET`` removes: a split (whole or half-made) with its scores and
     gradients; a method with its scores, fitted state and gradients; or any node by path."""
     check_name(target, "what to remove")
-    if target in _split_groups(store):
+    if target in split_groups(store):
         return [split_node(target), *split_dependents(store, target)]
     method = [f"{section}/{target}" for section in ("scores", "fitted", "grads") if store.exists(f"{section}/{target}")]
     if method and "/" not in target:
@@ -848,7 +857,7 @@ def resolve_removal(store: Store, target: str) -> list[str]:
         return [target]
     raise UsageError(
         f"store {store.path} has no split, method or node '{target}'; splits: "
-        f"{', '.join(_split_groups(store)) or 'none'}; methods: {', '.join(store.children('scores')) or 'none'}"
+        f"{', '.join(split_groups(store)) or 'none'}; methods: {', '.join(store.children('scores')) or 'none'}"
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from oodcli.errors import OodError
-from oodcli.store import TXN_ROOT, Store, StoreDamaged, features_node, half_made_splits, list_backbones, list_splits, split_node
+from oodcli.store import TXN_ROOT, Store, StoreDamaged, features_node, list_backbones, split_node, split_states
 
 
 def _array_info(store: Store, name: str) -> dict:
@@ -20,7 +20,8 @@ def _array_info(store: Store, name: str) -> dict:
 def describe_store(store: Store) -> dict:
     """Everything ``store info`` shows, as plain data."""
     info: dict = {"path": str(store.path), "backend": store.backend, "attrs": store.attrs, "splits": {}}
-    for split in list_splits(store):
+    whole, half = split_states(store)
+    for split in whole:
         node = split_node(split)
         attrs = store.node_attrs(node)
         entry = {
@@ -43,7 +44,7 @@ def describe_store(store: Store) -> dict:
                 "layers": {layer: _array_info(store, f"{bnode}/{layer}") for layer in store.children(bnode)},
             }
         info["splits"][split] = entry
-    info["half_made_splits"] = half_made_splits(store)
+    info["half_made_splits"] = half
     for section in ("backbones", "fitted", "grads", "index", "scores"):
         info[section] = {name: _array_info(store, name) for name in store.walk_arrays(section)} if store.exists(section) else {}
     return info
@@ -129,10 +130,11 @@ def verify_store(store: Store) -> tuple[list[str], int]:
     splits: list[str] = []
 
     def list_them() -> None:
-        for split in half_made_splits(store):
+        whole, half = split_states(store)
+        for split in half:
             problems.append(f"{split}: half-made split (labels, ids or their attributes missing); re-run the extract "
                             f"that makes it or remove it with 'oodcli store rm {store.path} {split}'")
-        splits.extend(list_splits(store))
+        splits.extend(whole)
 
     guarded("splits", list_them)
     rows: dict[str, int] = {}
