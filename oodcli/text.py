@@ -123,8 +123,9 @@ def clip_source(store: Store, backbone: str, model_id: str | None = None) -> Cli
     raise OodError(f"store {store.path} has no complete '{backbone}' features; run 'oodcli extract --model {backbone}'")
 
 
-def build_clip(source: ClipSource):
-    """Rebuild the CLIP of ``source``, refusing weights that are not the ones that made the features."""
+def build_text_tower(source: ClipSource):
+    """The text tower of the CLIP of ``source`` (never its image encoder), refusing weights
+    that are not the ones that made the features."""
     import torch
 
     from oodcli.backbones.base import get_spec
@@ -143,40 +144,11 @@ def build_clip(source: ClipSource):
             f"are '{now}', the features were made with '{source.identity}'; re-extract with these weights"
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return spec.build(source.weights).to(device).eval()
-
-
-def encode_text(clip, texts: list[str]) -> torch.Tensor:
-    """L2-normalised text embeddings, running the text tower only up to the last end token.
-
-    CLIP's text attention is causal and the embedding is read at the end-of-text token, so
-    the padding after it (most of the 77 positions for short prompts) changes nothing; cutting
-    it makes WordNet-sized encodes several times faster on a CPU. Models that pool otherwise
-    go through open_clip's own ``encode_text``.
-    """
-    import torch
-
-    model = clip.model
-    pool = getattr(model, "text_pool_type", None)
-    mask = getattr(model, "attn_mask", None)
-    if pool not in ("argmax", "eos") or mask is None or not hasattr(model, "positional_embedding"):
-        return clip.encode_text(texts)
-    tokens = clip.tokenizer(list(texts)).to(model.positional_embedding.device)
-    eos = getattr(model, "text_eos_id", None)
-    ends = tokens.argmax(dim=-1) if pool == "argmax" else (tokens == eos).int().argmax(dim=-1)
-    n = int(ends.max()) + 1
-    tokens = tokens[:, :n]
-    dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(dtype) + model.positional_embedding[:n].to(dtype)
-    x = model.ln_final(model.transformer(x, attn_mask=mask[:n, :n]))
-    x = x[torch.arange(len(x), device=x.device), ends]
-    proj = model.text_projection
-    x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-    return torch.nn.functional.normalize(x, dim=-1).float()
+    return spec.build_text(source.weights).to(device)
 
 
 class TextEncoder:
-    """Builds the store's CLIP on first use only, so cache hits never pay for it."""
+    """Builds the store's CLIP text tower on first use only, so cache hits never pay for it."""
 
     def __init__(self, source: ClipSource):
         self.source = source
@@ -187,16 +159,16 @@ class TextEncoder:
         import torch
 
         if self._model is None:
-            self._model = build_clip(self.source)
+            self._model = build_text_tower(self.source)
         out = []
         threads = torch.get_num_threads()
-        if getattr(self._model.model.transformer, "width", 512) <= 128:
+        if self._model.width <= 128:
             torch.set_num_threads(1)  # a tiny text tower's ops are too small to split; threads only spin
         try:
             with torch.inference_mode():
                 for i in range(0, len(texts), ENCODE_BATCH):
                     batch = texts[i : i + ENCODE_BATCH]
-                    out.append(encode_text(self._model, batch).cpu().numpy().astype(np.float32))
+                    out.append(self._model.encode_text(batch).cpu().numpy().astype(np.float32))
                     if progress:
                         progress(len(batch))
         finally:

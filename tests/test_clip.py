@@ -194,7 +194,7 @@ def test_text_cache_hits_do_not_build_the_model(capsys, monkeypatch, clip_store,
     def no_build(source):
         raise OodError("a cache hit must not build the backbone")
 
-    monkeypatch.setattr(text, "build_clip", no_build)
+    monkeypatch.setattr(text, "build_text_tower", no_build)
     code, out, _ = run(capsys, "score", "mcm,gl-mcm", "--store", store)
     assert code == 0 and "cached" in out
     np.testing.assert_array_equal(_scores(store, "mcm", "test"), before)
@@ -278,7 +278,9 @@ def test_short_text_forward_equals_open_clips_encode_text(clip_store):
     model = _model(weights)
     prompts = ["x", "The nice physical entity.", "a photo of a " + "very " * 20 + "long thing."]
     with torch.no_grad():
-        torch.testing.assert_close(text.encode_text(model, prompts), model.encode_text(prompts), atol=1e-6, rtol=1e-5)
+        tower = get_spec("clip-tiny").build_text(str(weights))
+        assert type(tower.text).__name__ == "TextTransformer"  # the text half alone
+        torch.testing.assert_close(tower.encode_text(prompts), model.encode_text(prompts), atol=1e-6, rtol=1e-5)
 
 
 # ---- the patch tokens are the model's own head applied to each token ----------------------
@@ -352,7 +354,7 @@ def test_neglabel_matches_the_formula(capsys, monkeypatch, tmp_path, clip_store,
     def no_build(source):
         raise OodError("a cache hit must not build the backbone")
 
-    monkeypatch.setattr(text, "build_clip", no_build)
+    monkeypatch.setattr(text, "build_text_tower", no_build)
     assert run(capsys, "-q", "score", "neglabel", "--store", copy, *params)[0] == 0
     np.testing.assert_allclose(_scores(copy, "neglabel", "test"), expected, rtol=1e-4)
 

@@ -6,6 +6,8 @@ so the backbone also exposes ``encode_text``, ``tokenizer`` and ``logit_scale``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -92,3 +94,133 @@ def build_tiny(weights: str | None) -> Backbone:
     if weights not in (None, "random"):
         load_state_dict_into(model, read_state_dict(weights), weights)
     return ClipBackbone(model, open_clip.get_tokenizer("ViT-B-16"), TINY.crop)
+
+
+# ---- the text half alone -----------------------------------------------------------------
+
+#: the keys of a CLIP state dict that belong to the text tower (open_clip's names)
+TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+
+class TextTower(torch.nn.Module):
+    """CLIP's text encoder without its image encoder: what prompts and prompt learning run.
+
+    ``text`` is open_clip's ``TextTransformer`` (or a whole CLIP for random weights, whose
+    text parameters are defined by the seeded initialisation of the full model). Its
+    attention is causal and the embedding is read at the end-of-text token, so every
+    forward here cuts the token sequence after the last end token (most of the 77
+    positions are padding): several times faster, same result.
+    """
+
+    def __init__(self, text, tokenizer, logit_scale: float):
+        super().__init__()
+        self.text = text.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.logit_scale = float(logit_scale)
+        self.pool_type = getattr(text, "pool_type", None) or getattr(text, "text_pool_type", None)
+        self.eos_id = getattr(text, "eos_id", None) if hasattr(text, "eos_id") else getattr(text, "text_eos_id", None)
+
+    @property
+    def width(self) -> int:
+        return int(self.text.positional_embedding.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.positional_embedding.device
+
+    @property
+    def reads_end_token(self) -> bool:
+        return self.pool_type in ("argmax", "eos") and getattr(self.text, "attn_mask", None) is not None
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def end_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Where each sequence's end-of-text token is (the position CLIP reads)."""
+        if self.pool_type == "argmax":  # the end token has the largest id
+            return tokens.argmax(dim=-1)
+        return (tokens == self.eos_id).int().argmax(dim=-1)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text.token_embedding(tokens)
+
+    def encode_embeddings(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text features of token embeddings ``x`` [N, L, width] read at ``ends`` [N]."""
+        text = self.text
+        n = int(ends.max()) + 1
+        dtype = text.transformer.get_cast_dtype()
+        x = x[:, :n].to(dtype) + text.positional_embedding[:n].to(dtype)
+        x = text.ln_final(text.transformer(x, attn_mask=text.attn_mask[:n, :n]))
+        x = x[torch.arange(len(x), device=x.device), ends]
+        proj = text.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return F.normalize(x.float(), dim=-1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised embeddings [len(texts), D] of plain prompts."""
+        tokens = self.tokenize(texts)
+        if not self.reads_end_token:  # other pooling: open_clip's own forward, no shortcut
+            encode = getattr(self.text, "encode_text", None) or self.text
+            return F.normalize(encode(tokens).float(), dim=-1)
+        return self.encode_embeddings(self.embed_tokens(tokens), self.end_positions(tokens))
+
+
+def _text_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith(TEXT_KEYS)}
+
+
+def _logit_scale(state: dict[str, torch.Tensor], source: str) -> float:
+    if "logit_scale" not in state:
+        raise OodError(f"checkpoint {source} has no logit_scale; it is not a CLIP checkpoint")
+    return float(state["logit_scale"].float().exp().reshape(-1)[0])
+
+
+def _text_only(embed_dim: int, text_cfg: dict, quick_gelu: bool, state: dict, source: str):
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+
+    text = _build_text_tower(embed_dim, CLIPTextCfg(**text_cfg), quick_gelu=quick_gelu)
+    load_state_dict_into(text, _text_state(state), source)
+    return text
+
+
+def text_tower_tiny(weights: str | None) -> TextTower:
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    if weights in (None, "random"):
+        model = build_tiny("random").model
+        return TextTower(model, tokenizer, float(model.logit_scale.detach().exp()))
+    state = read_state_dict(weights)
+    text = _text_only(TINY_CFG["embed_dim"], TINY_CFG["text_cfg"], False, state, weights)
+    return TextTower(text, tokenizer, _logit_scale(state, weights))
+
+
+def text_tower_real(arch: str, weights: str | None) -> TextTower:
+    """The text tower of open_clip ``arch`` with a pretrained tag (downloaded once) or a local checkpoint."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(arch)
+    if weights in (None, "random"):
+        model = build_real(arch, 224, "random").model
+        return TextTower(model, tokenizer, float(model.logit_scale.detach().exp()))
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise OodError(f"open_clip has no model configuration '{arch}'")
+    if Path(weights).exists():
+        state, quick_gelu = read_state_dict(weights), bool(cfg.get("quick_gelu", False))
+    else:
+        pretrained = open_clip.get_pretrained_cfg(arch, weights)
+        if not pretrained:
+            raise OodError(f"open_clip has no pretrained weights '{weights}' for {arch}; use a tag it lists or a local checkpoint path")
+        try:
+            path = open_clip.pretrained.download_pretrained(pretrained)
+            state = open_clip.factory.load_state_dict(path, weights_only=True)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise OodError(
+                f"cannot load CLIP {arch} weights '{weights}': {str(e).splitlines()[0]}; "
+                "an open_clip pretrained tag needs internet once, or pass a local checkpoint path"
+            ) from None
+        quick_gelu = bool(pretrained.get("quick_gelu")) or bool(cfg.get("quick_gelu", False))
+    text = _text_only(cfg["embed_dim"], cfg["text_cfg"], quick_gelu, state, str(weights))
+    return TextTower(text, tokenizer, _logit_scale(state, str(weights)))

@@ -145,6 +145,7 @@ register(BackboneSpec(
     default_layers=("image_embeds",),
     preprocess=CLIP_224,
     builder=Lazy("oodcli.backbones.clip:build_real", "ViT-B-16", CLIP_224.crop),
+    text_builder=Lazy("oodcli.backbones.clip:text_tower_real", "ViT-B-16"),
     default_weights="openai",
 ))
 
@@ -156,6 +157,7 @@ register(BackboneSpec(
     default_layers=("image_embeds",),
     preprocess=CLIP_TINY,
     builder=Lazy("oodcli.backbones.clip:build_tiny"),
+    text_builder=Lazy("oodcli.backbones.clip:text_tower_tiny"),
     default_weights="random",
 ))
 

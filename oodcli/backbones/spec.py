@@ -94,6 +94,8 @@ class BackboneSpec:
     needs_weights_file: bool = False  # True: --weights PATH is required
     #: families whose input depends on the checkpoint return the spec for given weights
     adapt: Callable[["BackboneSpec", str | None], "BackboneSpec"] | None = field(default=None, repr=False, compare=False)
+    #: weights -> the text half alone (CLIP): prompts are encoded without building the image encoder
+    text_builder: Callable[[str | None], Any] | None = field(default=None, repr=False, compare=False)
 
     def weights_identity(self, weights: str | None) -> str:
         """A stable string naming the parameters; a file is named by its content hash."""
@@ -119,6 +121,14 @@ class BackboneSpec:
         """The network (a ``Backbone``); this is where torch is imported."""
         self.weights_identity(weights)  # validates --weights before any work
         return self.builder(weights if weights is not None else self.default_weights)
+
+
+    def build_text(self, weights: str | None = None):
+        """The text tower of a vision-language backbone (a ``TextTower``), never its image encoder."""
+        if self.text_builder is None:
+            raise UsageError(f"model '{self.name}' has no text tower; prompts need a CLIP model")
+        self.weights_identity(weights)
+        return self.text_builder(weights if weights is not None else self.default_weights)
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
