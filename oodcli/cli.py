@@ -632,6 +632,109 @@ def train_clip(
     )
 
 
+def _print_prompt_result(result, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(result.as_dict()))
+        return
+    test = f", ID test {100 * result.test_accuracy:.1f}%" if result.test_accuracy is not None else ""
+    out.print(
+        f"saved {result.path}: {result.method} on {result.classes} classes x {result.shots} shots, "
+        f"loss {result.loss:.4f}, few-shot accuracy {100 * result.accuracy_before:.1f}% -> "
+        f"{100 * result.accuracy:.1f}%{test} ({result.epochs} epochs, {result.seconds:.1f} s)",
+        markup=False,
+    )
+
+
+def _prompt_trainer(method: str):
+    """`train coop` / `train locoop`: stage-one prompt learning on the store's cached CLIP features."""
+
+    def command(
+        store_path: Path = typer.Option(..., "--store", "-s", help="Store with the CLIP features of the ID train split."),
+        out_path: Path = typer.Option(..., "--out", "-o", help="Prompt file to write (safetensors)."),
+        backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP backbone in the store (default: the only one)."),
+        split: str = typer.Option("train", "--split", help="ID split to draw the few shots from."),
+        shots: int = typer.Option(16, "--shots", min=1, help="Images per class (1, 2, 4, 8, 16 in the papers)."),
+        epochs: int = typer.Option(50, "--epochs", min=1),
+        batch_size: int = typer.Option(32, "--batch-size", min=1),
+        lr: float = typer.Option(0.002, "--lr", min=0.0),
+        n_ctx: int = typer.Option(16, "--n-ctx", min=1, help="Learnable context vectors."),
+        ctx_init: Optional[str] = typer.Option(None, "--ctx-init", help="Start from this phrase (e.g. 'a photo of a') instead of N(0, 0.02)."),
+        temperature: Optional[float] = typer.Option(None, "--temperature", help="tau of cos/tau (default: the CLIP's own, 0.01 for OpenAI)."),
+        train_classes: Optional[str] = typer.Option(None, "--train-classes", help="Train on classes FIRST-LAST only (open vocabulary)."),
+        fraction: Optional[float] = typer.Option(None, "--train-class-fraction", help="Train on the first share of classes, e.g. 0.1."),
+        labels: Optional[str] = typer.Option(None, "--labels", help="Class names file (one per line); default: the store's benchmark."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the few-shot draw and the initialisation."),
+        lam: float = typer.Option(0.25, "--lambda", help="LoCoOp: weight of the entropy term.", hidden=method != "locoop"),
+        top_k: int = typer.Option(200, "--top-k", help="LoCoOp: a patch is ID-irrelevant when its label is not in its top-K classes.",
+                                   hidden=method != "locoop"),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        from oodcli.train.prompts import train_prompts
+
+        log = None if STATE["quiet"] else (lambda msg: err.print(msg, style="dim", markup=False))
+        result = train_prompts(
+            method, store_path, out_path, backbone=backbone, split=split, shots=shots, epochs=epochs,
+            batch_size=batch_size, lr=lr, n_ctx=n_ctx, ctx_init=ctx_init, temperature=temperature,
+            train_classes=train_classes, train_class_fraction=fraction, labels=labels, seed=seed,
+            locoop_lambda=lam, locoop_top_k=top_k, log=log,
+        )
+        _print_prompt_result(result, as_json)
+
+    return command
+
+
+train_app.command(
+    "coop",
+    help="Learn CoOp prompts few-shot on the store's cached CLIP features (the image encoder never runs).\n\n"
+    "Example:  oodcli train coop --store stores/digits_clip.zarr --shots 16 --epochs 50 --out coop.safetensors "
+    "&& oodcli score coop --store stores/digits_clip.zarr --param coop.prompts=coop.safetensors",
+)(_prompt_trainer("coop"))
+train_app.command(
+    "locoop",
+    help="Learn LoCoOp prompts: CoOp plus entropy maximisation on ID-irrelevant patches (needs patch_tokens).\n\n"
+    "Example:  oodcli train locoop --store stores/digits_clip.zarr --shots 16 --top-k 2 --out locoop.safetensors",
+)(_prompt_trainer("locoop"))
+
+
+@train_app.command("negprompt")
+def train_negprompt(
+    store_path: Path = typer.Option(..., "--store", "-s", help="Store with the CLIP features of the ID train split."),
+    positive: Path = typer.Option(..., "--positive", "-p", help="Positive prompts from 'oodcli train coop' (kept frozen)."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Prompt file to write (positive + negative prompts)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone"),
+    split: str = typer.Option("train", "--split"),
+    neg_prompts: int = typer.Option(2, "--neg-prompts", min=1, help="p: negative prompts shared by all classes."),
+    shots: Optional[int] = typer.Option(None, "--shots", min=1, help="Default: the positive file's."),
+    epochs: int = typer.Option(10, "--epochs", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    lr: float = typer.Option(0.002, "--lr", min=0.0),
+    beta: float = typer.Option(0.1, "--beta", help="Weight of L_NPD (negative-positive distance)."),
+    gamma: float = typer.Option(0.05, "--gamma", help="Weight of L_NND (negative-negative distance)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="tau (default: the CLIP's own)."),
+    train_classes: Optional[str] = typer.Option(None, "--train-classes", help="Default: the positive file's classes."),
+    fraction: Optional[float] = typer.Option(None, "--train-class-fraction"),
+    labels: Optional[str] = typer.Option(None, "--labels"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Default: the positive file's (same few shots)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Learn NegPrompt's negative prompts against frozen positive prompts (stage two).
+
+    Example:  oodcli train negprompt --store stores/digits_clip.zarr --positive coop.safetensors
+    --neg-prompts 2 --epochs 10 --out negprompt.safetensors && oodcli score negprompt
+    --store stores/digits_clip.zarr --param negprompt.prompts=negprompt.safetensors
+    """
+    from oodcli.train.prompts import train_prompts
+
+    log = None if STATE["quiet"] else (lambda msg: err.print(msg, style="dim", markup=False))
+    result = train_prompts(
+        "negprompt", store_path, out_path, backbone=backbone, split=split, shots=shots, epochs=epochs,
+        batch_size=batch_size, lr=lr, temperature=temperature, train_classes=train_classes,
+        train_class_fraction=fraction, labels=labels, seed=seed, positive=positive, neg_prompts=neg_prompts,
+        beta=beta, gamma=gamma, log=log,
+    )
+    _print_prompt_result(result, as_json)
+
+
 # ---- synthesize and index -----------------------------------------------------------------
 
 synth_app = typer.Typer(help="Synthesize OOD prototypes or features from the store and the backbone.", no_args_is_help=True)
@@ -982,7 +1085,7 @@ def analyze_collisions(
 # ---- planned commands -------------------------------------------------------------------
 
 PLANNED: dict[str, str] = {}
-PLANNED_TRAINERS = ("coop", "negprompt", "iim", "synood")
+PLANNED_TRAINERS = ("iim", "synood")
 
 
 def _not_built(name: str):

@@ -1,0 +1,597 @@
+"""Prompt learning on cached CLIP features: CoOp, LoCoOp and NegPrompt.
+
+CLIP's image encoder is frozen in all three methods, so its outputs (``image_embeds``,
+``patch_tokens``) are read from the store and only the text tower runs while training:
+an epoch costs the text tower's forward and backward over the class prompts, nothing
+more. The image encoder is never built here (``TextTower`` is the text half alone).
+
+- **CoOp** (Zhou et al., IJCV 2022): prompts ``[w_1 .. w_n, CLASS, .]`` with n shared
+  learnable context vectors; cross-entropy over cos(image, text) / tau (NegPrompt eq. 1-2).
+  Defaults follow CoOp's ImageNet setting: n = 16, random N(0, 0.02) initialisation
+  (``ctx_init`` starts from a phrase such as "a photo of a" instead), SGD lr 0.002
+  momentum 0.9 weight decay 5e-4, batch 32, cosine schedule after one warm-up epoch at
+  lr 1e-5, 50 epochs. tau is the CLIP's own learned temperature (1 / logit scale: 0.01
+  for OpenAI's ViT-B/16).
+- **LoCoOp** (Miyai et al., NeurIPS 2023): CoOp's loss plus lambda times the negative
+  entropy of the class softmax of the ID-irrelevant patches: a patch is irrelevant when
+  the image's label is not among its top-K classes. lambda = 0.25 and K = 200 are the
+  published ImageNet values; K must stay below the number of training classes.
+- **NegPrompt** (Li et al., CVPR 2024, paper sec. 3.2): the positive prompts of a CoOp
+  (or LoCoOp) file are frozen (two stages); p shared negative contexts, each put before
+  every class name, are learned with L = L_NIS + beta L_NPD + gamma L_NND (eq. 4-7),
+  beta = 0.1, gamma = 0.05, p = 2, 10 epochs, the same optimiser as CoOp (the paper
+  gives no other). The paper does not say how negative contexts start; they start as
+  the trained positive context plus N(0, 0.02) noise, the reading of "prompts that
+  resemble the positive prompts ... but with a negative class semantic" (sec. 3.2),
+  and distinct noise keeps L_NND's pairwise similarities from starting at 1.
+
+A prompt file is one safetensors file: ``ctx`` [1, n, width] (the positive context),
+``neg_ctx`` [p, n, width] for NegPrompt, and the settings, the class names, the few-shot
+row ids and the training history as JSON metadata. Class names are not baked in: the
+same file turns any label set into text features (the open-vocabulary setting).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from oodcli.errors import OodError, UsageError
+from oodcli.outputs import atomic_write, check_output_file
+
+METHODS = ("coop", "locoop", "negprompt")
+META_KEY = "oodcli_prompts"
+FORMAT = 1
+PLACEHOLDER = "X"  # one BPE token per context slot, as CoOp tokenises its prompts
+ENCODE_CLASSES = 256  # class prompts per text-tower batch when no gradient is needed
+
+
+# ---- the learner ---------------------------------------------------------------------------
+
+
+class PromptLearner(torch.nn.Module):
+    """Learned context vectors before each class name, through CLIP's frozen text tower.
+
+    ``ctx`` is [P, n, width]: P prompt sets (1 for CoOp, p negative prompts for NegPrompt),
+    each shared by every class. ``forward(names)`` gives the L2-normalised text features
+    [P, len(names), D] of the prompts ``[SOS, ctx_1 .. ctx_n, name tokens, ., EOS]``.
+    Only ``ctx`` is a parameter; the tower's weights stay frozen.
+    """
+
+    def __init__(self, tower, ctx: torch.Tensor):
+        super().__init__()
+        self.tower = tower
+        tower.requires_grad_(False)
+        self.ctx = torch.nn.Parameter(ctx.detach().clone().float().to(tower.device))
+        self._tokens: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def n_ctx(self) -> int:
+        return self.ctx.shape[1]
+
+    def name_tokens(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token embeddings [C, L, width] of the placeholder prompts, end positions [C]); kept per label set."""
+        key = tuple(names)
+        if key not in self._tokens:
+            prompts = [" ".join([PLACEHOLDER] * self.n_ctx) + f" {name}." for name in names]
+            tokens = self.tower.tokenize(prompts)
+            slot = self.tower.tokenize([PLACEHOLDER])[0, 1]
+            if not bool((tokens[:, 1 : 1 + self.n_ctx] == slot).all()):
+                raise OodError("the tokenizer does not give one token per context slot; this CLIP cannot learn prompts here")
+            ends = self.tower.end_positions(tokens)
+            if int(ends.max()) >= tokens.shape[1] - 1:
+                raise UsageError(f"a class name does not fit CLIP's {tokens.shape[1]} tokens after {self.n_ctx} context vectors")
+            with torch.no_grad():
+                emb = self.tower.embed_tokens(tokens[:, : int(ends.max()) + 1])
+            self._tokens[key] = (emb, ends)
+        return self._tokens[key]
+
+    def forward(self, names: list[str], ctx: torch.Tensor | None = None) -> torch.Tensor:
+        ctx = self.ctx if ctx is None else ctx
+        emb, ends = self.name_tokens(names)
+        p, n, width = ctx.shape
+        c = len(names)
+        x = torch.cat(
+            [
+                emb[None, :, :1].expand(p, c, 1, width),
+                ctx[:, None].expand(p, c, n, width).to(emb.dtype),
+                emb[None, :, 1 + n :].expand(p, c, emb.shape[1] - 1 - n, width),
+            ],
+            dim=2,
+        )
+        return self.tower.encode_embeddings(x.flatten(0, 1), ends.repeat(p)).view(p, c, -1)
+
+    @torch.no_grad()
+    def features(self, names: list[str], ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` without gradients, in class batches (any label-set size in bounded memory)."""
+        parts = [self.forward(names[i : i + ENCODE_CLASSES], ctx) for i in range(0, len(names), ENCODE_CLASSES)]
+        return torch.cat(parts, dim=1)
+
+
+def initial_context(tower, n_ctx: int, ctx_init: str | None, generator: torch.Generator) -> torch.Tensor:
+    """[1, n, width]: the token embeddings of ``ctx_init`` ("a photo of a"), or N(0, 0.02)."""
+    if ctx_init:
+        tokens = tower.tokenize([ctx_init])
+        n = int(tower.end_positions(tokens)[0]) - 1
+        with torch.no_grad():
+            return tower.embed_tokens(tokens)[:, 1 : 1 + n].float().cpu()
+    if n_ctx < 1:
+        raise UsageError(f"--n-ctx must be at least 1, not {n_ctx}")
+    return torch.randn(1, n_ctx, tower.width, generator=generator) * 0.02
+
+
+# ---- the losses ----------------------------------------------------------------------------
+
+
+def coop_loss(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """NegPrompt eq. 1-2: cross-entropy of softmax_c(cos(image, t_c) / tau) (inputs L2-normalised)."""
+    return F.cross_entropy(image @ text.T / tau, labels)
+
+
+def irrelevant_patches(local_logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> torch.Tensor:
+    """LoCoOp's rank rule: [B, H] True where the image's label is not among the patch's top-K classes."""
+    top = local_logits.topk(top_k, dim=-1).indices  # [B, H, K]
+    return ~(top == labels[:, None, None]).any(dim=-1)
+
+
+def locoop_entropy_term(local_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """-mean entropy of softmax_c over the selected patches (minimising it maximises their entropy)."""
+    if not bool(mask.any()):
+        return local_logits.sum() * 0.0
+    logp = F.log_softmax(local_logits[mask], dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    return -entropy.mean()
+
+
+def negprompt_losses(image: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float) -> tuple[torch.Tensor, ...]:
+    """(L_NIS, L_NPD, L_NND) of NegPrompt eq. 4-6.
+
+    ``image`` [B, D], ``pos`` [k, D] (frozen positive features), ``neg`` [p, k, D]; all
+    L2-normalised. L_NIS is the cross-entropy between the uniform distribution and the
+    softmax over all p*k negative similarities / tau; L_NPD the negated mean cosine of each
+    negative feature with its class's positive one; L_NND the mean cosine between the
+    different negative features of the same class (0 when p = 1).
+    """
+    p, k, _ = neg.shape
+    logp = F.log_softmax(image @ neg.reshape(p * k, -1).T / tau, dim=1)
+    nis = -logp.mean(dim=1).mean()
+    npd = -(neg * pos[None]).sum(dim=-1).mean()
+    if p < 2:
+        return nis, npd, neg.sum() * 0.0
+    sims = torch.einsum("ikd,lkd->kil", neg, neg)  # [k, p, p]
+    off = ~torch.eye(p, dtype=torch.bool, device=neg.device)
+    nnd = sims[:, off].sum() / (k * p * (p - 1))
+    return nis, npd, nnd
+
+
+# ---- the few-shot training set -------------------------------------------------------------
+
+
+def class_subset(n_classes: int, train_classes: str | None, fraction: float | None) -> list[int]:
+    """The training classes: ``FIRST-LAST`` (inclusive), the first ``fraction`` of them, or all."""
+    if train_classes and fraction is not None:
+        raise UsageError("give --train-classes or --train-class-fraction, not both")
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise UsageError(f"--train-class-fraction must be in (0, 1], not {fraction}")
+        return list(range(max(1, math.floor(fraction * n_classes + 1e-9))))
+    if train_classes:
+        first, sep, last = train_classes.partition("-")
+        if not (sep and first.strip().isdigit() and last.strip().isdigit()) or int(first) > int(last):
+            raise UsageError(f"bad --train-classes '{train_classes}'; write FIRST-LAST, e.g. 0-99")
+        if int(last) >= n_classes:
+            raise UsageError(f"--train-classes {train_classes} is outside the label set (classes 0-{n_classes - 1})")
+        return list(range(int(first), int(last) + 1))
+    return list(range(n_classes))
+
+
+def few_shot_rows(labels: np.ndarray, classes: list[int], shots: int, seed: int, names: list[str]) -> np.ndarray:
+    """``shots`` rows per class, drawn without replacement with ``seed``; sorted row indices."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in classes:
+        rows = np.flatnonzero(labels == c)
+        if len(rows) < shots:
+            raise OodError(
+                f"class {c} ('{names[c]}') has {len(rows)} training image(s), fewer than --shots {shots}; lower --shots"
+            )
+        picked.append(rng.choice(rows, shots, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def read_rows(store, node: str, rows: np.ndarray, split: str) -> np.ndarray:
+    """The given rows of an array, reading only the chunks that hold them."""
+    step = store.chunk_rows(node)
+    out = []
+    for chunk in np.unique(rows // step):
+        start = int(chunk) * step
+        block = store.read(node, slice(start, min(start + step, store.shape(node)[0])))
+        out.append(block[rows[(rows >= start) & (rows < start + step)] - start])
+    values = np.concatenate(out) if out else np.zeros((0, *store.shape(node)[1:]), store.dtype(node))
+    if not np.isfinite(values).all():
+        raise OodError(f"split '{split}' has NaN or inf in {node}; check the input data or re-extract with --dtype float32")
+    return values
+
+
+# ---- prompt files --------------------------------------------------------------------------
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class PromptFile:
+    """A trained prompt file, read and checked."""
+
+    path: str
+    sha256: str
+    meta: dict
+    ctx: torch.Tensor  # [1, n, width]
+    neg_ctx: torch.Tensor | None  # [p, n, width] (NegPrompt)
+
+    @property
+    def method(self) -> str:
+        return self.meta["method"]
+
+
+def read_prompt_file(path: str | Path) -> PromptFile:
+    """Load a prompt file, or one line saying why it is not one."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise OodError(f"prompt file {path} not found; make one with 'oodcli train coop'")
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+        tensors = load_file(str(path))
+        meta = json.loads(raw) if raw else None
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        raise OodError(f"prompt file {path} is corrupt or not a safetensors file ({type(e).__name__}); train it again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "ctx" not in tensors:
+        raise OodError(f"{path} is not an oodcli prompt file (no '{META_KEY}' metadata of format {FORMAT})")
+    ctx, neg = tensors["ctx"].float(), tensors.get("neg_ctx")
+    if ctx.ndim != 3 or ctx.shape[0] != 1 or (neg is not None and (neg.ndim != 3 or neg.shape[1:] != ctx.shape[1:])):
+        raise OodError(f"prompt file {path} has malformed context tensors; train it again")
+    if meta.get("method") == "negprompt" and neg is None:
+        raise OodError(f"prompt file {path} says NegPrompt but holds no negative prompts; train it again")
+    return PromptFile(str(path), file_hash(path), meta, ctx, None if neg is None else neg.float())
+
+
+def check_prompts_fit(prompts: PromptFile, source, names: list[str]) -> None:
+    """Refuse prompts learned on another CLIP, or on classes that are not in ``names``."""
+    meta = prompts.meta
+    if meta.get("weights") != source.identity or meta.get("backbone") != source.backbone:
+        raise OodError(
+            f"prompt file {prompts.path} was trained on {meta.get('backbone')} weights '{meta.get('weights')}', "
+            f"but these features come from {source.backbone} '{source.identity}'; train prompts on this store"
+        )
+    foreign = [n for n in meta.get("class_names", []) if n not in set(names)]
+    if foreign:
+        more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
+        raise OodError(
+            f"prompt file {prompts.path} was trained on classes that this label set lacks "
+            f"({', '.join(foreign[:3])}{more}); use prompts trained for these classes or pass METHOD.labels=FILE"
+        )
+
+
+def write_prompt_file(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={META_KEY: json.dumps({"format": FORMAT, **meta})}))
+
+
+# ---- training ------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptTrainResult:
+    path: str
+    method: str
+    classes: int  # training classes
+    shots: int
+    epochs: int
+    loss: float  # last epoch's mean loss
+    accuracy_before: float  # few-shot accuracy of the starting prompts
+    accuracy: float  # few-shot accuracy after training
+    test_accuracy: float | None  # on the ID test split, over every class of the label set
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Data:
+    """What a prompt trainer reads: the store's CLIP, the label set and the few-shot features."""
+
+    source: object
+    names: list[str]  # the whole label set
+    classes: list[int]  # training classes (contiguous)
+    rows: np.ndarray  # train split rows used
+    image: torch.Tensor  # [N, D]
+    labels: torch.Tensor  # [N], relabelled to 0..len(classes)-1
+    patches: torch.Tensor | None  # [N, H, D] float16 (LoCoOp)
+    split_fingerprint: str | None
+    test: tuple[np.ndarray, np.ndarray] | None  # (image embeds, labels) of the ID test split
+
+
+def _load_data(store_path, backbone, split, classes_text, fraction, shots, seed, labels_file, patches) -> _Data:
+    from oodcli import text
+    from oodcli.scorers.base import check_features
+    from oodcli.scoring import default_backbone
+    from oodcli.store import features_node, list_splits, open_store, split_node
+
+    if shots < 1:
+        raise UsageError(f"--shots must be at least 1, not {shots}")
+    with open_store(store_path) as store:
+        backbone = backbone or default_backbone(store)
+        source = text.clip_source(store, backbone)
+        layers = ("image_embeds", "patch_tokens") if patches else ("image_embeds",)
+        if split not in list_splits(store):
+            raise OodError(f"store {store.path} has no split '{split}'; extract the ID train split first")
+        node = features_node(split, backbone)
+        if store.exists(node) and not store.is_array(f"{node}/image_embeds"):
+            raise OodError(
+                f"split '{split}' has no '{backbone}' image_embeds; make them with "
+                f"'oodcli extract --model {backbone} --layers {','.join(layers)} --split {split} --store {store.path}'"
+            )
+        if patches and store.exists(node) and not store.is_array(f"{node}/patch_tokens"):
+            raise OodError(
+                f"LoCoOp needs patch tokens and split '{split}' has no '{backbone}' patch_tokens; re-extract with "
+                f"'oodcli extract --model {backbone} --layers image_embeds,patch_tokens --split {split} --overwrite'"
+            )
+        check_features(store, backbone, split, layers)
+        _, names = text.label_set(store, labels_file)
+        all_labels = store.read(f"{split_node(split)}/labels")
+        if (all_labels < 0).any():
+            raise OodError(f"split '{split}' holds OOD rows (label -1); prompts learn from ID training data only")
+        if all_labels.size and int(all_labels.max()) >= len(names):
+            raise OodError(f"split '{split}' has labels beyond the {len(names)} class names of the label set")
+        classes = class_subset(len(names), classes_text, fraction)
+        rows = few_shot_rows(all_labels, classes, shots, seed, names)
+        image = read_rows(store, f"{node}/image_embeds", rows, split).astype(np.float32)
+        tokens = read_rows(store, f"{node}/patch_tokens", rows, split).astype(np.float16) if patches else None
+        test = None
+        test_node = features_node("test", backbone)
+        if "test" in list_splits(store) and store.is_array(f"{test_node}/image_embeds") and store.node_attrs(test_node).get("complete"):
+            test = (store.read(f"{test_node}/image_embeds").astype(np.float32), store.read(f"{split_node('test')}/labels"))
+        fingerprint = store.node_attrs(node).get("fingerprint")
+    return _Data(
+        source, names, classes, rows,
+        F.normalize(torch.from_numpy(image), dim=-1),
+        torch.from_numpy(all_labels[rows].astype(np.int64) - classes[0]),
+        None if tokens is None else torch.from_numpy(tokens),
+        fingerprint, test,
+    )
+
+
+def _schedule(optimizer, epochs: int, warmup_lr: float = 1e-5):
+    """CoOp's schedule: one constant warm-up epoch at ``warmup_lr``, then cosine decay per epoch."""
+    base = optimizer.param_groups[0]["lr"]
+
+    def factor(epoch: int) -> float:
+        if epochs > 1 and epoch == 0:
+            return warmup_lr / base if base > 0 else 1.0
+        done = epoch - (1 if epochs > 1 else 0)
+        span = max(1, epochs - (1 if epochs > 1 else 0))
+        return 0.5 * (1 + math.cos(math.pi * done / span))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _accuracy(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(((image @ text.T).argmax(dim=1) == labels).float().mean()) if len(labels) else 0.0
+
+
+def _test_accuracy(learner: PromptLearner, data: _Data, device) -> float | None:
+    if data.test is None:
+        return None
+    image, labels = data.test
+    keep = labels >= 0
+    if not keep.any():
+        return None
+    text = learner.features(data.names)[0]
+    pred = (F.normalize(torch.from_numpy(image[keep]).to(device), dim=-1) @ text.T).argmax(dim=1).cpu().numpy()
+    return float((pred == labels[keep]).mean())
+
+
+def train_prompts(
+    method: str,
+    store_path: str | Path,
+    out: str | Path,
+    backbone: str | None = None,
+    split: str = "train",
+    shots: int | None = 16,
+    epochs: int | None = None,
+    batch_size: int = 32,
+    lr: float = 0.002,
+    n_ctx: int = 16,
+    ctx_init: str | None = None,
+    temperature: float | None = None,
+    train_classes: str | None = None,
+    train_class_fraction: float | None = None,
+    labels: str | None = None,
+    seed: int | None = 0,
+    locoop_lambda: float = 0.25,
+    locoop_top_k: int = 200,
+    positive: str | Path | None = None,
+    neg_prompts: int = 2,
+    beta: float = 0.1,
+    gamma: float = 0.05,
+    log=None,
+) -> PromptTrainResult:
+    """Train CoOp, LoCoOp or NegPrompt prompts on a store's cached CLIP features; write ``out``."""
+    if method not in METHODS:
+        raise UsageError(f"unknown prompt method '{method}'; choose from {', '.join(METHODS)}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_output_file(out)
+    if batch_size < 1 or lr <= 0 or (temperature is not None and temperature <= 0):
+        raise UsageError("--batch-size, --lr and --temperature must be positive")
+    pos_file = None
+    if method == "negprompt":
+        if positive is None:
+            raise UsageError("'train negprompt' needs --positive FILE: the prompts of 'oodcli train coop' (stage one)")
+        if neg_prompts < 1:
+            raise UsageError(f"--neg-prompts must be at least 1, not {neg_prompts}")
+        pos_file = read_prompt_file(positive)
+        if pos_file.method not in ("coop", "locoop"):
+            raise UsageError(f"--positive {positive} holds {pos_file.method} prompts; give a CoOp or LoCoOp prompt file")
+        recorded = pos_file.meta
+        # stage two learns on stage one's few-shot data unless told otherwise
+        shots = recorded["shots"] if shots is None else shots
+        seed = recorded["seed"] if seed is None else seed
+        if train_classes is None and train_class_fraction is None:
+            train_classes = f"{recorded['classes'][0]}-{recorded['classes'][-1]}"
+        backbone = backbone or recorded.get("backbone")
+    shots = 16 if shots is None else shots
+    seed = 0 if seed is None else seed
+    epochs = epochs if epochs is not None else (10 if method == "negprompt" else 50)
+    if epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, not {epochs}")
+    if method == "locoop" and locoop_lambda < 0:
+        raise UsageError(f"--lambda must be non-negative, not {locoop_lambda}")
+
+    data = _load_data(store_path, backbone, split, train_classes, train_class_fraction, shots, seed, labels,
+                      patches=(method == "locoop"))
+    train_names = [data.names[c] for c in data.classes]
+    if method == "locoop" and not 1 <= locoop_top_k < len(train_names):
+        raise UsageError(
+            f"--top-k {locoop_top_k} must be between 1 and the number of training classes minus one "
+            f"({len(train_names) - 1}); LoCoOp's 200 is for ImageNet's 1000 classes"
+        )
+    from oodcli import text as text_mod
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tower = text_mod.build_text_tower(data.source)
+    tau = temperature if temperature is not None else 1.0 / tower.logit_scale
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if pos_file is not None:
+        check_prompts_fit(pos_file, data.source, data.names)
+        learner = PromptLearner(tower, pos_file.ctx)
+        with torch.no_grad():
+            positive_text = learner.features(train_names)[0]
+        noise = torch.randn(neg_prompts, *pos_file.ctx.shape[1:], generator=gen) * 0.02
+        learner.ctx = torch.nn.Parameter((pos_file.ctx.expand(neg_prompts, -1, -1) + noise).to(device))
+    else:
+        learner = PromptLearner(tower, initial_context(tower, n_ctx, ctx_init, gen))
+    image, labels_t = data.image.to(device), data.labels.to(device)
+    patches = data.patches
+
+    def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        feats = learner(train_names)
+        x, y = image[idx], labels_t[idx]
+        if method == "negprompt":
+            nis, npd, nnd = negprompt_losses(x, positive_text, feats, tau)
+            return nis + beta * npd + gamma * nnd, {"nis": nis.item(), "npd": npd.item(), "nnd": nnd.item()}
+        text = feats[0]
+        loss = coop_loss(x, text, y, tau)
+        parts = {"ce": loss.item()}
+        if method == "locoop":
+            local = patches[idx.cpu()].to(device).float()
+            local_logits = F.normalize(local, dim=-1) @ text.T / tau
+            ent = locoop_entropy_term(local_logits, irrelevant_patches(local_logits, y, locoop_top_k))
+            loss = loss + locoop_lambda * ent
+            parts["entropy_term"] = ent.item()
+        return loss, parts
+
+    def accuracy() -> float:
+        if method == "negprompt":  # eq. 3's classifier: the positive prompts decide the class
+            return _accuracy(image, positive_text, labels_t)
+        return _accuracy(image, learner.features(train_names)[0], labels_t)
+
+    optimizer = torch.optim.SGD([learner.ctx], lr=lr, momentum=0.9, weight_decay=5e-4)
+    schedule = _schedule(optimizer, epochs)
+    accuracy_before = accuracy()
+    history = []
+    threads = torch.get_num_threads()
+    if tower.width <= 128:
+        torch.set_num_threads(1)  # a tiny text tower's ops are too small to split
+    try:
+        for epoch in range(epochs):
+            order = torch.randperm(len(image), generator=gen)
+            total, parts_sum = 0.0, {}
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size].to(device)
+                loss, parts = step_loss(idx)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(idx)
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v * len(idx)
+            schedule.step()
+            row = {"epoch": epoch + 1, "loss": total / len(order), **{k: v / len(order) for k, v in parts_sum.items()}}
+            if epoch == epochs - 1 or log:
+                row["accuracy"] = accuracy()
+            history.append(row)
+            if log:
+                extra = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "loss", "accuracy"))
+                log(f"epoch {epoch + 1}/{epochs}  loss {row['loss']:.4f}  {extra}  few-shot accuracy {100 * row['accuracy']:.1f}%")
+    finally:
+        torch.set_num_threads(threads)
+
+    test_acc = _test_accuracy(learner if pos_file is None else PromptLearner(tower, pos_file.ctx), data, device)
+    meta = {
+        "method": method,
+        "backbone": data.source.backbone,
+        "weights": data.source.identity,
+        "width": tower.width,
+        "n_ctx": learner.n_ctx,
+        "ctx_init": ctx_init if pos_file is None else pos_file.meta.get("ctx_init"),
+        "temperature": tau,
+        "class_names": train_names,
+        "classes": data.classes,
+        "shots": shots,
+        "seed": seed,
+        "split": split,
+        "split_fingerprint": data.split_fingerprint,
+        "shot_rows": data.rows.tolist(),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "history": history,
+    }
+    if method == "locoop":
+        meta.update(locoop_lambda=locoop_lambda, locoop_top_k=locoop_top_k)
+    if pos_file is not None:
+        meta.update(neg_prompts=neg_prompts, beta=beta, gamma=gamma, positive=Path(pos_file.path).name,
+                    positive_sha256=pos_file.sha256, positive_method=pos_file.method)
+        tensors = {"ctx": pos_file.ctx, "neg_ctx": learner.ctx}
+    else:
+        tensors = {"ctx": learner.ctx}
+    write_prompt_file(out, tensors, meta)
+    return PromptTrainResult(str(out), method, len(train_names), shots, epochs, history[-1]["loss"],
+                             accuracy_before, history[-1]["accuracy"], test_acc, time.perf_counter() - t0, history)
+
+
+# ---- text features for scoring -------------------------------------------------------------
+
+
+def prompt_features(prompts: PromptFile, source, names: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(positive features [C, D], negative features [p, C, D] or None) of ``names``, L2-normalised."""
+    from oodcli import text as text_mod
+
+    tower = text_mod.build_text_tower(source)
+    learner = PromptLearner(tower, prompts.ctx)
+    pos = learner.features(names)[0].cpu().numpy()
+    neg = None if prompts.neg_ctx is None else learner.features(names, prompts.neg_ctx.to(tower.device)).cpu().numpy()
+    return pos.astype(np.float32), None if neg is None else neg.astype(np.float32)
