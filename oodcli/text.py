@@ -107,6 +107,7 @@ def clip_source(store: Store, backbone: str, model_id: str | None = None) -> Cli
     spec = get_spec(backbone)
     if spec.family != "clip":
         raise UsageError(f"this method needs CLIP features, and '{backbone}' is not a CLIP model")
+    lacking = None
     for split in list_splits(store):
         if backbone not in list_backbones(store, split):
             continue
@@ -116,9 +117,17 @@ def clip_source(store: Store, backbone: str, model_id: str | None = None) -> Cli
             continue
         if "weights" not in attrs.get("parts", {}):
             raise OodError(f"the '{backbone}' features of split '{split}' do not say which weights made them; re-extract them")
-        shape = attrs.get("layer_shapes", {}).get("image_embeds") or store.shape(f"{node}/image_embeds")[1:]
+        if not store.is_array(f"{node}/image_embeds"):
+            lacking = split
+            continue
+        shape = store.shape(f"{node}/image_embeds")[1:]
         return ClipSource(
             backbone, attrs.get("weights_source"), attrs["parts"]["weights"], attrs.get("model_id"), int(shape[-1])
+        )
+    if lacking is not None:
+        raise OodError(
+            f"the '{backbone}' features in {store.path} have no image_embeds (split '{lacking}'); make them with "
+            f"'oodcli extract --model {backbone} --layers image_embeds --split {lacking} --store {store.path} --overwrite'"
         )
     raise OodError(f"store {store.path} has no complete '{backbone}' features; run 'oodcli extract --model {backbone}'")
 

@@ -418,7 +418,7 @@ def train_prompts(
     out: str | Path,
     backbone: str | None = None,
     split: str = "train",
-    shots: int | None = 16,
+    shots: int | None = None,
     epochs: int | None = None,
     batch_size: int = 32,
     lr: float = 0.002,
@@ -428,7 +428,7 @@ def train_prompts(
     train_classes: str | None = None,
     train_class_fraction: float | None = None,
     labels: str | None = None,
-    seed: int | None = 0,
+    seed: int | None = None,
     locoop_lambda: float = 0.25,
     locoop_top_k: int = 200,
     positive: str | Path | None = None,
@@ -437,7 +437,11 @@ def train_prompts(
     gamma: float = 0.05,
     log=None,
 ) -> PromptTrainResult:
-    """Train CoOp, LoCoOp or NegPrompt prompts on a store's cached CLIP features; write ``out``."""
+    """Train CoOp, LoCoOp or NegPrompt prompts on a store's cached CLIP features; write ``out``.
+
+    ``shots`` and ``seed`` default to 16 and 0; NegPrompt takes them, and the training
+    classes, from its positive file, so both stages learn from the same few shots.
+    """
     if method not in METHODS:
         raise UsageError(f"unknown prompt method '{method}'; choose from {', '.join(METHODS)}")
     t0 = time.perf_counter()
