@@ -31,6 +31,12 @@ demo: venv $(CKPT) $(CLIP_CKPT)
 	$(PY) -m oodcli report --store $(STORE)
 	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --benchmark digits --layers image_embeds,patch_tokens --store $(CLIP_STORE) --overwrite
 	$(PY) -m oodcli score mcm,gl-mcm,r-mcm --store $(CLIP_STORE)
+	$(PY) -m oodcli -q train coop --store $(CLIP_STORE) --shots 16 --epochs 20 --out stores/digits-coop.safetensors
+	$(PY) -m oodcli -q train negprompt --store $(CLIP_STORE) --positive stores/digits-coop.safetensors --out stores/digits-negprompt.safetensors
+	$(PY) -m oodcli -q train coop --store $(CLIP_STORE) --shots 16 --epochs 20 --train-classes 0-2 --out stores/digits-coop-0-2.safetensors
+	$(PY) -m oodcli -q train negprompt --store $(CLIP_STORE) --positive stores/digits-coop-0-2.safetensors --out stores/digits-negprompt-0-2.safetensors
+	$(PY) -m oodcli score coop,negprompt --store $(CLIP_STORE) -p coop.prompts=stores/digits-coop.safetensors -p negprompt.prompts=stores/digits-negprompt.safetensors
+	$(PY) -m oodcli score negprompt --as negprompt-open-0-2 --store $(CLIP_STORE) -p negprompt.prompts=stores/digits-negprompt-0-2.safetensors
 	@if $(PY) -c "from oodcli.negatives import find_wordnet; find_wordnet()" 2>/dev/null; then \
 		$(PY) -m oodcli score neglabel --store $(CLIP_STORE); \
 	else echo "neglabel skipped: no WordNet on this machine (apt-get install wordnet-base)"; fi
@@ -49,4 +55,4 @@ bench: venv
 	$(PY) benchmarks/cli.py
 
 clean:
-	rm -rf $(STORE) $(CKPT) $(CLIP_STORE) $(CLIP_CKPT) stores/digits-apex.safetensors stores/digits-palm.safetensors
+	rm -rf $(STORE) $(CKPT) $(CLIP_STORE) $(CLIP_CKPT) stores/digits-*.safetensors

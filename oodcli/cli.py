@@ -436,6 +436,7 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="Write score histograms and ROC curves (PNG) into this folder."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML report (table + plots) to this file."),
+    average_runs: bool = typer.Option(False, "--average-runs", help="One row per NAME for methods scored as NAME@RUN (score --as), metrics averaged."),
 ) -> None:
     """OOD metrics per OOD set and near/far averages (FPR@95, AUROC, AUPR-In/Out), ID accuracy.
 
@@ -446,6 +447,8 @@ def report(
       oodcli report --store stores/digits.zarr --format csv > digits.csv
 
       oodcli report --store stores/digits.zarr --plots stores/plots --html stores/digits.html
+
+      oodcli report --store stores/imagenet_clip.zarr --average-runs   # negprompt@seed1..3 -> negprompt
     """
     from oodcli import report as rep
     from oodcli.store import open_store
@@ -461,7 +464,7 @@ def report(
         check_output_file(html, "--html")
     images = {}
     with open_store(store, "r") as st:
-        data = rep.build_report(st, _split_list(methods), id_split)
+        data = rep.build_report(st, _split_list(methods), id_split, average_runs)
         if plots is not None or html is not None:
             bar = _progress()
             with bar:

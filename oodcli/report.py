@@ -25,7 +25,8 @@ def _group(role: str) -> str:
     return {"ood-near": "near", "ood-far": "far"}.get(role, "ood")
 
 
-def build_report(store: Store, methods: list[str] | None = None, id_split: str | None = None) -> dict:
+def build_report(store: Store, methods: list[str] | None = None, id_split: str | None = None,
+                 average_runs: bool = False) -> dict:
     available = scored_methods(store)
     if not available:
         raise OodError(f"store {store.path} has no scores yet; run 'oodcli score METHOD --store {store.path}'")
@@ -79,7 +80,39 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
             "averages": averages,
         }
     report["id_accuracy"] = _id_accuracy(store, report, id_split, labels)
+    if average_runs:
+        report["methods"] = average_over_runs(report["methods"])
     return report
+
+
+def average_over_runs(methods: dict) -> dict:
+    """Merge methods named ``NAME@RUN`` (e.g. ``negprompt@seed1``, from ``score --as``) into one
+    row ``NAME`` with each metric averaged over the runs; ``runs`` lists them. Only sets and
+    averages every run has are kept, so a mean never mixes a different number of runs."""
+    groups: dict[str, list[str]] = {}
+    for name in methods:  # a plain NAME stays its own row; the runs' mean is then NAME@mean
+        base = name.split("@", 1)[0]
+        groups.setdefault(name if "@" not in name else base + ("@mean" if base in methods else ""), []).append(name)
+    merged = {}
+    for base, names in groups.items():
+        if "@" not in names[0]:
+            merged[base] = methods[base]
+            continue
+        rows = [methods[n] for n in names]
+
+        def mean(tables: list[dict]) -> dict:
+            keys = set.intersection(*(set(t) for t in tables))
+            return {k: {m: float(np.mean([t[k][m] for t in tables])) for m in METRIC_NAMES} for k in sorted(keys)}
+
+        merged[base] = {
+            "backbone": rows[0]["backbone"] if len({r["backbone"] for r in rows}) == 1 else None,
+            "hparams": rows[0]["hparams"],
+            "sets": mean([r["sets"] for r in rows]),
+            "missing": sorted({s for r in rows for s in r["missing"]}),
+            "averages": mean([r["averages"] for r in rows]),
+            "runs": names,
+        }
+    return merged
 
 
 def _id_accuracy(store: Store, report: dict, id_split: str, labels: np.ndarray) -> float | None:
@@ -114,6 +147,10 @@ def _cell(method: dict, key: str) -> dict | None:
     return method["sets"].get(key)
 
 
+def _label(name: str, method: dict) -> str:
+    return f"{name} (mean of {len(method['runs'])})" if method.get("runs") else name
+
+
 def _fmt(m: dict | None) -> str:
     return "-" if m is None else f"{100 * m['auroc']:.1f} / {100 * m['fpr95']:.1f}"
 
@@ -131,7 +168,7 @@ def render_table(report: dict):
     for name, key in cols:
         table.add_column(name, justify="right", style="cyan" if key and key.startswith("avg:") else None)
     for method, data in report["methods"].items():
-        table.add_row(method, *[_fmt(_cell(data, key)) for _, key in cols])
+        table.add_row(_label(method, data), *[_fmt(_cell(data, key)) for _, key in cols])
     note = _missing_note(report)
     if note:
         table.caption = note
@@ -151,7 +188,7 @@ def render_markdown(report: dict) -> str:
         "|---|" + "---:|" * len(cols),
     ]
     for method, data in report["methods"].items():
-        lines.append(f"| {method} | " + " | ".join(_fmt(_cell(data, key)) for _, key in cols) + " |")
+        lines.append(f"| {_label(method, data)} | " + " | ".join(_fmt(_cell(data, key)) for _, key in cols) + " |")
     acc = report["id_accuracy"]
     footer = f"\nAUROC / FPR@95 in %, ID split `{report['id_split']}`"
     if acc is not None:
@@ -209,6 +246,9 @@ def make_plots(store: Store, report: dict, progress=None) -> dict[str, bytes]:
     advance = progress("plots", len(report["methods"])) if progress else (lambda n: None)
     images: dict[str, bytes] = {}
     for method, data in report["methods"].items():
+        if data.get("runs"):  # a mean over runs has no score distribution of its own
+            advance(1)
+            continue
         id_scores = read_scores(store, method, id_split)
         order = [key for _, key in _columns(report) if key in data["sets"]]  # near sets first
         sets = {s: read_scores(store, method, s) for s in order}
@@ -252,7 +292,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
     acc = report["id_accuracy"]
     head = "".join(f"<th>{escape(name)}</th>" for name, _ in cols)
     rows = "".join(
-        f"<tr><td>{escape(m)}</td>" + "".join(f"<td>{_fmt(_cell(d, key))}</td>" for _, key in cols) + "</tr>"
+        f"<tr><td>{escape(_label(m, d))}</td>" + "".join(f"<td>{_fmt(_cell(d, key))}</td>" for _, key in cols) + "</tr>"
         for m, d in report["methods"].items()
     )
     detail = "".join(

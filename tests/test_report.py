@@ -93,3 +93,20 @@ def test_report_bad_input(capsys, tmp_path, scored):
     empty = make_store(tmp_path / "empty.zarr")
     code, _, err = run(capsys, "report", "--store", empty)
     assert code == 1 and one_line_error(err) and "no scores yet" in err
+
+
+def test_average_runs_merges_name_at_run_rows_and_keeps_plain_names():
+    from oodcli.report import METRIC_NAMES, average_over_runs
+
+    def row(auroc, sets=("a", "b")):
+        metrics = {k: auroc for k in METRIC_NAMES}
+        return {"backbone": "clip", "hparams": {}, "sets": {s: dict(metrics) for s in sets},
+                "missing": [], "averages": {"far": dict(metrics)}}
+
+    methods = {"mcm": row(0.5), "neg@1": row(0.6), "neg@2": row(0.8, sets=("a",)), "coop": row(0.7), "coop@1": row(0.9)}
+    merged = average_over_runs(methods)
+    assert list(merged) == ["mcm", "neg", "coop", "coop@mean"]
+    assert merged["neg"]["runs"] == ["neg@1", "neg@2"]
+    assert merged["neg"]["sets"]["a"]["auroc"] == pytest.approx(0.7)
+    assert "b" not in merged["neg"]["sets"]  # a set only one run has is not averaged
+    assert merged["coop"] is methods["coop"] and merged["coop@mean"]["runs"] == ["coop@1"]
