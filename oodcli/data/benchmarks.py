@@ -29,7 +29,8 @@ class Benchmark:
     description: str
     splits: list[SplitDef] = field(default_factory=list)
     #: the names CLIP prompts are built from, when they differ from ``class_names`` (CLIP's
-    #: cleaned ImageNet list): a list, a names file, or {"file": ..., "rows": [start, stop]}
+    #: cleaned ImageNet list): a list, a names file, {"file": ..., "rows": [start, stop]} or,
+    #: for scattered classes, {"file": ..., "indices": [row, row, ...]} (rows in label order)
     prompt_names: list[str] | str | dict | None = None
 
     def split(self, name: str) -> SplitDef:
@@ -77,6 +78,12 @@ class Benchmark:
         if not path.is_file():
             raise OodError(f"prompt names file '{file}' of benchmark '{self.name}' not found")
         names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        indices = spec.get("indices") if isinstance(spec, dict) else None
+        if indices is not None:
+            bad = [i for i in indices if not 0 <= i < len(names)]
+            if bad:
+                raise OodError(f"{path} has no row {bad[0]} for the prompt names of benchmark '{self.name}'")
+            names = [names[i] for i in indices]
         names = names[rows[0] : rows[1]] if rows else names
         if len(names) != self.num_classes:
             raise OodError(f"{path} gives {len(names)} prompt names to benchmark '{self.name}'; expected {self.num_classes}")

@@ -4,7 +4,9 @@
 ``folder:PATH``             an ImageFolder (class sub-folders), or a flat folder of images
 ``imglist:FILE[@IMAGEDIR]`` an OpenOOD image list; images under ``<root>/IMAGEDIR``
 ``digits:PART``             the embedded digits benchmark
-``classes:A-B:SOURCE``      the rows of SOURCE with labels A..B (inclusive), relabelled 0..B-A
+``classes:LABELS:SOURCE``   the rows of SOURCE whose label is listed, relabelled 0..n-1 in listed order;
+                            LABELS is a label ``N``, a range ``A-B`` (inclusive) or a comma-separated
+                            list of both, e.g. ``classes:0-499:...`` or ``classes:151-170,173-268:...``
 
 Every factory learns the labels without decoding an image, and opens images lazily.
 """
@@ -229,19 +231,53 @@ def digits_source(arg: str, root: Path, is_ood: bool) -> ImageDataset:
     return digits_part(arg, is_ood)
 
 
-# --- classes (a class range of another source) ----------------------------------------------
+# --- classes (a class subset of another source) ----------------------------------------------
+
+_CLASS_ITEM = re.compile(r"(\d+)(?:-(\d+))?")
+_MAX_LABEL = 2**62  # labels are int64
+
+
+def parse_class_list(spec: str) -> list[tuple[int, int]]:
+    """``151-170,173,200-201`` -> [(151, 170), (173, 173), (200, 201)]: the inclusive label
+    ranges of a ``classes:`` source, in listed order. ValueError says what is wrong."""
+    spans = []
+    for item in spec.split(","):
+        m = _CLASS_ITEM.fullmatch(item)
+        if not m:
+            raise ValueError(f"'{item}' is neither a label nor a FIRST-LAST range" if item else "an empty item")
+        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        if first > last:
+            raise ValueError(f"range '{item}' runs backwards")
+        if last > _MAX_LABEL:
+            raise ValueError(f"label {last} is too large")
+        spans.append((first, last))
+    ordered = sorted(spans)
+    for (_, prev_last), (first, _) in zip(ordered, ordered[1:]):
+        if first <= prev_last:
+            raise ValueError(f"label {first} is listed twice")
+    return spans
 
 
 class ClassRangeDataset(ImageDataset):
-    """Rows of another data set whose labels fall in [first, last], relabelled from 0."""
+    """Rows of another data set whose labels fall in the listed ranges, in the inner data set's
+    row order, relabelled 0..n-1 in listed order (one range A-B: label - A, as it always was)."""
 
-    def __init__(self, inner: ImageDataset, first: int, last: int):
+    def __init__(self, inner: ImageDataset, spans: list[tuple[int, int]], spec: str):
         self.inner = inner
-        self.name = f"classes:{first}-{last}:{inner.name}"
-        self.rows = np.flatnonzero((inner.labels >= first) & (inner.labels <= last))
-        self.labels = inner.labels[self.rows] - first
+        self.name = f"classes:{spec}:{inner.name}"
+        firsts = np.array([a for a, _ in spans], np.int64)
+        lasts = np.array([b for _, b in spans], np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lasts - firsts + 1)[:-1]]).astype(np.int64)
+        order = np.argsort(firsts, kind="stable")
+        labels = np.asarray(inner.labels, np.int64)
+        # the span each label could fall in: the last one starting at or below it
+        k = np.searchsorted(firsts[order], labels, side="right") - 1
+        span = order[np.clip(k, 0, None)]
+        inside = (k >= 0) & (labels <= lasts[span])
+        self.rows = np.flatnonzero(inside)
+        self.labels = (offsets[span] + labels - firsts[span])[inside]
         names = inner.class_names
-        self.class_names = list(names[first : last + 1]) if names else None
+        self.class_names = [n for a, b in spans for n in names[a : b + 1]] if names else None
 
     def load(self, i: int):
         return self.inner.load(int(self.rows[i]))
@@ -256,17 +292,24 @@ class ClassRangeDataset(ImageDataset):
 
 @register_source("classes")
 def class_range_source(arg: str, root: Path, is_ood: bool) -> ImageDataset:
-    """``A-B:SOURCE``: a class subset of a labelled source, e.g. the ImageNet-500 halves."""
+    """``LABELS:SOURCE``: a class subset of a labelled source, e.g. the ImageNet-500 halves
+    (``0-499``) or the open-set protocols' scattered classes (``151-170,173-268``)."""
     from oodcli.data.base import open_source
 
     span, _, inner = arg.partition(":")
-    m = re.fullmatch(r"(\d+)-(\d+)", span)
-    if not m or not inner or int(m.group(1)) > int(m.group(2)):
-        raise UsageError(f"bad source 'classes:{arg}'; write classes:FIRST-LAST:SOURCE, e.g. classes:0-499:folder:imagenet/val")
-    first, last = int(m.group(1)), int(m.group(2))
-    data = ClassRangeDataset(open_source(inner, root, is_ood=False), first, last)
+    try:
+        spans = parse_class_list(span)
+        if not inner:
+            raise ValueError("no SOURCE after the labels")
+    except ValueError as e:
+        raise UsageError(
+            f"bad source 'classes:{arg}' ({e}); write classes:LABELS:SOURCE, LABELS a label, a FIRST-LAST "
+            f"range or a comma-separated list of them, e.g. classes:0-499:folder:imagenet/val"
+        ) from None
+    spec = ",".join(str(a) if item.isdigit() else f"{a}-{b}" for item, (a, b) in zip(span.split(","), spans))
+    data = ClassRangeDataset(open_source(inner, root, is_ood=False), spans, spec)
     if len(data) == 0:
-        raise OodError(f"{data.name} holds no images of classes {first}-{last}")
+        raise OodError(f"{data.name} holds no images of classes {spec}")
     if is_ood:
         data.labels = np.full(len(data), -1, np.int64)
     return data
