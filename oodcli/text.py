@@ -11,15 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
 from oodcli.errors import OodError, UsageError
 from oodcli.store import Store, digest, features_node, list_backbones, list_splits
-
-if TYPE_CHECKING:  # torch is imported only where a text tower runs (a cache hit never does)
-    import torch
 
 DATA_DIR = Path(__file__).parent / "data"
 TEXT_ROOT = "fitted/text"
