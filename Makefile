@@ -53,6 +53,7 @@ bench: venv
 	$(PY) benchmarks/apex.py
 	$(PY) benchmarks/store.py
 	$(PY) benchmarks/cli.py
+	$(PY) benchmarks/prompts.py
 
 clean:
 	rm -rf $(STORE) $(CKPT) $(CLIP_STORE) $(CLIP_CKPT) stores/digits-*.safetensors
