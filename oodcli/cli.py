@@ -738,6 +738,47 @@ def train_negprompt(
     _print_prompt_result(result, as_json)
 
 
+@train_app.command("iim")
+def train_iim(
+    store_path: Path = typer.Option(..., "--store", "-s", help="Store with the CLIP patch_tokens of the ID train split."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Prompt file to write (local + OOD prototype prompts)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP backbone in the store (default: the only one)."),
+    split: str = typer.Option("train", "--split", help="ID split to draw the few shots from."),
+    shots: int = typer.Option(16, "--shots", min=1, help="Images per class."),
+    epochs: int = typer.Option(50, "--epochs", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    lr: float = typer.Option(2.5e-4, "--lr", min=0.0),
+    n_ctx: int = typer.Option(16, "--n-ctx", min=1, help="L: learnable context vectors per prompt."),
+    ctx_init: Optional[str] = typer.Option(None, "--ctx-init", help="Start the local prompts from this phrase instead of N(0, 0.02)."),
+    k: int = typer.Option(50, "--k", min=1, help="Top-k positive patches per image; the next k are ID-like OOD patches (2k <= patches)."),
+    ood_prompts: int = typer.Option(300, "--ood-prompts", min=1, help="C_n: OOD prototype prompts."),
+    lambda_neg: float = typer.Option(5.0, "--lambda-neg", min=0.0, help="Weight of L_neg (eq. 9)."),
+    lambda_div: float = typer.Option(0.5, "--lambda-div", min=0.0, help="Weight of L_div (eq. 10)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="T of s = exp(cos / T)."),
+    train_classes: Optional[str] = typer.Option(None, "--train-classes", help="Train on classes FIRST-LAST only."),
+    fraction: Optional[float] = typer.Option(None, "--train-class-fraction", help="Train on the first share of classes."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Class names file (one per line); default: the store's benchmark."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the few-shot draw and the initialisation."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Learn IIM's local prompts and OOD prototype prompts from mined patches (needs patch_tokens).
+
+    Example:  oodcli train iim --store stores/digits_clip.zarr --shots 16 --k 4 --out iim.safetensors
+    && oodcli score s-mcm,s-mcm-star --store stores/digits_clip.zarr -p s-mcm.prompts=iim.safetensors
+    -p s-mcm-star.prompts=iim.safetensors
+    """
+    from oodcli.train.iim import train_iim as run
+
+    log = None if STATE["quiet"] else (lambda msg: err.print(msg, style="dim", markup=False))
+    result = run(
+        store_path, out_path, backbone=backbone, split=split, shots=shots, epochs=epochs, batch_size=batch_size,
+        lr=lr, n_ctx=n_ctx, ctx_init=ctx_init, k=k, ood_prompts=ood_prompts, lambda_neg=lambda_neg,
+        lambda_div=lambda_div, temperature=temperature, train_classes=train_classes,
+        train_class_fraction=fraction, labels=labels, seed=seed, log=log,
+    )
+    _print_prompt_result(result, as_json)
+
+
 # ---- synthesize and index -----------------------------------------------------------------
 
 synth_app = typer.Typer(help="Synthesize OOD prototypes or features from the store and the backbone.", no_args_is_help=True)
@@ -1088,7 +1129,7 @@ def analyze_collisions(
 # ---- planned commands -------------------------------------------------------------------
 
 PLANNED: dict[str, str] = {}
-PLANNED_TRAINERS = ("iim", "synood")
+PLANNED_TRAINERS = ("synood",)
 
 
 def _not_built(name: str):

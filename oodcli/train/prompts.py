@@ -33,7 +33,6 @@ same file turns any label set into text features (the open-vocabulary setting).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -225,11 +224,10 @@ def read_rows(store, node: str, rows: np.ndarray, split: str) -> np.ndarray:
 
 
 def file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The prompt file's identity: the key of its cached text features."""
+    from oodcli.backbones.spec import sha256_file
+
+    return sha256_file(Path(path))
 
 
 @dataclass
@@ -241,6 +239,7 @@ class PromptFile:
     meta: dict
     ctx: torch.Tensor  # [1, n, width]
     neg_ctx: torch.Tensor | None  # [p, n, width] (NegPrompt)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # any other tensors (IIM's ood_ctx)
 
     @property
     def method(self) -> str:
@@ -269,7 +268,8 @@ def read_prompt_file(path: str | Path) -> PromptFile:
         raise OodError(f"prompt file {path} has malformed context tensors; train it again")
     if meta.get("method") == "negprompt" and neg is None:
         raise OodError(f"prompt file {path} says NegPrompt but holds no negative prompts; train it again")
-    return PromptFile(str(path), file_hash(path), meta, ctx, None if neg is None else neg.float())
+    extra = {k: v.float() for k, v in tensors.items() if k not in ("ctx", "neg_ctx")}
+    return PromptFile(str(path), file_hash(path), meta, ctx, None if neg is None else neg.float(), extra)
 
 
 def check_prompts_fit(prompts: PromptFile, source, names: list[str]) -> None:
@@ -332,7 +332,8 @@ class _Data:
     test: tuple[np.ndarray, np.ndarray] | None  # (image embeds, labels) of the ID test split
 
 
-def _load_data(store_path, backbone, split, classes_text, fraction, shots, seed, labels_file, patches) -> _Data:
+def _load_data(store_path, backbone, split, classes_text, fraction, shots, seed, labels_file, patches,
+               method: str = "LoCoOp") -> _Data:
     from oodcli import text
     from oodcli.scorers.base import check_features
     from oodcli.scoring import default_backbone
@@ -354,7 +355,7 @@ def _load_data(store_path, backbone, split, classes_text, fraction, shots, seed,
             )
         if patches and store.exists(node) and not store.is_array(f"{node}/patch_tokens"):
             raise OodError(
-                f"LoCoOp needs patch tokens and split '{split}' has no '{backbone}' patch_tokens; re-extract with "
+                f"{method} needs patch tokens and split '{split}' has no '{backbone}' patch_tokens; re-extract with "
                 f"'oodcli extract --model {backbone} --layers image_embeds,patch_tokens --split {split} --overwrite'"
             )
         check_features(store, backbone, split, layers)
@@ -380,6 +381,19 @@ def _load_data(store_path, backbone, split, classes_text, fraction, shots, seed,
         None if tokens is None else torch.from_numpy(tokens),
         fingerprint, test,
     )
+
+
+def data_meta(data: "_Data", split: str) -> dict:
+    """What a prompt file records of the data it learned from (its CLIP, classes and few shots)."""
+    return {
+        "backbone": data.source.backbone,
+        "weights": data.source.identity,
+        "class_names": [data.names[c] for c in data.classes],
+        "classes": data.classes,
+        "split": split,
+        "split_fingerprint": data.split_fingerprint,
+        "shot_rows": data.rows.tolist(),
+    }
 
 
 def _schedule(optimizer, epochs: int, warmup_lr: float = 1e-5):
@@ -410,6 +424,45 @@ def _test_accuracy(learner: PromptLearner, data: _Data, device) -> float | None:
     text = learner.features(data.names)[0]
     pred = (F.normalize(torch.from_numpy(image[keep]).to(device), dim=-1) @ text.T).argmax(dim=1).cpu().numpy()
     return float((pred == labels[keep]).mean())
+
+
+def fit_epochs(step_loss, params: list, epochs: int, lr: float, n_rows: int, batch_size: int,
+               generator: torch.Generator, accuracy, width: int, log=None, accuracy_label: str = "few-shot accuracy",
+               ) -> tuple[float, list[dict]]:
+    """The shared training loop: SGD (momentum 0.9, weight decay 5e-4) over ``params`` with
+    CoOp's schedule, shuffled batches of row indices to ``step_loss(idx) -> (loss, parts)``.
+    Returns (accuracy before training, per-epoch history of the mean loss and its parts)."""
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    schedule = _schedule(optimizer, epochs)
+    history = []
+    threads = torch.get_num_threads()
+    if width <= 128:
+        torch.set_num_threads(1)  # a tiny text tower's ops are too small to split
+    try:
+        before = accuracy()
+        for epoch in range(epochs):
+            order = torch.randperm(n_rows, generator=generator)
+            total, parts_sum = 0.0, {}
+            for i in range(0, n_rows, batch_size):
+                idx = order[i : i + batch_size]
+                loss, parts = step_loss(idx)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(idx)
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v * len(idx)
+            schedule.step()
+            row = {"epoch": epoch + 1, "loss": total / n_rows, **{k: v / n_rows for k, v in parts_sum.items()}}
+            if epoch == epochs - 1 or log:
+                row["accuracy"] = accuracy()
+            history.append(row)
+            if log:
+                extra = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "loss", "accuracy"))
+                log(f"epoch {epoch + 1}/{epochs}  loss {row['loss']:.4f}  {extra}  {accuracy_label} {100 * row['accuracy']:.1f}%")
+    finally:
+        torch.set_num_threads(threads)
+    return before, history
 
 
 def train_prompts(
@@ -501,6 +554,7 @@ def train_prompts(
     patches = data.patches
 
     def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        idx = idx.to(device)
         feats = learner(train_names)
         x, y = image[idx], labels_t[idx]
         if method == "negprompt":
@@ -522,53 +576,19 @@ def train_prompts(
             return _accuracy(image, positive_text, labels_t)
         return _accuracy(image, learner.features(train_names)[0], labels_t)
 
-    optimizer = torch.optim.SGD([learner.ctx], lr=lr, momentum=0.9, weight_decay=5e-4)
-    schedule = _schedule(optimizer, epochs)
-    accuracy_before = accuracy()
-    history = []
-    threads = torch.get_num_threads()
-    if tower.width <= 128:
-        torch.set_num_threads(1)  # a tiny text tower's ops are too small to split
-    try:
-        for epoch in range(epochs):
-            order = torch.randperm(len(image), generator=gen)
-            total, parts_sum = 0.0, {}
-            for i in range(0, len(order), batch_size):
-                idx = order[i : i + batch_size].to(device)
-                loss, parts = step_loss(idx)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(idx)
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v * len(idx)
-            schedule.step()
-            row = {"epoch": epoch + 1, "loss": total / len(order), **{k: v / len(order) for k, v in parts_sum.items()}}
-            if epoch == epochs - 1 or log:
-                row["accuracy"] = accuracy()
-            history.append(row)
-            if log:
-                extra = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "loss", "accuracy"))
-                log(f"epoch {epoch + 1}/{epochs}  loss {row['loss']:.4f}  {extra}  few-shot accuracy {100 * row['accuracy']:.1f}%")
-    finally:
-        torch.set_num_threads(threads)
+    accuracy_before, history = fit_epochs(step_loss, [learner.ctx], epochs, lr, len(image), batch_size, gen,
+                                          accuracy, tower.width, log)
 
     test_acc = _test_accuracy(learner if pos_file is None else PromptLearner(tower, pos_file.ctx), data, device)
     meta = {
         "method": method,
-        "backbone": data.source.backbone,
-        "weights": data.source.identity,
+        **data_meta(data, split),
         "width": tower.width,
         "n_ctx": learner.n_ctx,
         "ctx_init": ctx_init if pos_file is None else pos_file.meta.get("ctx_init"),
         "temperature": tau,
-        "class_names": train_names,
-        "classes": data.classes,
         "shots": shots,
         "seed": seed,
-        "split": split,
-        "split_fingerprint": data.split_fingerprint,
-        "shot_rows": data.rows.tolist(),
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
