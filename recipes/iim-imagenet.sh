@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# IIM + S-MCM (paper 001) with CLIP ViT-B/16, with the CLI alone: Table 1's ImageNet-1k rows and the
+# ImageNet-500-Easy / ImageNet-500-Hard rows of Tables 1-2, zero-shot baselines beside them.
+#
+#   recipes/iim-imagenet.sh [BENCHMARK ...]      (default: imagenet-mos imagenet500-easy imagenet500-hard)
+#
+# Per benchmark: one pass of the CLIP image encoder over every split (image_embeds and the
+# 196 patch tokens per image, float16), the zero-shot MCM, GL-MCM and R-MCM*, then per
+# few-shot setting (SHOTS, default "1 4 16") IIM's local and OOD prototype prompts (L = 16,
+# k = 50, C_n = 300, lambda_neg 5, lambda_div 0.5, SGD lr 2.5e-4, batch 32, 50 epochs, T = 1)
+# and its scores: S-MCM, S-MCM* (no OOD prompts), R-MCM with the trained prompts, GL-MCM local.
+# The ImageNet folders (imagenet/train, imagenet/val, imagenet-mos/...) must be under
+# $OODCLI_DATA_ROOT (default ./data). Note: patch tokens of the whole ImageNet train split are
+# about 250 GB in float16; give the store room, or extract a smaller train split with --data.
+# Environment: SHOTS, SEED (default 1), STORES (default stores), DEVICE (default auto), OODCLI (default oodcli).
+set -euo pipefail
+SHOTS=${SHOTS:-"1 4 16"}
+SEED=${SEED:-1}
+STORES=${STORES:-stores}
+DEVICE=${DEVICE:-auto}
+OODCLI=${OODCLI:-oodcli}
+BENCHMARKS=("$@")
+[ ${#BENCHMARKS[@]} -gt 0 ] || BENCHMARKS=(imagenet-mos imagenet500-easy imagenet500-hard)
+mkdir -p "$STORES"
+for bench in "${BENCHMARKS[@]}"; do
+  store="$STORES/iim-$bench.zarr"
+  echo "== $bench -> $store" >&2
+  # 1. the frozen image encoder, once per split (resumes if interrupted)
+  $OODCLI extract --model clip-vit-b-16 --benchmark "$bench" --layers image_embeds,patch_tokens --store "$store" --device "$DEVICE"
+  # 2. zero-shot rows
+  $OODCLI score mcm,gl-mcm,r-mcm --store "$store"
+  for shots in $SHOTS; do
+    prompts="$STORES/iim-$bench-$shots-shot.safetensors"
+    # 3. local prompts + OOD prototype prompts from the mined patches of each few-shot image
+    $OODCLI train iim --store "$store" --shots "$shots" --seed "$SEED" --out "$prompts"
+    # 4. S-MCM (eq. 12-14, alpha 1) and its variants, one row each per shot setting
+    for method in s-mcm s-mcm-star r-mcm-trained gl-mcm-local; do
+      $OODCLI score "$method" --as "$method-$shots-shot" --store "$store" -p "$method.prompts=$prompts"
+    done
+  done
+  $OODCLI report --store "$store"
+  $OODCLI report --store "$store" --format json > "$STORES/iim-$bench.json"
+done
