@@ -8,7 +8,13 @@ images (forward only, it is frozen; decoding and augmenting the images not count
 An epoch of 16 shots x C classes is C/2 steps; it is estimated from the measured steps
 (a full ImageNet epoch on a CPU takes hours, so only --steps are run).
 
-Scoring: ``negprompt`` over an ImageNet-val-sized split (50,000 x 512 float16 image_embeds,
+IIM step (--iim-classes local prompts plus 300 OOD prototype prompts through the text
+tower, the mined-patch losses over 32 x 196 cached patch tokens) vs the same with the
+image encoder in the loop.
+
+Scoring: ``s-mcm`` over --smcm-rows x 196 x 512 float16 patch tokens (5,000 by default; the
+50,000 of ImageNet val take ten times as long and 10 GB of disk), streamed chunk by chunk,
+peak RSS against --ram-cap-gib. ``negprompt`` over an ImageNet-val-sized split (50,000 x 512 float16 image_embeds,
 1000 classes, p = 2 negative prompts) whose text features are already cached, as a
 second scoring run finds them; rows per second and peak RSS.
 
@@ -91,6 +97,74 @@ def training(classes: int, steps: int, tower, visual) -> dict:
     }
 
 
+def iim_step(classes: int, steps: int, tower, visual) -> dict:
+    """One IIM training step (text tower over local + OOD prompts, eq. 8-10) vs the image encoder."""
+    from oodcli.train import iim as I
+
+    names = text.imagenet_clip_names()[:classes]
+    learner = P.PromptLearner(tower, torch.randn(1, 16, tower.width) * 0.02)
+    ood_ctx = torch.nn.Parameter(torch.randn(300, 16, tower.width) * 0.02)
+    optimizer = torch.optim.SGD([learner.ctx, ood_ctx], lr=2.5e-4, momentum=0.9)
+    patches = F.normalize(torch.randn(BATCH, 196, DIM), dim=-1)
+    labels = torch.randint(0, classes, (BATCH,))
+    step_s, encoder_s = [], []
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        local = learner(names)[0]
+        ood = I.ood_features(learner, ood_ctx, grad=True)
+        l_pos, l_neg = I.iim_terms(patches, local, ood, labels, 50)
+        (l_pos + 5 * l_neg + 0.5 * I.diversity_term(ood, local)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            pixels = torch.randn(BATCH, 3, 224, 224)
+            t2 = time.perf_counter()
+            visual(pixels)
+            t3 = time.perf_counter()
+        if step:
+            step_s.append(t1 - t0)
+            encoder_s.append(t3 - t2)
+    cached, encoder = float(np.mean(step_s)), float(np.mean(encoder_s))
+    steps_per_epoch = classes * SHOTS // BATCH
+    return {"classes": classes, "ood_prompts": 300, "measured_steps": steps, "step_cached_s": cached,
+            "image_encoder_s": encoder, "step_in_the_loop_s": cached + encoder, "speedup_cached": (cached + encoder) / cached,
+            "steps_per_epoch": steps_per_epoch, "epoch_cached_estimate_s": steps_per_epoch * cached,
+            "epoch_in_the_loop_estimate_s": steps_per_epoch * (cached + encoder)}
+
+
+def smcm_scoring(tmp: Path, rows: int, ram_cap: int) -> dict:
+    """s-mcm over cached patch tokens (the store benchmarks/clip.py builds), text features cached."""
+    from clip import BACKBONE as CLIP_BACKBONE, make_store  # benchmarks/clip.py, beside this script
+
+    store = tmp / "imagenet_patches.zarr"
+    make_store(store, rows)
+    rng = np.random.default_rng(1)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    names = text.imagenet_clip_names()
+    prompt_file = tmp / "iim.safetensors"
+    meta = {"method": "iim", "backbone": CLIP_BACKBONE, "weights": "clip:openai", "class_names": names}
+    P.write_prompt_file(prompt_file, {"ctx": torch.zeros(1, 16, DIM), "ood_ctx": torch.zeros(300, 16, DIM)}, meta)
+    sha = P.file_hash(prompt_file)
+    with open_store(store, "r+") as st:
+        key = {"weights": "clip:openai", "names": digest(names), "prompts": sha}
+        embeds = unit(rng.standard_normal((len(names) + 300, DIM), np.float32))
+        text.write_cached(st, text.text_node(CLIP_BACKBONE, "imagenet-mos", f"iim-{sha[:12]}"), key, embeds)
+    from oodcli.scorers import get_scorer
+
+    scorer = get_scorer("s-mcm", prompts=str(prompt_file))
+    with open_store(store, "r") as st:
+        t0 = time.perf_counter()
+        status = scorer.prepare(st, CLIP_BACKBONE, "train", "bench")
+        scores = scorer.score(st, CLIP_BACKBONE, "test")
+        seconds = time.perf_counter() - t0
+    assert status == "cached" and np.isfinite(scores).all() and len(scores) == rows
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"method": "s-mcm", "rows": rows, "patches": 196, "classes": len(names), "ood_prompts": 300,
+            "patch_token_bytes": rows * 196 * DIM * 2, "seconds": seconds, "rows_per_s": rows / seconds,
+            "full_50k_estimate_s": 50_000 * seconds / rows, "peak_rss_bytes": peak, "under_ram_cap": peak <= ram_cap}
+
+
 def scoring(tmp: Path) -> dict:
     """negprompt over 50,000 cached image embeddings, text features from the cache."""
     rng = np.random.default_rng(0)
@@ -134,13 +208,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", default="100,1000", help="label-set sizes to time a training step at")
     parser.add_argument("--steps", type=int, default=2, help="measured steps per size (after one warm-up step)")
+    parser.add_argument("--iim-classes", type=int, default=100, help="local prompts in the timed IIM step")
+    parser.add_argument("--smcm-rows", type=int, default=5000, help="rows of patch tokens s-mcm scores")
+    parser.add_argument("--ram-cap-gib", type=float, default=3.0, help="peak RSS allowed while scoring")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prompts.json")
     args = parser.parse_args()
     # scoring first: its peak RSS must not include the training models
     with tempfile.TemporaryDirectory() as tmp:
         score = scoring(Path(tmp))
+        smcm = smcm_scoring(Path(tmp), args.smcm_rows, int(args.ram_cap_gib * 2**30))
     print(f"negprompt: {score['rows']} rows x {score['classes']} classes x (1 + 2) prompts in {score['seconds']:.2f} s "
           f"({score['rows_per_s']:.0f} rows/s), peak RSS {score['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(f"s-mcm: {smcm['rows']} rows x 196 x 512 float16 patch tokens in {smcm['seconds']:.1f} s ({smcm['rows_per_s']:.0f} rows/s, "
+          f"50k ~ {smcm['full_50k_estimate_s']:.0f} s), peak RSS {smcm['peak_rss_bytes'] / 2**20:.0f} MiB "
+          f"({'under' if smcm['under_ram_cap'] else 'OVER'} the {args.ram_cap_gib} GiB cap)")
     # random weights cost what the real ones do; a random tower wraps the whole CLIP, so the
     # image encoder of the in-the-loop comparison is at hand (training itself never builds it)
     tower = get_spec(BACKBONE).build_text("random")
@@ -153,11 +234,16 @@ def main() -> None:
               f"rest {row['loss_and_optimizer_s'] * 1000:.1f} ms) vs {row['step_in_the_loop_s']:.2f} s with the image "
               f"encoder ({row['speedup_cached']:.2f}x); epoch of {row['steps_per_epoch']} steps ~ "
               f"{row['epoch_cached_estimate_s'] / 60:.1f} vs {row['epoch_in_the_loop_estimate_s'] / 60:.1f} min")
+    iim = iim_step(args.iim_classes, args.steps, tower, visual)
+    print(f"iim, {iim['classes']} classes + 300 OOD prompts: step {iim['step_cached_s']:.2f} s cached vs "
+          f"{iim['step_in_the_loop_s']:.2f} s with the image encoder ({iim['speedup_cached']:.2f}x)")
     result = {
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
                     "platform": platform.platform(), "cuda": torch.cuda.is_available()},
         "training_step": rows,
+        "iim_step": iim,
         "scoring": score,
+        "smcm_scoring": smcm,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
