@@ -329,7 +329,7 @@ class _Data:
     labels: torch.Tensor  # [N], relabelled to 0..len(classes)-1
     patches: torch.Tensor | None  # [N, H, D] float16 (LoCoOp)
     split_fingerprint: str | None
-    test: tuple[np.ndarray, np.ndarray] | None  # (image embeds, labels) of the ID test split
+    store_path: Path
 
 
 def _load_data(store_path, backbone, split, classes_text, fraction, shots, seed, labels_file, patches,
@@ -369,17 +369,13 @@ def _load_data(store_path, backbone, split, classes_text, fraction, shots, seed,
         rows = few_shot_rows(all_labels, classes, shots, seed, names)
         image = read_rows(store, f"{node}/image_embeds", rows, split).astype(np.float32)
         tokens = read_rows(store, f"{node}/patch_tokens", rows, split).astype(np.float16) if patches else None
-        test = None
-        test_node = features_node("test", backbone)
-        if "test" in list_splits(store) and store.is_array(f"{test_node}/image_embeds") and store.node_attrs(test_node).get("complete"):
-            test = (store.read(f"{test_node}/image_embeds").astype(np.float32), store.read(f"{split_node('test')}/labels"))
         fingerprint = store.node_attrs(node).get("fingerprint")
     return _Data(
         source, names, classes, rows,
         F.normalize(torch.from_numpy(image), dim=-1),
         torch.from_numpy(all_labels[rows].astype(np.int64) - classes[0]),
         None if tokens is None else torch.from_numpy(tokens),
-        fingerprint, test,
+        fingerprint, Path(store_path),
     )
 
 
@@ -415,9 +411,14 @@ def _accuracy(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def _test_accuracy(learner: PromptLearner, data: _Data, device) -> float | None:
-    if data.test is None:
-        return None
-    image, labels = data.test
+    """Top-1 accuracy on the store's ID ``test`` split over the whole label set, if it has one."""
+    from oodcli.store import features_node, list_splits, open_store, split_node
+
+    with open_store(data.store_path) as store:
+        node = features_node("test", data.source.backbone)
+        if "test" not in list_splits(store) or not store.is_array(f"{node}/image_embeds") or not store.node_attrs(node).get("complete"):
+            return None
+        image, labels = store.read(f"{node}/image_embeds").astype(np.float32), store.read(f"{split_node('test')}/labels")
     keep = labels >= 0
     if not keep.any():
         return None
