@@ -1,0 +1,187 @@
+"""CUDA checks and GPU figures, for a machine with a GPU; everything else runs on CPUs.
+
+1. ``extract --device cuda`` (fp16 autocast) against ``--device cpu`` for each backbone
+   family's tiny twin on the digits benchmark's test split, both stored as float32: the
+   largest relative difference per layer, max|cuda - cpu| / max|cpu|.
+2. Throughput of real-size architectures with random weights at batch 256, 224 x 224,
+   through the extractor's own forward (``run_backbone`` under fp16 autocast): images/s
+   (median of timed batches after warm-up) and peak GPU memory. The image decoding and
+   resizing of a real extraction run on CPU workers beside it and are not counted here.
+3. Every trainer with a CUDA path, run on CUDA through the CLI on the digits benchmark
+   (few epochs: a check that it runs and learns, not a training recipe): APEX/PALM head-only
+   and end to end, CoOp / LoCoOp / NegPrompt / IIM prompt learning, and, where built,
+   SynOOD's projection training and its energy-guided diffusion refinement.
+
+Usage: python benchmarks/gpu.py [--out benchmarks/results/gpu.json] [--skip-throughput]
+Each step is run on its own; a failure is recorded (with the end of its output) and the
+run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+TWINS = ["digits_cnn-tiny", "resnet18-tiny", "vit-tiny", "cifar_resnet18-tiny", "dinov2-tiny", "clip-tiny"]
+DEVICE = "cuda"  # --device cpu runs the same steps on a CPU (to check the script itself)
+REAL = ["resnet50", "vit_b_16", "dinov2-base", "clip-vit-b-16"]
+
+
+def oodcli(*args: str, timeout: int = 600) -> dict:
+    """Run one CLI command; its exit code, seconds and output tail."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "oodcli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-6:]
+    return {"command": "oodcli " + " ".join(args), "rc": proc.returncode,
+            "seconds": round(time.perf_counter() - t0, 2), "tail": tail}
+
+
+def step(results: dict, name: str, fn) -> None:
+    print(f"== {name}", flush=True)
+    try:
+        results[name] = fn()
+    except Exception as exc:  # keep going: one broken step must not hide the others
+        results[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc().splitlines()[-4:]}
+    print(json.dumps(results[name], indent=1)[:2000], flush=True)
+
+
+def extract_cpu_vs_cuda(work: Path) -> dict:
+    from oodcli.store import features_node, open_store
+
+    out = {}
+    for model in TWINS:
+        stores = {}
+        for device in ("cpu", DEVICE):
+            path = work / f"{model}-{device}.zarr"
+            r = oodcli("extract", "--model", model, "--benchmark", "digits", "--split", "test", "--device", device,
+                       "--dtype", "float32", "--store", str(path), "--overwrite")
+            if r["rc"] != 0:
+                raise RuntimeError(f"{model} on {device}: {r['tail']}")
+            stores[device] = path
+        diffs = {}
+        with open_store(stores["cpu"], "r") as a, open_store(stores[DEVICE], "r") as b:
+            node = features_node("test", model)
+            for layer in a.children(node):
+                x, y = a.read(f"{node}/{layer}").astype(np.float64), b.read(f"{node}/{layer}").astype(np.float64)
+                diffs[layer] = float(np.abs(y - x).max() / max(np.abs(x).max(), 1e-12))
+        out[model] = diffs
+    return out
+
+
+def throughput(batch: int = 256, timed: int = 10) -> dict:
+    import torch
+
+    from oodcli.backbones.spec import get_spec
+    from oodcli.extract import run_backbone
+
+    out = {}
+    for name in REAL:
+        spec = get_spec(name)
+        net = spec.build("random").cuda().eval()
+        layers = tuple(spec.default_layers)
+        x = torch.randn(batch, 3, 224, 224, device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+            for i in range(3 + timed):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                run_backbone(net, x, layers)
+                torch.cuda.synchronize()
+                if i >= 3:
+                    times.append(time.perf_counter() - t0)
+        out[name] = {"layers": list(layers), "batch": batch, "images_per_s": round(batch / float(np.median(times)), 1),
+                     "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20)}
+        del net
+        torch.cuda.empty_cache()
+    return out
+
+
+def trainers(work: Path) -> dict:
+    out = {}
+    cnn, store = work / "digits_cnn.safetensors", work / "digits.zarr"
+    out["classifier (cpu only)"] = oodcli("train", "classifier", "--out", str(cnn), "--epochs", "10")
+    out["extract digits_cnn"] = oodcli("extract", "--model", "digits_cnn", "--weights", str(cnn), "--benchmark", "digits",
+                                       "--store", str(store), "--device", DEVICE)
+    out["select-k"] = oodcli("select-k", "--store", str(store), "--model", "digits_cnn", "--layer", "penultimate")
+    for m in ("apex", "palm"):
+        out[f"{m} head-only"] = oodcli("train", m, "--head-only", "--store", str(store), "--backbone", "digits_cnn",
+                                       "--out", str(work / f"{m}-head.safetensors"), "--epochs", "20", "--device", DEVICE, "--json")
+    out["apex end to end"] = oodcli("train", "apex", "--benchmark", "digits", "--model", "digits_cnn", "--weights", str(cnn),
+                                    "--k-from", str(store), "--out", str(work / "apex-e2e.safetensors"), "--epochs", "3",
+                                    "--no-flip", "--device", DEVICE, "--json")
+    clip = work / "digits_clip.zarr"
+    out["extract clip-tiny"] = oodcli("extract", "--model", "clip-tiny", "--benchmark", "digits",
+                                      "--layers", "image_embeds,patch_tokens", "--store", str(clip), "--device", DEVICE)
+    coop = str(work / "coop.safetensors")
+    out["coop"] = oodcli("train", "coop", "--store", str(clip), "--shots", "16", "--epochs", "3", "--out", coop, "--json")
+    out["locoop"] = oodcli("train", "locoop", "--store", str(clip), "--shots", "16", "--epochs", "3", "--top-k", "2",
+                           "--out", str(work / "locoop.safetensors"), "--json")
+    out["negprompt"] = oodcli("train", "negprompt", "--store", str(clip), "--positive", coop, "--epochs", "2",
+                              "--out", str(work / "neg.safetensors"), "--json")
+    out["iim"] = oodcli("train", "iim", "--store", str(clip), "--shots", "16", "--k", "4", "--epochs", "3",
+                        "--out", str(work / "iim.safetensors"), "--json")
+    out.update(synood(work, cnn, clip))
+    return out
+
+
+def synood(work: Path, cnn: Path, clip: Path) -> dict:
+    """SynOOD's CUDA paths, where this checkout has them."""
+    from oodcli.cli import train_app
+
+    names = {c.name for c in train_app.registered_commands}
+    if "diffusion" not in names:
+        return {"synood": {"skipped": "this checkout has no SynOOD pipeline"}}
+    out = {}
+    pipe, images = work / "inpaint", work / "synood"
+    out["train diffusion"] = oodcli("train", "diffusion", "--out", str(pipe))
+    out["synthesize synood"] = oodcli("synthesize", "synood", "--store", str(clip), "--from-split", "train",
+                                      "--per-class", "2", "--out-dir", str(images), "--pipeline", str(pipe),
+                                      "--classifier", "digits_cnn", "--classifier-weights", str(cnn), "--device", DEVICE)
+    out["extract synthetic"] = oodcli("extract", "--model", "clip-tiny", "--data", f"folder:{images}", "--split",
+                                      "synthetic/synood", "--role", "synthetic", "--store", str(clip), "--device", DEVICE)
+    out["train synood"] = oodcli("train", "synood", "--store", str(clip), "--out", str(work / "synood.safetensors"), "--json")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu.json")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import torch
+
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cpu":
+        args.skip_throughput = True
+    elif not torch.cuda.is_available():
+        sys.exit("benchmarks/gpu.py needs a CUDA device")
+    results = {"machine": {"gpu": torch.cuda.get_device_name(0) if DEVICE != "cpu" else "none", "torch": torch.__version__,
+                           "python": platform.python_version(), "cpus": os.cpu_count()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        step(results, "extract cpu vs cuda (max relative difference)", lambda: extract_cpu_vs_cuda(work))
+        if not args.skip_throughput:
+            step(results, "throughput batch 256 fp16 (random weights)", throughput)
+        step(results, "trainers on cuda", lambda: trainers(work))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
