@@ -229,25 +229,21 @@ def test_registry_lists_published_defaults():
 # ---- the command line ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", NEW)
-def test_cli_scores_each_detector(capsys, store, method):
-    path = store
-    code, out, err = run(capsys, "-q", "score", method, "--store", path, "--json")
-    assert code == 0, err
-    rows = json.loads(out)
-    assert {(r["method"], r["split"]) for r in rows} == {(method, s) for s in EVAL}
-    with open_store(path) as st:
-        got = st.read(f"scores/{method}/test")
-        assert st.node_attrs(f"scores/{method}/test")["method"] == method
-    want = REFERENCES[method](arrays(path, "train"), arrays(path, "test"))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_score_all_includes_them(capsys, tmp_path):
+def test_cli_scores_each_detector_and_all_includes_them(capsys, tmp_path):
     path = make_store(tmp_path / "s.zarr")
+    train, test = arrays(path, "train"), arrays(path, "test")
+    for method in NEW:
+        code, out, err = run(capsys, "-q", "score", method, "--store", path, "--json")
+        assert code == 0, err
+        assert {(r["method"], r["split"], r["fit"]) for r in json.loads(out)} == {(method, s, "fitted") for s in EVAL}
+        with open_store(path) as st:
+            got = st.read(f"scores/{method}/test")
+            assert st.node_attrs(f"scores/{method}/test")["method"] == method
+        np.testing.assert_allclose(got, REFERENCES[method](train, test), rtol=1e-5, atol=1e-5, err_msg=method)
     code, out, err = run(capsys, "-q", "score", "all", "--store", path, "--json")
     assert code == 0, err
-    assert set(NEW) <= {r["method"] for r in json.loads(out) if r["status"] == "written"}
+    rows = [r for r in json.loads(out) if r["method"] in NEW]
+    assert {(r["method"], r["status"], r["fit"]) for r in rows} == {(m, "written", "cached") for m in NEW}
     code, out, _ = run(capsys, "score", "--list")
     assert code == 0 and all(m in out for m in NEW)
 
