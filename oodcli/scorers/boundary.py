@@ -36,7 +36,8 @@ def train_mean(scorer: Scorer, store, backbone: str, split: str) -> np.ndarray:
 
 def boundary_denominators(weight: np.ndarray) -> np.ndarray:
     """[C, C] matrix of ||w_p - w_j||, with 1 on the diagonal (the predicted class's own term is 0 anyway)."""
-    diff = np.linalg.norm(weight[:, None, :] - weight[None, :, :], axis=2)
+    sq = np.sum(weight**2, axis=1)
+    diff = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * weight @ weight.T, 0.0))  # no [C, C, D] temporary
     np.fill_diagonal(diff, 1.0)
     return diff
 

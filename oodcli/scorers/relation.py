@@ -9,7 +9,8 @@ the whole train split, the relations above a cut-off (0.03) raised to the power
 Defaults are OpenOOD's (the authors' code): pow = 1, threshold = 0.03. Like KNN, the
 bank (every normalised train feature and probability vector, float32) is held in RAM
 while scoring and rebuilt from the train split in one streamed pass on each run; the
-kernel is evaluated in float64 against bank pieces of ``PIECE`` rows.
+kernel is evaluated in float64 against bank pieces of ``PIECE`` rows. Scoring costs
+N_query x N_train x (D + C) multiply-adds, as the method does by definition.
 """
 
 from __future__ import annotations
