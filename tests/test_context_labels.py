@@ -14,7 +14,7 @@ import oodcli.text as text
 from conftest import one_line_error, run
 from oodcli.backbones import get_spec
 from oodcli.cli import main
-from oodcli.errors import OodError
+from oodcli.errors import OodError, UsageError
 from oodcli.negatives import Vocabulary
 from oodcli.store import open_store
 from test_clip import NAMES, _copy, _save_tiny
@@ -23,8 +23,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 # a small vocabulary: class names in several guises beside words that merely contain their letters
 WORDS = ["bamboo", "leaf", "money", "bone", "one", "giant five", "Five", "tree", "sky", "railing", "tourist",
-         "dog", "cat", "house", "zero hour", "stone", "twofold", "river", "fence", "cloud", "grass", "lamp"]
+         "dog", "cat", "house", "zero hour", "stone", "twofold", "river", "fence", "cloud", "grass", "lamp",
+         "panda", "giant", "giant panda cub"]
 NAMING_A_CLASS = {"one", "giant five", "Five", "zero hour"}
+PANDA_NAMES = NAMES[:5] + ["giant panda"]  # a two-word class: 'panda' and 'giant' are only its own images' object
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +44,30 @@ def small_vocabulary(monkeypatch):
     monkeypatch.setattr(context, "clip_vocabulary", lambda: Vocabulary(WORDS, [], "test words"))
 
 
-def _reference_top_k(weights, store, rows, k):
-    """Top-k words by cosine similarity, from the model and the stored embeddings directly."""
+def _reference_top_k(weights, store, rows, k, banned, own=None):
+    """Top-k words by cosine similarity, from the model and the stored embeddings directly;
+    ``banned`` words never, ``own[class]`` words not for that class's images."""
     model = get_spec("clip-tiny").build(str(weights))
     with torch.no_grad():
         t = model.encode_text([f"a photo of a {w}." for w in WORDS]).double().numpy()
     t /= np.linalg.norm(t, axis=1, keepdims=True)
     with open_store(store) as st:
         x = st.read("splits/train/clip-tiny/image_embeds").astype(np.float64)[rows]
+        classes = st.read("splits/train/labels")[rows]
     sims = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ t.T
-    allowed = [j for j, w in enumerate(WORDS) if w not in NAMING_A_CLASS]
-    return [[WORDS[allowed[j]] for j in np.argsort(-row[allowed])[:k]] for row in sims]
+    out = []
+    for row, c in zip(sims, classes):
+        ok = [j for j, w in enumerate(WORDS) if w not in banned and w not in (own or {}).get(int(c), ())]
+        out.append([WORDS[ok[j]] for j in np.argsort(-row[ok])[:k]])
+    return out
 
 
-def test_names_object_takes_whole_words_only():
-    assert context.names_object("giant panda", ["panda"]) and context.names_object("panda", ["giant panda"])
-    assert context.names_object("Five", NAMES) and not context.names_object("money", NAMES)
-    assert not context.names_object("twofold", NAMES) and context.names_object("kite", ["kite (bird of prey)"])
+def test_class_names_are_matched_as_whole_words():
+    is_class = context.names_class(NAMES)
+    assert is_class("Five") and is_class("giant five") and not is_class("money") and not is_class("twofold")
+    assert context.names_class(["kite (bird of prey)"])("red kite (bird of prey)")
+    assert context.is_main_object("panda", "giant panda") and context.is_main_object("giant panda cub", "giant panda")
+    assert not context.is_main_object("red panda", "giant panda") and not context.is_main_object("pan", "giant panda")
 
 
 def test_clip_labels_are_the_top_k_cosines_without_class_names(tmp_path, clip_store, small_vocabulary):
@@ -70,13 +79,26 @@ def test_clip_labels_are_the_top_k_cosines_without_class_names(tmp_path, clip_st
     rows = context.per_class_rows(labels_all, 3, 1)
     assert list(result.labels) == ids_all[rows].tolist() and len(rows) == 3 * len(NAMES)
     assert np.bincount(labels_all[rows]).tolist() == [3] * len(NAMES)
-    expected = _reference_top_k(weights, copy, rows, 5)
+    expected = _reference_top_k(weights, copy, rows, 5, NAMING_A_CLASS)
     assert list(result.labels.values()) == expected
     assert all(len(v) == 5 and not set(v) & NAMING_A_CLASS for v in result.labels.values())
     assert result.provider.startswith("clip:clip-tiny weights=") and "test words" in result.provider
     with open_store(copy, "r+") as st:  # another seed, other images
         other = context.context_labels(st, split="train", source="clip", top_k=5, per_class=3, seed=2)
     assert list(other.labels) != list(result.labels)
+    # a two-word class name: its words are banned from its own images only
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(PANDA_NAMES))
+    with open_store(copy, "r+") as st:
+        panda = context.context_labels(st, top_k=len(WORDS) - 5, per_class=3, seed=1, labels_file=str(names))
+    expected = _reference_top_k(weights, copy, rows, len(WORDS) - 5, {"one", "zero hour", "giant panda cub"},
+                                own={5: {"panda", "giant"}})
+    assert list(panda.labels.values()) == expected
+    mine = [labels_all[r] == 5 for r in rows]
+    assert not any({"panda", "giant"} & set(v) for v, m in zip(panda.labels.values(), mine) if m)
+    assert any({"panda", "giant"} & set(v) for v, m in zip(panda.labels.values(), mine) if not m)
+    with open_store(copy, "r+") as st, pytest.raises(UsageError, match="--top-k 21 exceeds the 20"):
+        context.context_labels(st, top_k=len(WORDS) - 4, per_class=3, seed=1, labels_file=str(names))
 
 
 def test_second_call_hits_the_text_cache(tmp_path, monkeypatch, clip_store, small_vocabulary):

@@ -11,7 +11,8 @@ split of the store, from one of three providers, and names the provider:
   named class; the answer is split into labels.
 - ``clip``: a cheap stand-in needing no MLLM: CLIP zero-shot over the shipped WordNet
   nouns ("a photo of a {}."), using the split's stored ``image_embeds`` (no image
-  encoder runs); the top-k nouns per image, without the ID class names. The nouns'
+  encoder runs); the top-k nouns per image, without the nouns naming an ID class and,
+  for each image, without parts of its own class name ('panda' for a giant panda). The nouns'
   text features are encoded once and cached under ``fitted/text/<backbone>/wordnet-nouns``.
 - a JSON-lines file: ``{"id": <splits/<split>/ids value>, "labels": [...]}`` per image,
   e.g. from an MLLM run elsewhere; a header line ``{"context_labels": {...}}`` is skipped.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -77,17 +78,34 @@ def _tokens(s: str) -> tuple[str, ...]:
     return tuple(_TOKENS.findall(s.lower()))
 
 
-def _contains(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
-    n = len(inner)
-    return n > 0 and any(outer[i : i + n] == inner for i in range(len(outer) - n + 1))
+def _runs(tokens: tuple[str, ...]) -> set[tuple[str, ...]]:
+    """Every contiguous run of words of ``tokens``."""
+    return {tokens[i:j] for i in range(len(tokens)) for j in range(i + 1, len(tokens) + 1)}
 
 
-def names_object(word: str, class_names: list[str]) -> bool:
-    """True if ``word`` names an ID class: it contains a class name as whole words ('giant
-    panda' for 'panda') or is a run of a class name's words ('panda' for 'giant panda').
-    Whole words, so 'one' does not take out 'money' or 'bone'."""
-    w = _tokens(word)
-    return any(_contains(w, c) or _contains(c, w) for c in map(_tokens, class_names))
+def names_class(class_names: list[str]):
+    """A test ``word -> bool``: does the word contain an ID class name as whole words
+    ('giant panda' for the class 'panda')? Such words are no context of any image. Whole
+    words, so 'one' does not take out 'money' or 'bone'; set lookups, so 67k nouns against
+    ImageNet's 1000 names stay fast."""
+    names = {t for t in map(_tokens, class_names) if t}
+    return lambda word: bool(_runs(_tokens(word)) & names)
+
+
+def is_main_object(word: str, class_name: str) -> bool:
+    """Does ``word`` name the image's own class: contain its name, or be a run of its words
+    ('panda' for a 'giant panda' image; 'ball' for a 'soccer ball', but only there)?"""
+    w, c = _tokens(word), _tokens(class_name)
+    return bool(w) and bool(c) and (c in _runs(w) or w in _runs(c))
+
+
+def _own_class_words(words: list[str], class_names: list[str]) -> dict[int, np.ndarray]:
+    """Per class, the indices of ``words`` that are a run of its name's words (banned for its images only)."""
+    index: dict[tuple[str, ...], list[int]] = {}
+    for j, w in enumerate(words):
+        index.setdefault(_tokens(w), []).append(j)
+    return {c: np.array(sorted(j for r in _runs(_tokens(n)) for j in index.get(r, ())), dtype=np.int64)
+            for c, n in enumerate(class_names)}
 
 
 def per_class_rows(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
@@ -178,19 +196,23 @@ def vocabulary_features(store: Store, source: text.ClipSource, nouns: list[str],
     return emb, False
 
 
-def top_k_words(image_embeds: np.ndarray, word_feats: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
-    """[N, k] indices of the k allowed words of highest cosine similarity per image, best first."""
+def top_k_words(image_embeds: np.ndarray, word_feats: np.ndarray, allowed: np.ndarray, k: int,
+                banned: list[np.ndarray] | None = None) -> np.ndarray:
+    """[N, k] indices of the k words of highest cosine similarity per image, best first, among
+    the ``allowed`` ones and without each row's ``banned`` indices."""
     x = image_embeds.astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    cols = np.flatnonzero(allowed)
-    sims = x @ word_feats[cols].T
+    sims = x @ word_feats.T
+    sims[:, ~allowed] = -np.inf
+    for row, cols in enumerate(banned or ()):
+        sims[row, cols] = -np.inf
     part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(sims, part, 1), axis=1, kind="stable")
-    return cols[np.take_along_axis(part, order, 1)]
+    return np.take_along_axis(part, order, 1)
 
 
-def from_clip(store: Store, split: str, backbone: str, rows: np.ndarray, class_names: list[str], top_k: int,
-              progress=None) -> tuple[list[list[str]], str]:
+def from_clip(store: Store, split: str, backbone: str, rows: np.ndarray, classes: np.ndarray, class_names: list[str],
+              top_k: int, progress=None) -> tuple[list[list[str]], str]:
     """Top-k WordNet nouns per chosen row by CLIP similarity of its stored image embedding."""
     from oodcli.train.prompts import read_rows
 
@@ -202,15 +224,19 @@ def from_clip(store: Store, split: str, backbone: str, rows: np.ndarray, class_n
                        f"{backbone} --layers image_embeds --split {split} --store {store.path}'")
     source = text.clip_source(store, backbone, store.node_attrs(node).get("model_id"))
     vocab = clip_vocabulary()
-    allowed = np.array([not names_object(w, class_names) for w in vocab.nouns])
-    if allowed.sum() < top_k:
-        raise UsageError(f"--top-k {top_k} exceeds the {int(allowed.sum())} vocabulary nouns that are not class names")
+    is_class = names_class(class_names)
+    allowed = np.array([not is_class(w) for w in vocab.nouns])
+    own = _own_class_words(vocab.nouns, class_names)
+    fewest = min((int(allowed.sum() - allowed[own[int(c)]].sum()) for c in np.unique(classes)), default=top_k)
+    if fewest < top_k:
+        raise UsageError(f"--top-k {top_k} exceeds the {fewest} vocabulary nouns left for some class once class names are out")
     feats, hit = vocabulary_features(store, source, vocab.nouns, progress)
     out: list[list[str]] = []
     advance = progress(f"context: top-{top_k} nouns", len(rows)) if progress else None
     for i in range(0, len(rows), ROWS_PER_BLOCK):
         block = rows[i : i + ROWS_PER_BLOCK]
-        picks = top_k_words(read_rows(store, f"{node}/image_embeds", block, split), feats, allowed, top_k)
+        banned = [own[int(c)] for c in classes[i : i + ROWS_PER_BLOCK]]
+        picks = top_k_words(read_rows(store, f"{node}/image_embeds", block, split), feats, allowed, top_k, banned)
         out += [[vocab.nouns[j] for j in p] for p in picks]
         if advance:
             advance(len(block))
@@ -234,7 +260,7 @@ def parse_labels(answer: str, class_name: str) -> list[str]:
     for part in re.split(r"[,;\n]", answer):
         label = re.sub(r"^\s*(?:[-*\u2022]|\d+[.)])\s*", "", part).strip()
         label = re.sub(r"^(?:and|or)\s+", "", label, flags=re.I).strip(" .:\"'").lower()
-        if label and label not in out and not names_object(label, [class_name]):
+        if label and label not in out and not is_main_object(label, class_name):
             out.append(label)
     return out
 
@@ -312,7 +338,7 @@ def context_labels(
         from oodcli.scoring import default_backbone
 
         backbone = backbone or default_backbone(store, split)
-        found, provider = from_clip(store, split, backbone, rows, names, top_k, progress)
+        found, provider = from_clip(store, split, backbone, rows, classes, names, top_k, progress)
     elif source == "llava":
         found, provider = from_llava(store, split, ids, classes, names, model, device, batch_size,
                                      data_root_dir=data_root_dir, progress=progress)
