@@ -884,7 +884,7 @@ def synthesize_context_labels(
     check_output_file(out_path)
     bar = _progress()
     try:
-        with open_store(store, "r+") as st:  # r+: the clip provider caches the nouns' text features
+        with open_store(store, "r+" if source == "clip" else "r") as st:  # clip caches the nouns' text features
             result = context_labels(
                 st, split=split, source=source, backbone=backbone, top_k=top_k, per_class=per_class, seed=seed,
                 labels_file=labels, model=model, device=device, batch_size=batch_size, data_root_dir=data_root,
