@@ -850,6 +850,58 @@ def synthesize_grood(
         out.print(f"grads/grood/{g['split']}: {g['status']} {g['rows']} rows", markup=False)
 
 
+@synth_app.command("context-labels")
+def synthesize_context_labels(
+    store: Path = typer.Option(..., "--store", "-s", help="Store with the ID split (and its CLIP image_embeds for --source clip)."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="JSON-lines file to write: a header line, then {id, labels} per image."),
+    source: str = typer.Option("clip", "--source", help="clip (zero-shot over WordNet nouns), llava (an MLLM, as the paper) or a JSON-lines FILE."),
+    split: str = typer.Option("train", "--split", help="ID split whose images get labels."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="clip: CLIP backbone in the store (default: the only one)."),
+    top_k: int = typer.Option(5, "--top-k", help="clip: labels per image."),
+    per_class: Optional[int] = typer.Option(None, "--per-class", help="Up to N images per class, drawn with --seed (default: all)."),
+    seed: int = typer.Option(0, "--seed"),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Class names file (one per line); default: the store's benchmark."),
+    model: str = typer.Option("llava-hf/llava-1.5-7b-hf", "--model", help="llava: Hugging Face id or local folder."),
+    device: str = typer.Option("auto", "--device", help="llava: auto, cpu or cuda[:N]."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="llava: images per generate call."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="llava: where data sets live (default $OODCLI_DATA_ROOT or ./data)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """SynOOD's context labels (eq. 3): per ID image, labels of its elements other than the main object.
+
+    Examples:
+
+      oodcli synthesize context-labels --store stores/digits_clip.zarr --split train --per-class 10 --out context.jsonl
+
+      oodcli synthesize context-labels --store stores/imagenet_clip.zarr --source llava --device cuda --per-class 50 --out context.jsonl
+
+      oodcli synthesize context-labels --store stores/imagenet_clip.zarr --source mllm_answers.jsonl --out context.jsonl
+    """
+    from oodcli.outputs import check_output_file
+    from oodcli.store import open_store
+    from oodcli.synth.context import context_labels
+
+    check_output_file(out_path)
+    bar = _progress()
+    try:
+        with open_store(store, "r+" if source == "clip" else "r") as st:  # clip caches the nouns' text features
+            result = context_labels(
+                st, split=split, source=source, backbone=backbone, top_k=top_k, per_class=per_class, seed=seed,
+                labels_file=labels, model=model, device=device, batch_size=batch_size, data_root_dir=data_root,
+                progress=_row_progress(bar),
+            )
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+    result.write_jsonl(out_path)
+    summary = {**result.summary(), "out": str(out_path)}
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    out.print(f"{out_path}: context labels of {summary['images']} images of '{split}' "
+              f"({summary['labels_per_image']:.1f} per image) by {summary['provider']}", markup=False)
+
+
 @app.command("index")
 def index_command(
     store: Path = typer.Option(..., "--store", "-s", help="Store holding the vectors."),

@@ -1,10 +1,12 @@
 """NegLabel's negative labels (Jiang et al., ICLR 2024): WordNet words far from the ID labels.
 
-The corpus is WordNet's nouns and adjectives, read straight from the WordNet database
-files (``data.noun``, ``data.adj``): Debian's ``wordnet-base`` (/usr/share/wordnet) or
-nltk's corpus (``~/nltk_data/corpora/wordnet`` or its ``wordnet.zip``); no nltk needed.
-Each synset contributes its headword (the first lemma), deduplicated, so a word stands
-for its most common sense once.
+The corpus is WordNet's nouns and adjectives. Each synset contributes its headword (the
+first lemma), deduplicated, so a word stands for its most common sense once.
+``load_vocabulary`` finds them: an explicit database folder; else an installed full
+WordNet (Debian's ``wordnet-base`` at /usr/share/wordnet, nltk's corpus under
+``~/nltk_data/corpora/wordnet`` or its ``wordnet.zip``; no nltk needed); else the lists
+shipped in ``oodcli/data/wordnet`` (made from WordNet 3.0 by
+``python -m oodcli.data.wordnet_vocabulary``), so NegLabel runs on a fresh machine.
 
 NegMining: every candidate's distance to the ID label set is its ``percentile``-quantile
 cosine similarity to the ID prototypes in CLIP text space; the ``count`` candidates with
@@ -13,10 +15,13 @@ the lowest similarity are kept, the same share of nouns and of adjectives.
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,7 @@ GET_WORDNET = (
     "install it with 'apt-get install wordnet-base' (gives /usr/share/wordnet) or "
     "'python -m nltk.downloader wordnet', or point --param neglabel.wordnet=DIR at a folder holding data.noun and data.adj"
 )
+SHIPPED = Path(__file__).parent / "data" / "wordnet"  # nouns.txt.gz, adjectives.txt.gz, LICENSE, vocabulary.json
 _MARKER = re.compile(r"\([a-z]+\)$")  # adjective syntactic markers: (a), (p), (ip)
 
 
@@ -65,12 +71,17 @@ def find_wordnet(path: str | Path | None = None) -> Path:
     raise OodError(f"NegLabel needs WordNet and none was found; {GET_WORDNET}")
 
 
-def _read_data_file(location: Path, name: str) -> list[str]:
+def data_file_bytes(location: Path, name: str) -> bytes:
+    """The raw bytes of ``name`` (e.g. data.noun) in a WordNet folder or nltk's zip."""
     if location.is_dir():
-        return (location / name).read_text(encoding="utf-8", errors="replace").splitlines()
+        return (location / name).read_bytes()
     with zipfile.ZipFile(location) as z:
         member = next(n for n in z.namelist() if Path(n).name == name)
-        return z.read(member).decode("utf-8", errors="replace").splitlines()
+        return z.read(member)
+
+
+def _read_data_file(location: Path, name: str) -> list[str]:
+    return data_file_bytes(location, name).decode("utf-8", errors="replace").splitlines()
 
 
 def headwords(lines: list[str]) -> list[str]:
@@ -90,9 +101,10 @@ def headwords(lines: list[str]) -> list[str]:
     return words
 
 
-def read_wordnet(location: Path, exclude: list[str] = ()) -> tuple[list[str], list[str]]:
-    """(nouns, adjectives): deduplicated headwords, without the ``exclude`` names (the ID labels)."""
-    seen = {w.lower() for w in exclude}
+def wordnet_headwords(location: Path) -> tuple[list[str], list[str]]:
+    """(nouns, adjectives) of a WordNet database: headwords deduplicated case-insensitively,
+    first occurrence kept, across both files (an adjective that is also a noun stays a noun)."""
+    seen: set[str] = set()
     out = []
     for name in ("data.noun", "data.adj"):
         words = []
@@ -104,6 +116,63 @@ def read_wordnet(location: Path, exclude: list[str] = ()) -> tuple[list[str], li
     if not out[0] and not out[1]:
         raise OodError(f"WordNet at {location} holds no nouns or adjectives; {GET_WORDNET}")
     return out[0], out[1]
+
+
+def without(words: list[str], exclude) -> list[str]:
+    """``words`` less the ``exclude`` names (case-insensitive): the ID labels are no negatives.
+
+    Filtering the deduplicated lists afterwards equals skipping the names while
+    deduplicating, since a skipped name never hides a later word but its own duplicates.
+    """
+    drop = {w.lower() for w in exclude}
+    return [w for w in words if w.lower() not in drop]
+
+
+def read_wordnet(location: Path, exclude: list[str] = ()) -> tuple[list[str], list[str]]:
+    """(nouns, adjectives) of the database at ``location``, without the ``exclude`` names (the ID labels)."""
+    nouns, adjs = wordnet_headwords(location)
+    return without(nouns, exclude), without(adjs, exclude)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """NegLabel's candidate words and where they came from (a database path or the shipped lists)."""
+
+    nouns: list[str]
+    adjectives: list[str]
+    source: str
+
+    def candidates(self, exclude=()) -> tuple[list[str], list[str]]:
+        return without(self.nouns, exclude), without(self.adjectives, exclude)
+
+
+def _read_gz_lines(path: Path) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [ln for ln in f.read().split("\n") if ln]
+
+
+def shipped_vocabulary() -> Vocabulary:
+    """The WordNet 3.0 nouns and adjectives that ship with oodcli (package data)."""
+    try:
+        meta = json.loads((SHIPPED / "vocabulary.json").read_text(encoding="utf-8"))
+        nouns, adjs = _read_gz_lines(SHIPPED / "nouns.txt.gz"), _read_gz_lines(SHIPPED / "adjectives.txt.gz")
+    except (OSError, ValueError) as exc:
+        raise OodError(f"oodcli's shipped WordNet lists in {SHIPPED} are unreadable ({exc}); reinstall oodcli or {GET_WORDNET}") from None
+    if (len(nouns), len(adjs)) != (meta.get("nouns"), meta.get("adjectives")):
+        raise OodError(f"oodcli's shipped WordNet lists in {SHIPPED} are damaged (counts disagree with vocabulary.json); reinstall oodcli")
+    return Vocabulary(nouns, adjs, f"shipped:{meta.get('source', 'WordNet')}")
+
+
+def load_vocabulary(wordnet: str | Path | None = None) -> Vocabulary:
+    """NegLabel's candidates: the database at ``wordnet`` if given (an error if there is none
+    there); else the first installed full WordNet (``default_locations``); else the shipped lists."""
+    if wordnet is not None:
+        where = find_wordnet(wordnet)
+        return Vocabulary(*wordnet_headwords(where), str(where))
+    for where in default_locations():
+        if _has_wordnet(where):
+            return Vocabulary(*wordnet_headwords(where), str(where))
+    return shipped_vocabulary()
 
 
 def percentile_similarity(candidates: np.ndarray, prototypes: np.ndarray, percentile: float, rows: int = 4096) -> np.ndarray:

@@ -2,7 +2,8 @@
 NegLabel's WordNet mining, the ImageNet benchmarks and the tiny CLIP trainer.
 
 Everything runs on a random-initialised tiny CLIP saved to a weights file, and on a fake
-WordNet of a few lines in the real database format: no download, no apt package.
+WordNet of a few lines in the real database format: no download, no apt package
+(NegLabel without any WordNet, on the shipped lists, is in tests/test_vocabulary.py).
 """
 
 import functools
@@ -357,16 +358,6 @@ def test_neglabel_matches_the_formula(capsys, monkeypatch, tmp_path, clip_store,
     monkeypatch.setattr(text, "build_text_tower", no_build)
     assert run(capsys, "-q", "score", "neglabel", "--store", copy, *params)[0] == 0
     np.testing.assert_allclose(_scores(copy, "neglabel", "test"), expected, rtol=1e-4)
-
-
-def test_neglabel_without_wordnet_says_how_to_get_it(capsys, monkeypatch, tmp_path, clip_store):
-    _, store = clip_store
-    copy = _copy(store, tmp_path)
-    monkeypatch.setattr(negatives, "default_locations", lambda: [tmp_path / "nowhere"])
-    code, _, err = run(capsys, "score", "neglabel", "--store", copy)
-    assert code == 1 and one_line_error(err) and "apt-get install wordnet-base" in err
-    code, _, err = run(capsys, "score", "neglabel", "--store", copy, "-p", f"neglabel.wordnet={tmp_path}")
-    assert code == 1 and one_line_error(err) and "nltk" in err
 
 
 def test_neglabel_asks_for_no_more_words_than_wordnet_has(capsys, tmp_path, clip_store, fake_wordnet):

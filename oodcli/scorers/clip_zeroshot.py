@@ -186,14 +186,14 @@ class NegLabel(_ClipText):
         if hit is not None:
             self.negatives, self.negative_words = hit[0], hit[1]["words"]
         else:
-            where = negatives.find_wordnet(self.wordnet)
-            nouns, adjs = negatives.read_wordnet(where, exclude=self.class_names)
+            vocab = negatives.load_vocabulary(self.wordnet)
+            nouns, adjs = vocab.candidates(exclude=self.class_names)
             words, emb, n_nouns = negatives.mine_negative_labels(
                 encoder, self.prototypes, nouns, adjs, self.num_negatives, self.percentile,
                 noun_template, self.adj_template, progress,
             )
             text.write_cached(store, node, key, emb, words=words, nouns=n_nouns,
-                              wordnet_source=str(where), candidates=len(nouns) + len(adjs))
+                              wordnet_source=vocab.source, candidates=len(nouns) + len(adjs))
             self.negatives, self.negative_words = emb, words
         # NegLabel's grouping: a fixed random split of the negatives into ngroup equal groups
         size = len(self.negatives) // self.ngroup

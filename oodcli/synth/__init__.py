@@ -1,1 +1,1 @@
-"""Synthetic OOD: GROOD's mixup OOD prototype (``grood``); one module per method."""
+"""Synthetic OOD: GROOD's mixup OOD prototype (``grood``), SynOOD's context labels (``context``); one module per method."""
