@@ -40,9 +40,7 @@ demo: venv $(CKPT) $(CLIP_CKPT)
 	$(PY) -m oodcli score negprompt --as negprompt-open-0-2 --store $(CLIP_STORE) -p negprompt.prompts=stores/digits-negprompt-0-2.safetensors
 	$(PY) -m oodcli -q train iim --store $(CLIP_STORE) --shots 16 --k 4 --out stores/digits-iim.safetensors
 	$(PY) -m oodcli score s-mcm,s-mcm-star,r-mcm-trained,gl-mcm-local --store $(CLIP_STORE) -p s-mcm.prompts=stores/digits-iim.safetensors -p s-mcm-star.prompts=stores/digits-iim.safetensors -p r-mcm-trained.prompts=stores/digits-iim.safetensors -p gl-mcm-local.prompts=stores/digits-iim.safetensors
-	@if $(PY) -c "from oodcli.negatives import find_wordnet; find_wordnet()" 2>/dev/null; then \
-		$(PY) -m oodcli score neglabel --store $(CLIP_STORE); \
-	else echo "neglabel skipped: no WordNet on this machine (apt-get install wordnet-base)"; fi
+	$(PY) -m oodcli score neglabel --store $(CLIP_STORE)
 	$(PY) -m oodcli report --store $(CLIP_STORE)
 
 test: venv

@@ -128,14 +128,10 @@ def mining() -> dict:
     t0 = time.perf_counter()
     negatives.select_negatives(cands[:n_nouns], cands[n_nouns:], protos, NEGATIVES, 0.95)
     result = {"words": WORDS, "id_labels": 1000, "negatives": NEGATIVES, "select_s": time.perf_counter() - t0}
-    try:
-        where = negatives.find_wordnet()
-        t0 = time.perf_counter()
-        nouns, adjs = negatives.read_wordnet(where, exclude=text.imagenet_clip_names())
-        result |= {"wordnet": str(where), "wordnet_words": len(nouns) + len(adjs), "wordnet_parse_s": time.perf_counter() - t0}
-    except Exception as exc:  # no WordNet here: the rest still runs
-        result |= {"wordnet": f"not found ({str(exc)[:60]}...)"}
-        nouns = [f"word{i}" for i in range(WORDS)]
+    t0 = time.perf_counter()
+    vocabulary = negatives.load_vocabulary()
+    nouns, adjs = vocabulary.candidates(text.imagenet_clip_names())
+    result |= {"wordnet": vocabulary.source, "wordnet_words": len(nouns) + len(adjs), "wordnet_load_s": time.perf_counter() - t0}
     words = (nouns * (WORDS // len(nouns) + 1))[:WORDS]
     prompts = [f"The nice {w}." for w in words]
     threads = torch.get_num_threads()
