@@ -139,13 +139,13 @@ def test_complex_rows_take_the_top_of_each_class_then_the_most_complex_left():
 
 
 def test_bytes_per_pixel_of_jpeg_files_and_of_other_images(tmp_path):
-    folder = tmp_path / "imgs" / "a"
-    folder.mkdir(parents=True)
+    folder = tmp_path / "imgs"  # flat: one unlabelled set
+    folder.mkdir()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(folder / "x.jpg", quality=90)
     png = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     Image.fromarray(png).save(folder / "y.png")
-    data = open_source(f"folder:{tmp_path / 'imgs'}", tmp_path)
+    data = open_source(f"folder:{folder}", tmp_path)
     by_name = {p.name: i for i, p in enumerate(data.files)}
     assert S.jpeg_bytes_per_pixel(data, by_name["x.jpg"]) == (folder / "x.jpg").stat().st_size / 600
     buf = io.BytesIO()
@@ -237,6 +237,13 @@ def test_training_moves_only_the_projection_and_the_learned_negatives(env, train
         losses = [row["loss"] for row in meta[step]["history"]]
         assert losses[-1] < losses[0]
     assert result.pairing_before == 1.0  # the pairs are the nearest labels at the start
+
+
+def test_training_is_seeded(env, trained, tmp_path):
+    again = tmp_path / "again.safetensors"
+    S.train_synood(env["store"], again, wordnet=str(env["wordnet"]), num_negatives=12)
+    first, second = _file(trained[0])[0], _file(again)[0]
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def _template_key():
@@ -364,7 +371,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, env, trained
     # a file of another CLIP
     other_w, other = tmp_path / "other.safetensors", tmp_path / "other.zarr"
     _save_tiny(other_w, seed=2)
-    _extract(other, other_w, "--benchmark", "digits", "--split", "test", "--split", "ood/near/digits6-9")
+    _extract(other, other_w, "--benchmark", "digits", "--split", "test", "--split", "ood/far/noise")
     code, _, err = run(capsys, "score", "synood", "--store", other, "-p", f"synood.prompts={trained[0]}",
                        "-p", "synood.ngroup=3")
     assert code != 0 and one_line_error(err) and "trained on clip-tiny weights" in err
