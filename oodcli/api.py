@@ -7,20 +7,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from oodcli.backbones.base import get_spec
-from oodcli.data.base import SplitDef, data_root as resolve_root, open_source
-from oodcli.data.benchmarks import get_benchmark
+from oodcli.data.base import SplitDef, data_root as resolve_root, open_source, role_from_name
+from oodcli.data.benchmarks import ROLES, get_benchmark
 from oodcli.errors import OodError, UsageError
 from oodcli.extract import DTYPES, ExtractResult, LazyModel, check_device, check_layers, extract_split, resolve_device
 from oodcli.store import check_name, features_node, open_store, remove_store
-
-ROLES = ("id", "ood-near", "ood-far", "ood")
-
-
-def _role_from_name(split: str) -> str:
-    parts = split.split("/")
-    if parts[0] != "ood":
-        return "id"
-    return {"near": "ood-near", "far": "ood-far"}.get(parts[1] if len(parts) > 2 else "", "ood")
 
 
 def resolve_splits(
@@ -38,7 +29,7 @@ def resolve_splits(
     if data:
         if not splits or len(splits) != 1:
             raise UsageError("--data needs exactly one --split NAME (e.g. --split ood/far/mydata)")
-        role = role or _role_from_name(splits[0])
+        role = role or role_from_name(splits[0])
         if role not in ROLES:
             raise UsageError(f"unknown --role '{role}'; use one of {', '.join(ROLES)}")
         return [SplitDef(splits[0], role, data)]

@@ -151,7 +151,8 @@ def extract(
         None, "--split", help="Split name(s) to extract; default: every split of the benchmark."
     ),
     role: Optional[str] = typer.Option(
-        None, "--role", help="With --data: id, ood-near or ood-far (default: from the split name, ood/near/... or ood/far/...)."
+        None, "--role", help="With --data: id, ood-near, ood-far, ood or synthetic (generated OOD images for training, "
+        "never a test set; default: from the split name, ood/near/..., ood/far/... or synthetic/...)."
     ),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Checkpoint file or weights name (default: the model's)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers (default: the model's default layers)."),
@@ -779,6 +780,72 @@ def train_iim(
     _print_prompt_result(result, as_json)
 
 
+@train_app.command("synood")
+def train_synood(
+    store_path: Path = typer.Option(..., "--store", "-s", help="Store with the CLIP image_embeds of the train and synthetic splits."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="File to write (safetensors): projection + negative label features."),
+    synthetic: Optional[list[str]] = typer.Option(
+        None, "--synthetic", help="Synthetic split(s) (role synthetic) to learn from; default: every one in the store. "
+        "Table 4's 'Neg Image' vs 'Grad Image' is which one you name."
+    ),
+    train: str = typer.Option("train", "--train", help="ID split D_in* is drawn from (most complex images per class)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP backbone in the store (default: the only one)."),
+    num_negatives: int = typer.Option(10000, "--num-negatives", min=1, help="M: NegLabel's negative labels."),
+    percentile: float = typer.Option(0.95, "--percentile", help="NegMining's percentile."),
+    wordnet: Optional[str] = typer.Option(None, "--wordnet", help="Folder with WordNet's data.noun and data.adj (default: found)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Class names file (one per line); default: the store's benchmark."),
+    proj_epochs: int = typer.Option(3, "--proj-epochs", min=0, help="Epochs of the projection (eq. 12); 0 keeps the identity."),
+    proj_lr: float = typer.Option(1e-3, "--proj-lr", help="Adam learning rate of the projection."),
+    weight_decay: float = typer.Option(1e-5, "--weight-decay", help="Adam weight decay of the projection."),
+    label_epochs: int = typer.Option(5, "--label-epochs", min=0, help="Epochs of the negative label features (eq. 14); 0 keeps CLIP's."),
+    label_lr: float = typer.Option(2e-3, "--label-lr", help="SGD learning rate of the negative label features."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="tau (default: the CLIP's own, 0.01 for OpenAI)."),
+    seed: int = typer.Option(0, "--seed"),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the train images live (read for their JPEG bytes per pixel)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Train SynOOD's image projection and negative label features on cached CLIP features (no image encoder runs).
+
+    The synthetic images enter the store like any data, with role synthetic:
+
+      oodcli extract --model clip-tiny --weights W --data folder:DIR --split synthetic/synood --role synthetic --store S
+
+    Examples:
+
+      oodcli train synood --store stores/digits_clip.zarr --out synood.safetensors
+
+      oodcli score synood,neglabel --store stores/digits_clip.zarr -p synood.prompts=synood.safetensors
+
+      oodcli score synood --store stores/digits_clip.zarr -p synood.prompts=synood.safetensors -p synood.projection=false
+    """
+    from oodcli.train.synood import train_synood as run
+
+    log = None if STATE["quiet"] else (lambda msg: err.print(msg, style="dim", markup=False))
+    bar = _progress()
+    try:
+        result = run(
+            store_path, out_path, synthetic=synthetic, train_split=train, backbone=backbone,
+            num_negatives=num_negatives, percentile=percentile, wordnet=wordnet, labels=labels,
+            proj_epochs=proj_epochs, proj_lr=proj_lr, weight_decay=weight_decay, label_epochs=label_epochs,
+            label_lr=label_lr, batch_size=batch_size, temperature=temperature, seed=seed, data_root_dir=data_root,
+            log=log, progress=_row_progress(bar),
+        )
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+    if as_json:
+        out.print_json(json.dumps(result.as_dict()))
+        return
+    out.print(
+        f"saved {result.path}: projection loss {result.projection_loss:.4f}, label loss {result.label_loss:.4f}, "
+        f"{result.synthetic} synthetic + {result.in_star} ID images, {result.learned} of {result.negatives} negative "
+        f"labels learned, pairing accuracy {100 * result.pairing_before:.1f}% -> {100 * result.pairing_after:.1f}% "
+        f"({result.seconds:.1f} s)",
+        markup=False,
+    )
+
+
 # ---- synthesize and index -----------------------------------------------------------------
 
 synth_app = typer.Typer(help="Synthesize OOD prototypes or features from the store and the backbone.", no_args_is_help=True)
@@ -1181,7 +1248,7 @@ def analyze_collisions(
 # ---- planned commands -------------------------------------------------------------------
 
 PLANNED: dict[str, str] = {}
-PLANNED_TRAINERS = ("synood",)
+PLANNED_TRAINERS: tuple[str, ...] = ()
 
 
 def _not_built(name: str):

@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from oodcli.data.base import role_from_name
 from oodcli.errors import OodError, UsageError
 from oodcli.scorers.base import (
     Progress,
@@ -176,14 +177,6 @@ def store_backbones(store: Store) -> list[str]:
 # ---- what a backbone lacks, as the command that makes it ---------------------------------
 
 
-def _role_from_name(split: str) -> str:
-    """The role extract gives a --data split from its name (as ``oodcli.api`` does)."""
-    parts = split.split("/")
-    if parts[0] != "ood":
-        return "id"
-    return {"near": "ood-near", "far": "ood-far"}.get(parts[1] if len(parts) > 2 else "", "ood")
-
-
 def _reference_features(store: Store, backbone: str, prefer: list[str]) -> dict:
     """The attributes of a whole features node of ``backbone`` (``prefer`` first): how it was extracted."""
     for split in dict.fromkeys([*prefer, *list_splits(store)]):
@@ -224,7 +217,7 @@ def extract_command(store: Store, backbone: str, split: str, layers: tuple[str, 
     else:
         cmd += ["--data", source or "SOURCE", "--split", split]
         role = attrs.get("role")
-        if role and role != _role_from_name(split):
+        if role and role != role_from_name(split):
             cmd += ["--role", role]
     base = list(ref.get("layers") or (spec.default_layers if spec is not None else []))
     want = list(dict.fromkeys([*base, *layers]))

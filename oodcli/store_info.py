@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from oodcli.data.base import is_ood_role
+from oodcli.data.benchmarks import ROLES
 from oodcli.errors import OodError
 from oodcli.store import TXN_ROOT, Store, StoreDamaged, features_node, list_backbones, split_node, split_states
 
@@ -153,9 +155,12 @@ def _verify_split(store: Store, split: str, rows: dict, scan, problems: list[str
     if scan(f"{node}/labels"):
         labels = store.read(f"{node}/labels")
         role = attrs.get("role", "id")
-        if role.startswith("ood") and (labels != -1).any():
-            problems.append(f"{split}: OOD split with class labels (expected -1 everywhere)")
-        if not role.startswith("ood") and (labels < 0).any():
+        if role not in ROLES:
+            problems.append(f"{split}: unknown role '{role}' (expected one of {', '.join(ROLES)})")
+        elif is_ood_role(role) and (labels != -1).any():
+            what = "synthetic OOD" if role == "synthetic" else "OOD"
+            problems.append(f"{split}: {what} split with class labels (expected -1 everywhere)")
+        elif not is_ood_role(role) and (labels < 0).any():
             problems.append(f"{split}: ID split with OOD labels (-1)")
     for backbone in list_backbones(store, split):
         bnode = features_node(split, backbone)

@@ -71,12 +71,29 @@ class SplitDef:
     """One split of a benchmark: where its images come from and what role it plays."""
 
     name: str  # store split name, e.g. "test" or "ood/far/svhn"
-    role: str  # "id" | "ood-near" | "ood-far" | "ood"
+    role: str  # "id" | "ood-near" | "ood-far" | "ood" | "synthetic"
     source: str  # source spec, e.g. "torchvision:cifar10:test" or "imglist:benchmark_imglist/..."
 
     @property
     def is_ood(self) -> bool:
-        return self.role.startswith("ood")
+        """Whether its rows are labelled -1: an OOD set, or synthetic OOD images (training data only)."""
+        return is_ood_role(self.role)
+
+
+def is_ood_role(role: str) -> bool:
+    """Roles whose rows carry label -1: the OOD test sets (``ood*``) and ``synthetic`` OOD images."""
+    return role.startswith("ood") or role == "synthetic"
+
+
+def role_from_name(split: str) -> str:
+    """The role a ``--data`` split gets from its name: ood/near/... -> ood-near, ood/far/... -> ood-far,
+    other ood/... -> ood, synthetic/... -> synthetic, anything else -> id."""
+    parts = split.split("/")
+    if parts[0] == "synthetic":
+        return "synthetic"
+    if parts[0] != "ood":
+        return "id"
+    return {"near": "ood-near", "far": "ood-far"}.get(parts[1] if len(parts) > 2 else "", "ood")
 
 
 def data_root(cli_value: str | None) -> Path:

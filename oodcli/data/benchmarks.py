@@ -16,7 +16,9 @@ from oodcli.data.base import ImageDataset, SplitDef, open_source
 from oodcli.errors import OodError, UsageError
 
 BENCHMARK_DIR = Path(__file__).with_name("benchmarks")
-ROLES = ("id", "ood-near", "ood-far", "ood")
+#: ``ood*`` splits are OOD test sets; ``synthetic`` holds generated OOD images (SynOOD), labels -1,
+#: used for training only: never an ID or OOD test set of ``score`` / ``report``
+ROLES = ("id", "ood-near", "ood-far", "ood", "synthetic")
 
 
 @dataclass(frozen=True)

@@ -195,22 +195,29 @@ class NegLabel(_ClipText):
             text.write_cached(store, node, key, emb, words=words, nouns=n_nouns,
                               wordnet_source=vocab.source, candidates=len(nouns) + len(adjs))
             self.negatives, self.negative_words = emb, words
-        # NegLabel's grouping: a fixed random split of the negatives into ngroup equal groups
-        size = len(self.negatives) // self.ngroup
-        order = np.random.default_rng(self.seed).permutation(len(self.negatives))[: size * self.ngroup]
+        self.group_negatives()
+        return hit is not None
+
+    def group_negatives(self) -> None:
+        """NegLabel's grouping: a fixed random split of ``self.negatives`` into ngroup equal groups."""
         import torch
 
+        size = len(self.negatives) // self.ngroup
+        order = np.random.default_rng(self.seed).permutation(len(self.negatives))[: size * self.ngroup]
         self.grouped = torch.from_numpy(np.ascontiguousarray(self.negatives[order]))
-        return hit is not None
 
     def release(self) -> None:
         super().release()
         self.negatives = self.grouped = None
 
+    def image_features(self, batch) -> torch.Tensor:
+        """The unit image features the labels are compared with (SynOOD projects them first)."""
+        return _unit(batch["image_embeds"])
+
     def score_batch(self, batch):
         import torch
 
-        x = _unit(batch["image_embeds"])
+        x = self.image_features(batch)
         pos = torch.logsumexp(x @ torch.from_numpy(self.prototypes).T / self.temperature, dim=1)
         neg = (x @ self.grouped.T / self.temperature).reshape(len(x), self.ngroup, -1)
         neg = torch.logsumexp(neg, dim=2)

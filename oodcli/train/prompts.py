@@ -246,23 +246,31 @@ class PromptFile:
         return self.meta["method"]
 
 
-def read_prompt_file(path: str | Path) -> PromptFile:
-    """Load a prompt file, or one line saying why it is not one."""
+def read_trained_file(path: str | Path, what: str = "prompt file", make: str = "oodcli train coop") -> tuple[Path, dict, dict]:
+    """(path, metadata, tensors) of a file written by ``write_prompt_file``, or one line saying why it is not one."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise OodError(f"prompt file {path} not found; make one with 'oodcli train coop'")
+        raise OodError(f"{what} {path} not found; make one with '{make}'")
     try:
         with safe_open(str(path), "pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
         tensors = load_file(str(path))
         meta = json.loads(raw) if raw else None
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
-        raise OodError(f"prompt file {path} is corrupt or not a safetensors file ({type(e).__name__}); train it again") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "ctx" not in tensors:
-        raise OodError(f"{path} is not an oodcli prompt file (no '{META_KEY}' metadata of format {FORMAT})")
+        raise OodError(f"{what} {path} is corrupt or not a safetensors file ({type(e).__name__}); train it again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise OodError(f"{path} is not an oodcli {what} (no '{META_KEY}' metadata of format {FORMAT})")
+    return path, meta, tensors
+
+
+def read_prompt_file(path: str | Path) -> PromptFile:
+    """Load a prompt file, or one line saying why it is not one."""
+    path, meta, tensors = read_trained_file(path)
+    if "ctx" not in tensors:
+        raise OodError(f"{path} is not an oodcli prompt file (no context tensor 'ctx')")
     ctx, neg = tensors["ctx"].float(), tensors.get("neg_ctx")
     if ctx.ndim != 3 or ctx.shape[0] != 1 or (neg is not None and (neg.ndim != 3 or neg.shape[1:] != ctx.shape[1:])):
         raise OodError(f"prompt file {path} has malformed context tensors; train it again")
@@ -429,12 +437,15 @@ def _test_accuracy(learner: PromptLearner, data: _Data, device) -> float | None:
 
 def fit_epochs(step_loss, params: list, epochs: int, lr: float, n_rows: int, batch_size: int,
                generator: torch.Generator, accuracy, width: int, log=None, accuracy_label: str = "few-shot accuracy",
-               ) -> tuple[float, list[dict]]:
+               optimizer: torch.optim.Optimizer | None = None) -> tuple[float, list[dict]]:
     """The shared training loop: SGD (momentum 0.9, weight decay 5e-4) over ``params`` with
     CoOp's schedule, shuffled batches of row indices to ``step_loss(idx) -> (loss, parts)``.
+    A given ``optimizer`` replaces SGD and runs at its own constant learning rate (no schedule).
     Returns (accuracy before training, per-epoch history of the mean loss and its parts)."""
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    schedule = _schedule(optimizer, epochs)
+    schedule = None
+    if optimizer is None:
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+        schedule = _schedule(optimizer, epochs)
     history = []
     threads = torch.get_num_threads()
     if width <= 128:
@@ -453,7 +464,8 @@ def fit_epochs(step_loss, params: list, epochs: int, lr: float, n_rows: int, bat
                 total += loss.item() * len(idx)
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v * len(idx)
-            schedule.step()
+            if schedule is not None:
+                schedule.step()
             row = {"epoch": epoch + 1, "loss": total / n_rows, **{k: v / n_rows for k, v in parts_sum.items()}}
             if epoch == epochs - 1 or log:
                 row["accuracy"] = accuracy()
