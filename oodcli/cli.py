@@ -1245,30 +1245,6 @@ def analyze_collisions(
             out.print(f"{name}: {p['class_a']} #{p['a']} <-> {p['class_b']} #{p['b']}  (Q_S {p['distance']:.4f})", markup=False)
 
 
-# ---- planned commands -------------------------------------------------------------------
-
-PLANNED: dict[str, str] = {}
-PLANNED_TRAINERS: tuple[str, ...] = ()
-
-
-def _not_built(name: str):
-    def command(args: Optional[list[str]] = typer.Argument(None, hidden=True)) -> None:
-        raise UsageError(f"'{name}' is not built yet in oodcli {__version__}")
-
-    return command
-
-
-for _name, _help in PLANNED.items():
-    app.command(
-        _name, help=f"(not built yet) {_help}.",
-        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    )(_not_built(_name))
-for _name in PLANNED_TRAINERS:
-    train_app.command(
-        _name, hidden=True, context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
-    )(_not_built(f"train {_name}"))
-
-
 # ---- entry point ------------------------------------------------------------------------
 
 
