@@ -1,6 +1,8 @@
 """Scorers by name. Each family lives in its own module and registers itself on import."""
 
-from oodcli.scorers import apex, ash, clip_iim, clip_prompts, clip_zeroshot, grood, knn, logits, mahalanobis, react, vim  # noqa: F401
+from oodcli.scorers import (  # noqa: F401
+    apex, ash, clip_iim, clip_prompts, clip_zeroshot, grood, head, knn, logits, mahalanobis, openmax, react, she, vim,
+)
 from oodcli.scorers.base import (
     Scorer,
     describe_scorers,
