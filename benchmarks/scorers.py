@@ -47,7 +47,8 @@ CKPT = ROOT / "stores" / "digits_cnn.safetensors"
 BACKBONE, MODEL_ID = "synthetic", "synthetic-model"
 MIB = 1 << 20
 BASELINES = ["msp", "maxlogit", "energy", "gen", "mahalanobis", "rmds", "knn", "vim", "residual", "react",
-             "ash-p", "ash-s", "ash-b"]
+             "ash-p", "ash-s", "ash-b", "temp-scaling", "entropy", "klm", "weighted-energy", "gradnorm", "dice",
+             "openmax", "she"]
 STREAMING = [m for m in BASELINES if m != "knn"]  # KNN's index holds the train split by design
 
 

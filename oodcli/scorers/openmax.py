@@ -111,7 +111,8 @@ class OpenMax(Scorer):
         z = np.asarray(batch["logits"], dtype=np.float64)
         s = self.state
         alpha = min(self.alpha, z.shape[1])
-        top = np.argsort(-z, axis=1, kind="stable")[:, :alpha]  # the alpha largest logits, largest first
+        top = np.argpartition(-z, alpha - 1, axis=1)[:, :alpha]  # the alpha largest logits ...
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(z, top, axis=1), axis=1), axis=1)  # largest first
         rank_weight = (alpha + 1 - np.arange(1, alpha + 1)) / alpha
         d = distances(z, s["mavs"][top], self.distance)
         w = np.where(s["modelled"][top] == 1, weibull_cdf(d + s["shift"][top], s["shape"][top], s["scale"][top]), 1.0)
