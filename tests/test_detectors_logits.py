@@ -307,6 +307,15 @@ def test_temperature_of_a_separable_train_split_stops_at_its_bound():
     assert temperature == MIN_TEMPERATURE and passes == 2
 
 
+def test_a_perfectly_classified_train_split_is_refused_for_temperature(capsys, fresh):
+    with open_store(fresh, "r+") as st:  # relabel train with the network's own predictions
+        st.write_array("splits/train/labels", st.read(f"splits/train/{BACKBONE}/logits").argmax(1).astype(np.int64))
+    code, _, err = run(capsys, "score", "temp-scaling", "--store", fresh)
+    assert code == 1 and one_line_error(err) and "T -> 0" in err and "temp-scaling.temperature=T" in err
+    code, _, err = run(capsys, "-q", "score", "temp-scaling", "--store", fresh, "-p", "temp-scaling.temperature=0.5")
+    assert code == 0, err
+
+
 def test_given_temperature_needs_no_train_split(tmp_path):
     path = make_store(tmp_path / "s.zarr", splits={k: v for k, v in SPLITS.items() if k != "train"})
     with open_store(path, "r+") as st:
