@@ -307,6 +307,14 @@ def test_temperature_of_a_separable_train_split_stops_at_its_bound():
     assert temperature == MIN_TEMPERATURE and passes == 2
 
 
+def test_temperature_of_labels_the_logits_do_not_predict_stops_at_its_upper_bound():
+    from oodcli.scorers.logits import MAX_TEMPERATURE, fit_temperature
+
+    z = np.random.default_rng(2).normal(0, 1, (200, 5))
+    y = z.argmin(1)  # every label is the least likely class: NLL falls as T grows
+    assert fit_temperature(lambda: iter([(z, y)])) == (MAX_TEMPERATURE, 2)
+
+
 def test_a_perfectly_classified_train_split_is_refused_for_temperature(capsys, fresh):
     with open_store(fresh, "r+") as st:  # relabel train with the network's own predictions
         st.write_array("splits/train/labels", st.read(f"splits/train/{BACKBONE}/logits").argmax(1).astype(np.int64))

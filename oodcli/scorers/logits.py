@@ -171,8 +171,9 @@ class TempScaling(Scorer):
     names: ``train`` by default, the one labelled ID split every store has; ``--train val``
     fits on a validation split as OpenOOD does. On its own train split a network that fits its
     data well gets T < 1, and one that classifies every train sample right has no optimum (the
-    NLL keeps falling as T -> 0, and MSP of logits / T saturates at 1): an optimum outside
-    [0.01, 100] is refused with what to do instead (the digits CNN is such a network).
+    NLL keeps falling as T -> 0, and MSP of logits / T saturates at 1): an optimum below 0.01
+    is refused with what to do instead (the digits CNN is such a network). Logits that do not
+    predict the labels push T up; it stops at 100 (near-uniform, still a ranking).
     ``temperature=X`` skips the fit and uses X.
     """
 
@@ -207,9 +208,6 @@ class TempScaling(Scorer):
             raise OodError(f"temp-scaling: the network classifies (nearly) every sample of '{split}' right, so the "
                            f"NLL keeps falling as T -> 0 (below {MIN_TEMPERATURE}); fit on held-out ID data "
                            "(--train SPLIT) or give -p temp-scaling.temperature=T")
-        if temperature == MAX_TEMPERATURE:
-            raise OodError(f"temp-scaling: the logits do not predict the labels of '{split}' (the NLL keeps falling "
-                           f"as T grows past {MAX_TEMPERATURE}); fit on the classifier's own ID data")
         return {"temperature_used": temperature, "passes": passes}
 
     def score_batch(self, batch):
