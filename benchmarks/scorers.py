@@ -48,9 +48,10 @@ BACKBONE, MODEL_ID = "synthetic", "synthetic-model"
 MIB = 1 << 20
 BASELINES = ["msp", "maxlogit", "energy", "gen", "mahalanobis", "rmds", "knn", "vim", "residual", "react",
              "ash-p", "ash-s", "ash-b", "temp-scaling", "entropy", "klm", "weighted-energy", "gradnorm", "dice",
-             "openmax", "she"]
-# KNN's index holds the train split by design; the ImageNet-size train split has no logits (2.5 GB at full size)
-STREAMING = [m for m in BASELINES if m != "knn" and not (get_scorer(m).needs_fit and "logits" in get_scorer(m).layers)]
+             "openmax", "she", "fdbd", "nci", "vra", "nnguide", "relation", "gmm"]
+# KNN's index and Relation's bank hold the train split by design; the ImageNet-size train split has no logits
+# (2.5 GB at full size)
+STREAMING = [m for m in BASELINES if m not in ("knn", "relation") and not (get_scorer(m).needs_fit and "logits" in get_scorer(m).layers)]
 
 
 # ---- synthetic stores -------------------------------------------------------------------
