@@ -360,3 +360,18 @@ def test_mahalanobis_perturbation_on_a_new_store_without_train_creates_nothing(t
                       "--split", "ood/far/b", "--store", tmp_path / "new.zarr")
     assert got == 1 and one_line_error(err) and "train" in err
     assert not (tmp_path / "new.zarr").exists()
+
+
+def test_perturbed_scorers_refuse_splits_perturbed_otherwise_or_not_at_all(tmp_path, one_thread):
+    path = _extract_all(tmp_path / "s.zarr", ("logits",), dtype="float32", perturbs=(ODIN,))
+    spec = get_spec(MODEL)
+    with open_store(path, "a") as st:
+        for split, perturbs in (("ood/far/y", (parse_perturb("odin:epsilon=0.01,temperature=1000"),)),
+                                ("ood/far/z", ())):
+            ex.extract_split(st, spec, None, _data("ood/far/x", 8, 5), split, "ood-far", "test:data",
+                             ex.LazyModel(spec, None, "cpu"), ("logits",), batch_size=8, dtype="float32",
+                             perturbs=perturbs)
+        [other] = score_methods(st, ["odin"], id_split="test", ood=["ood/far/y"])
+        [missing] = score_methods(st, ["odin"], id_split="test", ood=["ood/far/z"])
+    assert other.status == "skipped" and "different settings (epsilon)" in other.reason
+    assert missing.status == "skipped" and "--perturb odin" in missing.reason and "image_embeds" not in missing.reason
