@@ -347,7 +347,7 @@ def extract_split(
         raise UsageError(f"unknown --dtype '{dtype}'; use float16 or float32")
     here = tuple(p for p in perturbs if p.applies_to(split))
     this_model = model_id(spec, weights)
-    perturbed = {p.layer: _perturb_attrs(store, spec.name, p) for p in here}
+    perturbed = {p.layer: _perturb_attrs(store, spec.name, p, this_model) for p in here}
     parts = fingerprint_parts(spec, weights, data, split, layers, dtype, featmap_pool, perturbed)
     fingerprint = digest(parts)
     node = features_node(split, spec.name)
@@ -477,12 +477,14 @@ def extract_split(
     return ExtractResult(split, spec.name, status, n, hi - start, time.perf_counter() - t0, list(all_layers))
 
 
-def _perturb_attrs(store: Store, backbone: str, p) -> dict:
+def _perturb_attrs(store: Store, backbone: str, p, this_model: str) -> dict:
     """A perturbation's settings as recorded (attributes and fingerprint); a Mahalanobis one
     also names the train features its Gaussian comes from."""
     attrs = p.describe()
     if p.kind == "mahalanobis":
-        from oodcli.perturb import reference_fingerprint
+        from oodcli.perturb import check_reference, reference_fingerprint
+
+        check_reference(store, store.path, (p,), backbone, this_model, [])
 
         attrs["train_fingerprint"] = reference_fingerprint(store, backbone, p.params["train"])
     return attrs

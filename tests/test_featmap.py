@@ -375,3 +375,18 @@ def test_perturbed_scorers_refuse_splits_perturbed_otherwise_or_not_at_all(tmp_p
         [missing] = score_methods(st, ["odin"], id_split="test", ood=["ood/far/z"])
     assert other.status == "skipped" and "different settings (epsilon)" in other.reason
     assert missing.status == "skipped" and "--perturb odin" in missing.reason and "image_embeds" not in missing.reason
+
+
+def test_the_extract_command_a_missing_split_is_told_repeats_featmap_and_perturb_settings(perturbed_store, tmp_path):
+    from oodcli.scoring import extract_command
+
+    with open_store(perturbed_store) as st:
+        cmd = extract_command(st, MODEL, "ood/far/x")
+    assert "--perturb odin:epsilon=0.05,temperature=1000.0" in cmd and "--dtype float32" in cmd
+    assert parse_perturb("odin:epsilon=0.05,temperature=1000.0") == ODIN
+    path = tmp_path / "p.zarr"
+    with open_store(path, "a") as st:
+        spec, (split, role, n, seed) = get_spec(MODEL), SPLITS[1]
+        ex.extract_split(st, spec, None, _data(split, 8, seed), split, role, "test:data", ex.LazyModel(spec, None, "cpu"),
+                         ("penultimate", "featmap"), batch_size=8, featmap_pool=2)
+        assert "--layers penultimate,featmap --featmap-pool 2" in extract_command(st, MODEL, split)
