@@ -390,3 +390,54 @@ def test_the_extract_command_a_missing_split_is_told_repeats_featmap_and_perturb
         ex.extract_split(st, spec, None, _data(split, 8, seed), split, role, "test:data", ex.LazyModel(spec, None, "cpu"),
                          ("penultimate", "featmap"), batch_size=8, featmap_pool=2)
         assert "--layers penultimate,featmap --featmap-pool 2" in extract_command(st, MODEL, split)
+
+
+# ---- GRAM on the feature map ------------------------------------------------------------------
+
+
+def _gram_reference(fmap, powers):
+    """Row sums of the full C x C Gram matrix of F^p, then the signed p-th root (the paper's G_p)."""
+    out = []
+    for a in fmap.astype(np.float64):
+        f = a.reshape(a.shape[0], -1)
+        rows = []
+        for p in range(1, powers + 1):
+            s = ((f**p) @ (f**p).T).sum(axis=1)
+            rows.append(np.sign(s) * np.abs(s) ** (1 / p))
+        out.append(rows)
+    return np.array(out)
+
+
+def test_gram_deviations_match_the_paper(fm_store):
+    powers = 3
+    with open_store(fm_store, "a") as st:
+        [o] = score_methods(st, ["gram"], id_split="test", ood=["ood/far/x"], hparams={"gram": {"powers": powers}})
+        assert o.status == "written", o.reason
+        node = "splits/{}/digits_cnn-tiny/{}"
+        train_g = _gram_reference(st.read(node.format("train", "featmap")).astype(np.float32), powers)
+        train_pred = st.read(node.format("train", "logits")).astype(np.float32).argmax(1)
+        lo = {c: train_g[train_pred == c].min(0) for c in np.unique(train_pred)}
+        hi = {c: train_g[train_pred == c].max(0) for c in np.unique(train_pred)}
+        glo, ghi = train_g.min(0), train_g.max(0)
+        for split in ("test", "ood/far/x"):
+            g = _gram_reference(st.read(node.format(split, "featmap")).astype(np.float32), powers)
+            pred = st.read(node.format(split, "logits")).astype(np.float32).argmax(1)
+            expect = []
+            for gi, c in zip(g, pred):
+                mn, mx = lo.get(c, glo), hi.get(c, ghi)
+                dev = np.maximum(mn - gi, 0) / np.abs(mn + 1e-6) + np.maximum(gi - mx, 0) / np.abs(mx + 1e-6)
+                expect.append(-dev.sum())
+            np.testing.assert_allclose(st.read(f"scores/gram/{split}"), expect, rtol=1e-4, atol=1e-6)
+        from oodcli.scorers import get_scorer
+
+        scorer = get_scorer("gram", powers=powers)
+        model_id = st.node_attrs(f"splits/test/{MODEL}")["model_id"]
+        assert scorer.prepare(st, MODEL, "train", model_id) == "cached"  # the fit written with the scores
+        assert (scorer.score(st, MODEL, "train") == 0).all()  # each train sample lies in its class's range
+
+
+def test_gram_is_left_out_of_score_all_without_a_featmap(plain_store):
+    with open_store(plain_store, "a") as st:
+        names = {o.method for o in score_methods(st, ["gram", "energy"], id_split="test", ood=["ood/far/x"],
+                                                  only_applicable=True)}
+    assert names == {"energy"}

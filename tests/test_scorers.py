@@ -193,6 +193,7 @@ def test_registry_lists_published_defaults():
     assert params["ash-s"] == params["ash-b"] == params["ash-p"] == {"percentile": 90.0, "layer": "auto"}
     assert params["scale"] == {"percentile": 85.0, "layer": "auto"}
     assert params["odin"] == params["mahalanobis-perturbed"] == {}  # their settings are fixed at extraction
+    assert params["gram"] == {"powers": 10}
     assert params["knn"] == {"k": None} and params["vim"] == params["residual"] == {"dim": None}
     assert params["msp"] == params["mahalanobis"] == params["rmds"] == {}
 

@@ -1,6 +1,6 @@
 """Scorers by name. Each family lives in its own module and registers itself on import."""
 
-from oodcli.scorers import apex, ash, clip_iim, clip_prompts, clip_zeroshot, grood, knn, logits, mahalanobis, perturbed, react, vim  # noqa: F401
+from oodcli.scorers import apex, ash, clip_iim, clip_prompts, clip_zeroshot, gram, grood, knn, logits, mahalanobis, perturbed, react, vim  # noqa: F401
 from oodcli.scorers.base import (
     Scorer,
     describe_scorers,
