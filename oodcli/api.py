@@ -10,7 +10,18 @@ from oodcli.backbones.base import get_spec
 from oodcli.data.base import SplitDef, data_root as resolve_root, open_source, role_from_name
 from oodcli.data.benchmarks import ROLES, get_benchmark
 from oodcli.errors import OodError, UsageError
-from oodcli.extract import DTYPES, ExtractResult, LazyModel, check_device, check_layers, extract_split, resolve_device
+from oodcli.extract import (
+    DTYPES,
+    ExtractResult,
+    LazyModel,
+    check_device,
+    check_featmap_pool,
+    check_layers,
+    extract_split,
+    model_id,
+    resolve_device,
+)
+from oodcli.perturb import check_perturbations, check_reference, parse_perturbations
 from oodcli.store import check_name, features_node, open_store, remove_store
 
 
@@ -71,17 +82,26 @@ def extract_splits(
     chunk_rows: int | None = None,
     progress=None,
     shard: str | None = None,
+    featmap_pool: int | None = None,
+    perturb: list[str] | None = None,
 ) -> list[ExtractResult]:
     """Extract several splits with one lazily built backbone.
 
     Everything that can be checked without running the backbone (model, weights,
     layers, device, data sets) is checked before the store is touched; a store
     created by this call is removed again if it fails before its first chunk.
+
+    ``featmap_pool`` average-pools the ``featmap`` layer to G x G; ``perturb`` takes
+    ``--perturb`` strings (``odin:temperature=1000,epsilon=0.0014``, ``mahalanobis:epsilon=...``;
+    see ``oodcli.perturb``). A Mahalanobis perturbation fits on the train split, which must be
+    in the store already or among these splits (it is then extracted first).
     """
     spec = get_spec(model)
     spec.weights_identity(weights)
     spec = spec.for_weights(weights)
     layer_names = check_layers(spec, layers)
+    pool = check_featmap_pool(layer_names, featmap_pool)
+    perturbs = parse_perturbations(perturb)
     shard_of = parse_shard(shard)
     if shard_of is not None and shard is None and device == "auto" and "LOCAL_RANK" in os.environ:
         if resolve_device("auto").type == "cuda":  # torchrun: one GPU per local rank
@@ -90,6 +110,13 @@ def extract_splits(
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype '{dtype}'; use float16 or float32")
     defs = resolve_splits(benchmark, data, splits, role)
+    names = [d.name for d in defs]
+    check_perturbations(perturbs, spec, layer_names, names)
+    if perturbs and shard_of is not None:
+        raise UsageError("--perturb runs without --shard (its Mahalanobis fit reads the whole train split); "
+                         "extract the perturbed splits in one process")
+    fit_splits = {p.params["train"] for p in perturbs if p.kind == "mahalanobis"}
+    defs.sort(key=lambda d: d.name not in fit_splits)  # a Mahalanobis fit split is extracted first
     root = resolve_root(data_root)
     datasets = [(d, open_source(d.source, root, d.is_ood)) for d in defs]
     for d, ds in datasets:
@@ -97,6 +124,9 @@ def extract_splits(
             raise OodError(f"split '{d.name}' ({d.source}) has no samples; check the data source")
 
     store = Path(store)
+    if any(p.kind == "mahalanobis" for p in perturbs):  # its train features must be there: refuse before writing
+        with (open_store(store, "r") if store.exists() else nullcontext()) as existing:
+            check_reference(existing, store, perturbs, spec.name, model_id(spec, weights), names)
     created = not store.exists() and shard_of is None  # shards share a store: none removes it
     st = open_store(store, "a", shared=shard_of is not None)
     results: list[ExtractResult] = []
@@ -119,7 +149,7 @@ def extract_splits(
                         st, spec, weights, ds, d.name, d.role, d.source, lazy, layer_names,
                         batch_size=batch_size, dtype=dtype, workers=workers, overwrite=overwrite,
                         chunk_rows=chunk_rows, progress=advance_for if progress is not None else None,
-                        shard=shard_of,
+                        shard=shard_of, featmap_pool=pool, perturbs=perturbs,
                     )
                 )
     except BaseException:

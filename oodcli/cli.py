@@ -167,6 +167,15 @@ def extract(
         None, "--shard", help="I/N: compute shard I (0..N-1) of N, whole chunks each, into one Zarr store shared by "
         "N processes (default under torchrun: RANK/WORLD_SIZE)."
     ),
+    featmap_pool: Optional[int] = typer.Option(
+        None, "--featmap-pool", min=1, help="With --layers ...,featmap: average-pool the feature map to G x G "
+        "(default: the network's own H x W)."
+    ),
+    perturb: Optional[list[str]] = typer.Option(
+        None, "--perturb", help="Also store the output on a perturbed input (repeatable): "
+        "odin[:temperature=1000,epsilon=0.0014] -> logits@odin; mahalanobis[:epsilon=0.0014,train=train] -> "
+        "penultimate@mahalanobis (needs the train split's penultimate features)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     list_models: bool = typer.Option(
         False, "--list-models", callback=_list_models, is_eager=True, help="List the backbones and exit."
@@ -186,6 +195,8 @@ def extract(
       oodcli extract --model resnet50 --benchmark imagenet --split test --store stores/imagenet.zarr --device cuda --workers 8
 
       for i in 0 1 2 3; do oodcli extract --model resnet50 --benchmark imagenet --store stores/imagenet.zarr --shard $i/4 & done; wait
+
+      oodcli extract --model digits_cnn --weights stores/digits_cnn.safetensors --benchmark digits --store stores/digits.zarr --layers logits,penultimate,featmap --perturb odin --perturb mahalanobis
     """
     from oodcli.api import extract_splits
 
@@ -207,6 +218,8 @@ def extract(
         chunk_rows=chunk_rows,
         progress=_progress(),
         shard=shard,
+        featmap_pool=featmap_pool,
+        perturb=perturb,
     )
     if as_json:
         out.print_json(json.dumps([r.as_dict() for r in results]))

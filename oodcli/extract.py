@@ -105,15 +105,24 @@ def model_id(spec: BackboneSpec, weights: str | None) -> str:
 
 
 def fingerprint_parts(
-    spec: BackboneSpec, weights: str | None, data: ImageDataset, split: str, layers, dtype: str
+    spec: BackboneSpec, weights: str | None, data: ImageDataset, split: str, layers, dtype: str,
+    featmap_pool: int | None = None, perturbed: dict | None = None,
 ) -> dict:
-    return {
+    """What decides whether a split is already extracted. The feature-map pooling and the
+    perturbations are keys only when asked for, so stores made without them keep their
+    fingerprints."""
+    parts = {
         "data": data.identity(),
         "split": split,
         **model_identity(spec, weights),
         "layers": sorted(layers),
         "dtype": dtype,
     }
+    if "featmap" in layers:
+        parts["featmap_pool"] = featmap_pool
+    if perturbed:
+        parts["perturb"] = perturbed
+    return parts
 
 
 def run_backbone(model: Backbone, x: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -191,14 +200,44 @@ class LazyModel:
 
 
 def check_layers(spec: BackboneSpec, layers: list[str] | None) -> tuple[str, ...]:
+    from oodcli.backbones.registry import SPECIAL_LAYERS
+
     if not layers:
         return tuple(spec.default_layers)
     unknown = [layer for layer in layers if layer not in spec.layers]
+    special = [layer for layer in unknown if layer in SPECIAL_LAYERS]
+    if special:
+        raise UsageError(f"model '{spec.name}' has no layer '{special[0]}': {SPECIAL_LAYERS[special[0]]}; "
+                         f"drop it from --layers (this model offers: {', '.join(spec.layers)})")
+    if "@" in "".join(unknown):
+        raise UsageError(f"layer '{next(u for u in unknown if '@' in u)}' is made by --perturb, not --layers "
+                         "(e.g. --perturb odin makes logits@odin)")
     if unknown:
         raise UsageError(
             f"model '{spec.name}' has no layer {', '.join(unknown)}; it offers: {', '.join(spec.layers)}"
         )
     return tuple(dict.fromkeys(layers))
+
+
+def check_featmap_pool(layers: tuple[str, ...], featmap_pool: int | None) -> int | None:
+    if featmap_pool is None:
+        return None
+    if "featmap" not in layers:
+        raise UsageError("--featmap-pool pools the featmap layer; add featmap to --layers (e.g. --layers logits,penultimate,featmap)")
+    if featmap_pool < 1:
+        raise UsageError(f"--featmap-pool {featmap_pool} is not a grid size; give G >= 1 (G x G cells)")
+    return int(featmap_pool)
+
+
+def featmap_shape(native: tuple[int, ...], pool: int | None, model: str) -> tuple[int, ...]:
+    """[C, H, W] as stored: the network's map, or C x G x G after --featmap-pool G."""
+    if pool is None:
+        return tuple(native)
+    c, h, w = native
+    if pool > min(h, w):
+        raise UsageError(f"--featmap-pool {pool} is larger than the {h}x{w} feature map of '{model}'; "
+                         f"give G <= {min(h, w)}")
+    return (c, pool, pool)
 
 
 def _describe_mismatch(old: dict, new: dict) -> str:
@@ -286,6 +325,8 @@ def extract_split(
     chunk_rows: int | None = None,
     progress: Callable[[str, int, int], Callable[[int], None]] | None = None,
     shard: tuple[int, int] | None = None,
+    featmap_pool: int | None = None,
+    perturbs: tuple = (),
 ) -> ExtractResult:
     """Extract one split (or find it already done). See the module docstring.
 
@@ -293,6 +334,10 @@ def extract_split(
     many machines sharing the store's file system) write disjoint chunk files of the same
     arrays. Each shard resumes on its own; the shard that finds every shard done marks the
     split complete, so no coordinator is needed.
+
+    ``featmap_pool=G`` average-pools the ``featmap`` layer to G x G (recorded in the layer's
+    attributes and the fingerprint). ``perturbs`` (``oodcli.perturb.Perturbation``) add one
+    layer each, the network's output on the perturbed input (``logits@odin``, ...).
     """
     t0 = time.perf_counter()
     n = len(data)
@@ -300,9 +345,13 @@ def extract_split(
         raise OodError(f"split '{split}' has no samples ({data.name}); check the data source")
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype '{dtype}'; use float16 or float32")
-    parts = fingerprint_parts(spec, weights, data, split, layers, dtype)
+    here = tuple(p for p in perturbs if p.applies_to(split))
+    this_model = model_id(spec, weights)
+    perturbed = {p.layer: _perturb_attrs(store, spec.name, p, this_model) for p in here}
+    parts = fingerprint_parts(spec, weights, data, split, layers, dtype, featmap_pool, perturbed)
     fingerprint = digest(parts)
     node = features_node(split, spec.name)
+    all_layers = tuple(layers) + tuple(perturbed)
 
     with store.setup():  # sharded: one shard at a time changes the tree
         same_data = split_is_whole(store, split) and store.node_attrs(split_node(split)).get("data") == data.identity()
@@ -311,7 +360,7 @@ def extract_split(
             attrs = store.node_attrs(node)
             if attrs.get("fingerprint") == fingerprint:
                 if attrs.get("complete"):
-                    return ExtractResult(split, spec.name, "cached", n, 0, time.perf_counter() - t0, list(layers))
+                    return ExtractResult(split, spec.name, "cached", n, 0, time.perf_counter() - t0, list(all_layers))
                 _check_sharding(split, attrs, shard, overwrite)
                 start, fresh = (0, True) if overwrite and attrs.get("shards") != (shard and shard[1]) \
                     else (int(attrs.get("rows_done", 0)), False)
@@ -324,22 +373,29 @@ def extract_split(
         if shard is None:
             check_readable(data, split, start)  # refuse before writing: an unreadable image never leaves half a split
         net = model.get()  # bad weights fail here, before the split is written
+        if "featmap" in layers:  # a pooling grid too large for this map is refused before writing
+            featmap_shape(tuple(net.layer_shapes["featmap"]), featmap_pool, spec.name)
         prepare_split(store, split, role, source, data, overwrite)
         if fresh:  # the node appears whole (arrays allocated, fingerprint, rows_done 0) or not at all
             shapes = {layer: tuple(net.layer_shapes[layer]) for layer in layers}
+            if "featmap" in shapes:
+                shapes["featmap"] = featmap_shape(shapes["featmap"], featmap_pool, spec.name)
+            shapes |= {p.layer: tuple(net.layer_shapes[p.base]) for p in here}
             rows = chunk_rows or min(chunk_rows_for(s, DTYPES[dtype]) for s in shapes.values())
             rows = max(batch_size, rows // batch_size * batch_size)  # whole batches per chunk
             with store.transaction() as txn:
                 staged = txn.stage(node)
                 for layer, shape in shapes.items():
-                    store.create_array(f"{staged}/{layer}", (n, *shape), DTYPES[dtype], chunk_rows=rows)
+                    store.create_array(f"{staged}/{layer}", (n, *shape), DTYPES[dtype], chunk_rows=rows,
+                                       attrs=_layer_attrs(layer, net, featmap_pool, perturbed))
                 store.set_attrs(
                     staged,
                     fingerprint=fingerprint,
                     parts=parts,
-                    model_id=model_id(spec, weights),
+                    model_id=this_model,
                     weights_source=weights_source(weights),
                     layers=list(layers),
+                    perturbed=perturbed,
                     layer_shapes={k: list(v) for k, v in shapes.items()},
                     chunk_rows=rows,
                     rows_done=0,
@@ -367,7 +423,7 @@ def extract_split(
             start = int(mattrs["rows_done"])
             if mattrs.get("complete"):
                 _finish_shards(store, node, shard[1], n)
-                return ExtractResult(split, spec.name, "cached", n, 0, time.perf_counter() - t0, list(layers))
+                return ExtractResult(split, spec.name, "cached", n, 0, time.perf_counter() - t0, list(all_layers))
             check_readable(data, split, start, hi)
     status = "resumed" if start > lo else "extracted"
     done_before = int(store.node_attrs(marker).get("nonfinite_rows", 0))
@@ -385,14 +441,27 @@ def extract_split(
     )
     advance = progress(split if shard is None else f"{split} [{shard[0]}/{shard[1]}]", hi - lo, start - lo) \
         if progress else (lambda k: None)
-    writer = _ChunkWriter(store, node, layers, start, rows, DTYPES[dtype], advance, done_before, marker)
+    steps = {}
+    if here:
+        from oodcli.perturb import fit_reference, make_steps
+
+        references = {p.layer: fit_reference(store, spec.name, p.params["train"], this_model)
+                      for p in here if p.kind == "mahalanobis"}
+        steps = make_steps(here, net, spec.preprocess.std, references)
+    pool = featmap_pool if "featmap" in layers else None
+    writer = _ChunkWriter(store, node, all_layers, start, rows, DTYPES[dtype], advance, done_before, marker)
     writer.start()
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
     try:
-        with torch.inference_mode(), autocast:
-            for images, _ in loader:
-                out = run_backbone(net, images.to(device, non_blocking=True), layers)
-                writer.put({k: v.float().cpu().numpy() for k, v in out.items()})
+        for images, _ in loader:
+            x = images.to(device, non_blocking=True)
+            with torch.inference_mode(), autocast:
+                out = run_backbone(net, x, layers)
+                if pool is not None:
+                    out["featmap"] = torch.nn.functional.adaptive_avg_pool2d(out["featmap"].float(), pool)
+            for layer, step in steps.items():  # needs the input gradient: outside inference mode, in float32
+                out[layer] = step(x)
+            writer.put({k: v.float().cpu().numpy() for k, v in out.items()})
         writer.put("end")
     finally:
         if writer.is_alive() and writer.error is None:
@@ -405,7 +474,27 @@ def extract_split(
     store.set_attrs(marker, complete=True, nonfinite_rows=writer.nonfinite_rows)
     if shard is not None:
         _finish_shards(store, node, shard[1], n)
-    return ExtractResult(split, spec.name, status, n, hi - start, time.perf_counter() - t0, list(layers))
+    return ExtractResult(split, spec.name, status, n, hi - start, time.perf_counter() - t0, list(all_layers))
+
+
+def _perturb_attrs(store: Store, backbone: str, p, this_model: str) -> dict:
+    """A perturbation's settings as recorded (attributes and fingerprint); a Mahalanobis one
+    also names the train features its Gaussian comes from."""
+    attrs = p.describe()
+    if p.kind == "mahalanobis":
+        from oodcli.perturb import check_reference, reference_fingerprint
+
+        check_reference(store, store.path, (p,), backbone, this_model, [])
+
+        attrs["train_fingerprint"] = reference_fingerprint(store, backbone, p.params["train"])
+    return attrs
+
+
+def _layer_attrs(layer: str, net, featmap_pool: int | None, perturbed: dict) -> dict | None:
+    if layer == "featmap":
+        return {"layout": "NCHW", "pool": featmap_pool, "map_shape": list(net.layer_shapes["featmap"]),
+                "pooling": "none" if featmap_pool is None else f"adaptive average to {featmap_pool}x{featmap_pool}"}
+    return dict(perturbed[layer]) if layer in perturbed else None
 
 
 def _check_sharding(split: str, attrs: dict, shard: tuple[int, int] | None, overwrite: bool) -> None:

@@ -223,8 +223,14 @@ def extract_command(store: Store, backbone: str, split: str, layers: tuple[str, 
     want = list(dict.fromkeys([*base, *layers]))
     if want and (spec is None or sorted(want) != sorted(spec.default_layers)):
         cmd += ["--layers", ",".join(want)]
-    if (ref.get("parts") or {}).get("dtype") == "float32":
+    parts = ref.get("parts") or {}
+    if parts.get("dtype") == "float32":
         cmd += ["--dtype", "float32"]
+    if parts.get("featmap_pool") is not None:
+        cmd += ["--featmap-pool", str(parts["featmap_pool"])]
+    for settings in (parts.get("perturb") or {}).values():  # the same perturbations (oodcli.perturb)
+        keys = [k for k in settings if k not in ("method", "train_fingerprint")]
+        cmd += ["--perturb", f"{settings['method']}:" + ",".join(f"{k}={settings[k]}" for k in sorted(keys))]
     cmd += ["--store", str(store.path)]
     return " ".join(shlex.quote(c) for c in cmd)
 

@@ -64,7 +64,7 @@ def _rename(key: str) -> str:
 def wrap(net: CifarResNet) -> StagedClassifier:
     early = nn.Sequential(net.conv1, net.bn1, nn.ReLU(), net.layer1)
     mid = nn.Sequential(net.layer2, net.layer3, net.layer4, net.avgpool, nn.Flatten(1))
-    return StagedClassifier(early, mid, net.fc)
+    return StagedClassifier(early, mid, net.fc, pool_at=3, input_size=CIFAR.crop)
 
 
 def build(arch: str, weights: str | None) -> Backbone:

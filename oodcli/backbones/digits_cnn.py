@@ -72,7 +72,7 @@ def _metadata_classes(path) -> int | None:
 
 def wrap(net: DigitsCNN) -> StagedClassifier:
     mid = nn.Sequential(net.block2, net.block3, net.pool)
-    return StagedClassifier(net.block1, mid, net.fc)
+    return StagedClassifier(net.block1, mid, net.fc, pool_at=2, input_size=DIGITS.crop)
 
 
 def build(weights: str | None) -> Backbone:

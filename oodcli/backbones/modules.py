@@ -56,11 +56,19 @@ class StagedClassifier(Backbone):
     ``early`` runs up to and including the first residual/conv block, ``mid`` maps that
     feature map to the pooled penultimate vector and ``head`` is the linear classifier, so
     feature-space methods (GROOD mixup) can re-enter the network after ``early``.
+
+    ``pool_at`` is the index in ``mid`` where global pooling starts: ``mid[:pool_at]`` gives
+    the last stage's activation map, the ``featmap`` layer [C, H, W] that ASH and SCALE shape
+    before pooling. Its H x W depends on the input, so ``input_size`` (the preprocessing's
+    crop) fixes the declared shape with one probe forward at build time. No module is added,
+    so state_dict keys stay those of early/mid/fc.
     """
 
-    def __init__(self, early: nn.Module, mid: nn.Module, fc: nn.Linear):
+    def __init__(self, early: nn.Module, mid: nn.Module, fc: nn.Linear, pool_at: int | None = None,
+                 input_size: int | None = None):
         super().__init__()
         self.early, self.mid, self.fc = early, mid, fc
+        self.pool_at = pool_at
         early_channels = [m for m in early.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
         self.layer_shapes = {
             "logits": (fc.out_features,),
@@ -68,6 +76,11 @@ class StagedClassifier(Backbone):
             "early": (early_channels,),
         }
         self.eval()
+        if pool_at is not None and input_size is not None:
+            param = next(self.parameters())
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, input_size, input_size, dtype=param.dtype, device=param.device)
+                self.layer_shapes["featmap"] = tuple(self.mid[:pool_at](self.early(probe)).shape[1:])
 
     def stages(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.early, self.mid, self.fc
@@ -81,8 +94,12 @@ class StagedClassifier(Backbone):
         out = {}
         if "early" in layers:
             out["early"] = fmap.mean(dim=(2, 3))
-        if "penultimate" in layers or "logits" in layers:
-            pen = self.mid(fmap)
+        if {"penultimate", "logits", "featmap"} & set(layers):
+            if "featmap" in layers:  # the same pass, split at the pooling
+                out["featmap"] = self.mid[: self.pool_at](fmap)
+                pen = self.mid[self.pool_at:](out["featmap"])
+            else:
+                pen = self.mid(fmap)
             if "penultimate" in layers:
                 out["penultimate"] = pen
             if "logits" in layers:

@@ -29,7 +29,13 @@ CLIP_TINY = Preprocess(resize=32, crop=32, mean=_CLIP_MEAN, std=_CLIP_STD, inter
 
 # ---- torchvision ImageNet classifiers (oodcli.backbones.torchvision_models) ----------------
 
-_CNN_LAYERS = ("logits", "penultimate", "early")
+_CNN_LAYERS = ("logits", "penultimate", "early", "featmap")  # featmap: last stage before global pooling
+_VIT_LAYERS = ("logits", "penultimate", "early")  # a ViT has tokens, no activation map
+#: layers only some families have, and what to say when another is asked for one
+SPECIAL_LAYERS = {
+    "featmap": "the last stage's activation map before global pooling, which only CNN backbones have "
+               "(digits_cnn, cifar_resnet*, resnet*)",
+}
 _TV = "oodcli.backbones.torchvision_models"
 
 for _arch, _default, _dim in (
@@ -63,7 +69,7 @@ register(BackboneSpec(
     name="vit_b_16",
     family="torchvision",
     description="torchvision ViT-B/16 ImageNet classifier (penultimate 768-d class token)",
-    layers=_CNN_LAYERS,
+    layers=_VIT_LAYERS,
     default_layers=("logits", "penultimate"),
     preprocess=IMAGENET,
     builder=Lazy(f"{_TV}:build_vit_b_16"),
@@ -74,7 +80,7 @@ register(BackboneSpec(
     name="vit-tiny",
     family="torchvision",
     description="random-init 2-layer torchvision ViT, 10 classes, 32x32 input (tests and offline demos)",
-    layers=_CNN_LAYERS,
+    layers=_VIT_LAYERS,
     default_layers=("logits", "penultimate"),
     preprocess=TV_TINY,
     builder=Lazy(f"{_TV}:build_vit_tiny"),

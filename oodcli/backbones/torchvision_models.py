@@ -49,15 +49,16 @@ def _tv_model(arch: str, weights: str | None, head_key: str) -> nn.Module:
                        "or pass --weights PATH to a local state_dict") from None
 
 
-def wrap_resnet(net) -> StagedClassifier:
-    """Cut a torchvision ResNet after layer1; the wrapper shares the net's parameters."""
+def wrap_resnet(net, input_size: int) -> StagedClassifier:
+    """Cut a torchvision ResNet after layer1 (and before its pooling, for ``featmap``); the
+    wrapper shares the net's parameters."""
     early = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
     mid = nn.Sequential(net.layer2, net.layer3, net.layer4, net.avgpool, nn.Flatten(1))
-    return StagedClassifier(early, mid, net.fc)
+    return StagedClassifier(early, mid, net.fc, pool_at=3, input_size=input_size)
 
 
 def build_resnet(arch: str, weights: str | None) -> Backbone:
-    return wrap_resnet(_tv_model(arch, weights, "fc.weight"))
+    return wrap_resnet(_tv_model(arch, weights, "fc.weight"), IMAGENET.crop)
 
 
 def build_resnet18_tiny(weights: str | None) -> Backbone:
@@ -65,11 +66,11 @@ def build_resnet18_tiny(weights: str | None) -> Backbone:
 
     if weights in (None, "random"):
         torch.manual_seed(0)
-        return wrap_resnet(resnet18(weights=None, num_classes=10))
+        return wrap_resnet(resnet18(weights=None, num_classes=10), TINY.crop)
     state = read_state_dict(weights)
     net = resnet18(weights=None, num_classes=state["fc.weight"].shape[0] if "fc.weight" in state else 10)
     load_state_dict_into(net, state, weights)
-    return wrap_resnet(net)
+    return wrap_resnet(net, TINY.crop)
 
 
 class ViTBackbone(Backbone):

@@ -1,24 +1,38 @@
-"""Activation shaping, ASH (Djurisic et al., 2023): per sample, zero every penultimate
-activation below its own p-th percentile (keep the k = D - round(D * p / 100)
-largest), then reshape what is left and take the energy through the saved head:
+"""Activation shaping, ASH (Djurisic et al., 2023), and SCALE (Xu et al., 2024).
 
-- ASH-P only prunes;
-- ASH-S rescales the kept values by exp(sum before / sum after);
-- ASH-B sets every kept value to (sum before) / k.
+Per sample, over its activations a (the C*H*W values of the last stage's feature map,
+as both papers do for ResNets): keep the k = n - round(n * p / 100) largest, i.e. zero
+those below the sample's p-th percentile, then
 
-The store holds pooled penultimate vectors, so ASH acts on those (the paper also
-shapes the feature map before pooling). It assumes non-negative (post-ReLU)
-activations, as the paper does. Default p = 90 for all three variants (the paper
-tunes p per variant and backbone).
+- ASH-P: only prune;
+- ASH-S: prune, then rescale what is kept by exp(sum before / sum after);
+- ASH-B: prune, then set every kept value to (sum before) / k;
+- SCALE: do not prune; rescale the whole map by ASH-S's exp(sum before / sum after);
+
+then global-average-pool to the penultimate vector and take the energy through the
+saved classifier head. All assume non-negative (post-ReLU) activations, as the papers do.
+
+Which activations: with ``layer="auto"`` the ``featmap`` layer when every scored split has
+it (``oodcli extract --layers ...,featmap``), otherwise the pooled ``penultimate`` vector
+(n = D; what OpenOOD v1.5 does), and the score output says so. ``layer="featmap"``
+insists on the map, ``layer="penultimate"`` on the vector. The layer used is recorded in
+the scores' hyperparameters. A map stored with ``--featmap-pool G`` is shaped at its
+G x G resolution. Feature maps are read one stored chunk at a time.
+
+Default p: 90 for ASH (OpenOOD's ash.yml; the paper tunes p per variant and backbone),
+85 for SCALE (OpenOOD's scale.yml).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from oodcli.errors import UsageError
+from oodcli.errors import OodError, UsageError
 from oodcli.scorers.base import Scorer, register
 from oodcli.scorers.logits import energy
+from oodcli.store import features_node
+
+LAYERS = ("auto", "featmap", "penultimate")
 
 
 def top_k_mask(x: np.ndarray, percentile: float) -> tuple[np.ndarray, int]:
@@ -33,26 +47,67 @@ def top_k_mask(x: np.ndarray, percentile: float) -> tuple[np.ndarray, int]:
     return mask, k
 
 
-class _ASH(Scorer):
-    layers = ("penultimate",)
+def rescale_factor(x: np.ndarray, pruned: np.ndarray) -> np.ndarray:
+    """exp(sum before / sum after pruning) per row; 1 for a row with nothing kept to rescale."""
+    before, after = x.sum(axis=1), pruned.sum(axis=1)
+    ok = after > 0
+    return np.where(ok, np.exp(np.divide(before, after, out=np.zeros_like(before), where=ok)), 1.0)
+
+
+class _Shaping(Scorer):
+    layers = ("penultimate",)  # what every classifier store has; the featmap is chosen per store
     uses_head = True
 
-    def __init__(self, percentile: float = 90.0):
+    def __init__(self, percentile: float = 90.0, layer: str = "auto"):
         self.percentile = float(percentile)
         if not 0.0 <= self.percentile < 100.0:
             raise ValueError("percentile must be in [0, 100)")
+        if layer not in LAYERS:
+            raise ValueError(f"layer must be one of {', '.join(LAYERS)}, not {layer!r}")
+        self.layer = layer
+        self.used = "penultimate" if layer == "auto" else layer
+
+    def hparams(self) -> dict:
+        return {"percentile": self.percentile, "layer": self.used}  # the layer actually shaped
+
+    def complete_inputs(self, store, backbone: str, splits: list[str]) -> list[str]:
+        """Pick the layer to shape (see the module docstring); returns the note shown with the scores."""
+        has = [store.is_array(f"{features_node(s, backbone)}/featmap") for s in splits]
+        if self.layer == "featmap" or (self.layer == "auto" and any(has)):
+            lacking = [s for s, h in zip(splits, has) if not h]
+            if lacking:
+                raise OodError(f"split '{lacking[0]}' has no '{backbone}' featmap while "
+                               f"{'others do' if any(has) else 'layer=featmap asks for it'}; re-extract it with "
+                               f"--layers ...,featmap (same --featmap-pool), or pass --param {self.name}.layer=penultimate")
+            pools = {repr(store.node_attrs(f"{features_node(s, backbone)}/featmap").get("pool")) for s in splits}
+            if len(pools) > 1:
+                raise OodError(f"the '{backbone}' featmaps of these splits were pooled differently ({', '.join(sorted(pools))}); "
+                               "re-extract them with the same --featmap-pool")
+            self.used = "featmap"
+        else:
+            self.used = "penultimate"
+        self.layers = (self.used,)
+        if self.used == "penultimate" and self.layer == "auto":
+            return [f"no featmap in the store: shaped the pooled penultimate vector, not the feature map the paper "
+                    f"shapes (extract with --layers logits,penultimate,featmap for that)"]
+        return []
 
     def shape(self, x: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
         raise NotImplementedError
 
     def score_batch(self, batch):
-        x = batch["penultimate"].astype(np.float64)
-        mask, k = top_k_mask(x, self.percentile)
-        return energy(self.shape(x, mask, k) @ self.weight.T + self.bias)
+        x = batch[self.used].astype(np.float64)
+        n = len(x)
+        flat = x.reshape(n, -1)
+        mask, k = top_k_mask(flat, self.percentile)
+        shaped = self.shape(flat, mask, k)
+        if x.ndim == 4:  # global average pooling of the shaped map: the network's own pooling
+            shaped = shaped.reshape(x.shape).mean(axis=(2, 3))
+        return energy(shaped @ self.weight.T + self.bias)
 
 
 @register
-class ASHP(_ASH):
+class ASHP(_Shaping):
     """ASH-P: energy after pruning activations below each sample's 90th percentile (Djurisic et al., 2023)."""
 
     name = "ash-p"
@@ -62,24 +117,34 @@ class ASHP(_ASH):
 
 
 @register
-class ASHS(_ASH):
+class ASHS(_Shaping):
     """ASH-S: prune below the 90th percentile, rescale by exp(sum before / sum after), energy (Djurisic et al., 2023)."""
 
     name = "ash-s"
 
     def shape(self, x, mask, k):
         pruned = np.where(mask, x, 0.0)
-        before, after = x.sum(axis=1), pruned.sum(axis=1)
-        ok = after > 0  # an all-zero sample has nothing to rescale
-        scale = np.exp(np.divide(before, after, out=np.zeros_like(before), where=ok))
-        return pruned * np.where(ok, scale, 1.0)[:, None]
+        return pruned * rescale_factor(x, pruned)[:, None]
 
 
 @register
-class ASHB(_ASH):
+class ASHB(_Shaping):
     """ASH-B: prune below the 90th percentile, set kept values to sum / k, energy (Djurisic et al., 2023)."""
 
     name = "ash-b"
 
     def shape(self, x, mask, k):
         return mask * (x.sum(axis=1) / k)[:, None]
+
+
+@register
+class SCALE(_Shaping):
+    """SCALE: scale all activations by exp(sum / sum above the 85th percentile), energy (Xu et al., 2024)."""
+
+    name = "scale"
+
+    def __init__(self, percentile: float = 85.0, layer: str = "auto"):
+        super().__init__(percentile, layer)
+
+    def shape(self, x, mask, k):
+        return x * rescale_factor(x, np.where(mask, x, 0.0))[:, None]

@@ -280,6 +280,11 @@ def check_features(store: Store, backbone: str, split: str, layers: tuple[str, .
         from oodcli.store import StoreDamaged
 
         raise StoreDamaged(store.path, f"'{node}' lost its layer {', '.join(lost)}, which its attributes list")
+    perturbed = [layer for layer in missing if "@" in layer]  # made by extract --perturb, not --layers
+    if perturbed:
+        kind = perturbed[0].partition("@")[2]
+        raise OodError(f"split '{split}' has no '{backbone}' layer {perturbed[0]}; re-extract it with "
+                       f"--perturb {kind} (the settings the other splits used) --overwrite")
     if missing:
         from oodcli.backbones.base import all_specs
 
