@@ -189,12 +189,13 @@ class Inpainter:
     def scaling(self) -> float:
         return self.pipe.vae.config.scaling_factor
 
-    def denoise(self, prep: Prepared, eps):
-        """z_0 = gamma(chi(z_in, T, eps), T, P, M) of eq. 4-6, without gradients."""
+    def denoise(self, prep: Prepared, eps, grad: bool = False):
+        """z_0 = gamma(chi(z_in, T, eps), T, P, M) of eq. 4-6; ``grad=True`` keeps the whole
+        U-Net chain's graph (the exact eq. 8 gradient, for measuring the skip gradient)."""
         import torch
 
         pipe = self.pipe
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             timesteps = self._timesteps()
             if self.strength == 1.0:
                 latents = eps * pipe.scheduler.init_noise_sigma

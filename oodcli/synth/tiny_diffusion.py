@@ -52,9 +52,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 @lru_cache(maxsize=1)
 def _clip_bpe() -> tuple[dict[str, int], list[str]]:
     """OpenAI CLIP's vocabulary (49408 tokens) and merges, built as its tokenizer builds them."""
-    import open_clip
+    import importlib.util
 
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    spec = importlib.util.find_spec("open_clip")  # the file only; importing open_clip would pull in timm
+    if spec is None or not spec.submodule_search_locations:
+        raise OodError("the CLIP tokenizer's vocabulary comes with open_clip_torch; install it")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]
@@ -143,7 +146,7 @@ class DiffusionTrainResult:
     vae_loss: float
     unet_loss: float
     scaling_factor: float
-    seconds: float
+    seconds: float  # data, model building and training; saving and the preview not counted
     preview: str | None
 
     def as_dict(self) -> dict:
@@ -214,7 +217,7 @@ def train_tiny_inpainting(
     pipe = build_tiny_pipeline(seed)
     gen = torch.Generator().manual_seed(seed)
     threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
+    torch.set_num_threads(1)  # the tiny model's ops are too small to split; extra threads only spin
     try:
         vae_steps, vae_loss = _train_vae(pipe.vae, x, batch_size, lr, gen, steps, None if seconds is None else seconds / 3, log)
         pipe.vae.eval()
@@ -223,18 +226,19 @@ def train_tiny_inpainting(
         scaling = float(1.0 / lat.std())
         pipe.vae.register_to_config(scaling_factor=scaling)
         left = None if seconds is None else max(seconds - (time.perf_counter() - t0), 1.0)
-        unet_steps, unet_loss = _train_unet(pipe, x, y, names, batch_size, lr, gen, steps, left, log)
+        unet_steps, unet_loss = _train_unet(pipe, x, lat * scaling, y, names, batch_size, lr, gen, steps, left, log)
+        pipe.unet.eval()
+        pipe.text_encoder.eval()
+        seconds_trained = time.perf_counter() - t0
+        _save_atomically(pipe, out)
+        shown = None
+        if preview is not None:
+            shown = Path(str(out).rstrip("/") + "-samples.png") if preview == "auto" else Path(preview)
+            save_preview(pipe, x, y, names, shown, seed)
     finally:
         torch.set_num_threads(threads)
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
-    _save_atomically(pipe, out)
-    shown = None
-    if preview is not None:
-        shown = Path(str(out).rstrip("/") + "-samples.png") if preview == "auto" else Path(preview)
-        save_preview(pipe, x, y, names, shown, seed)
     return DiffusionTrainResult(str(out), vae_steps, unet_steps, vae_loss, unet_loss, scaling,
-                                time.perf_counter() - t0, None if shown is None else str(shown))
+                                seconds_trained, None if shown is None else str(shown))
 
 
 def _train_vae(vae, x, batch_size, lr, gen, steps, seconds, log) -> tuple[int, float]:
@@ -252,14 +256,18 @@ def _train_vae(vae, x, batch_size, lr, gen, steps, seconds, log) -> tuple[int, f
         opt.step()
         done += 1
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-        if log and done % 50 == 0:
+        if log and done % 25 == 0:
             log(f"vae step {done}  loss {ema:.4f}")
     return done, float(ema or 0.0)
 
 
-def _train_unet(pipe, x, y, names, batch_size, lr, gen, steps, seconds, log) -> tuple[int, float]:
+def _train_unet(pipe, x, latents, y, names, batch_size, lr, gen, steps, seconds, log) -> tuple[int, float]:
+    """``latents``: every image's scaled VAE latent, encoded once; only partly masked images
+    are encoded per step (an all-ones mask leaves a black image, whose latent is fixed)."""
     vae, unet, text, tok, sched = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
     sf = vae.config.scaling_factor
+    with torch.no_grad():
+        black = vae.encode(torch.zeros(1, *x.shape[1:])).latent_dist.mode() * sf
     captions = [CAPTION.format(n) for n in names] + [""]
     ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text.parameters())
@@ -271,9 +279,12 @@ def _train_unet(pipe, x, y, names, batch_size, lr, gen, steps, seconds, log) -> 
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
         img = x[idx]
         masks = random_masks(batch_size, IMAGE_SIZE, gen)
-        with torch.no_grad():
-            z0 = vae.encode(img).latent_dist.mode() * sf
-            masked = vae.encode(img * (masks < 0.5)).latent_dist.mode() * sf
+        z0 = latents[idx]
+        masked = black.expand_as(z0).clone()
+        part = masks.flatten(1).amin(1) < 1
+        if part.any():
+            with torch.no_grad():
+                masked[part] = vae.encode(img[part] * (masks[part] < 0.5)).latent_dist.mode() * sf
         m = F.interpolate(masks, size=z0.shape[-2:])
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen)
@@ -289,7 +300,7 @@ def _train_unet(pipe, x, y, names, batch_size, lr, gen, steps, seconds, log) -> 
         opt.step()
         done += 1
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-        if log and done % 50 == 0:
+        if log and done % 25 == 0:
             log(f"unet step {done}  loss {ema:.4f}")
     return done, float(ema or 0.0)
 
