@@ -242,3 +242,17 @@ def test_train_diffusion_writes_a_loadable_pipeline(tmp_path, capsys):
     img = loaded("a photo of the digit two", image=_image(), mask_image=Image.new("L", (32, 32), 255), strength=0.6,
                  num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
     assert img.size == (32, 32)
+
+
+def test_neg_image_mode_is_text_to_image_from_word_prompts(pipe_dir, tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("# negative words\nvolcano\nteapot\n")
+    out = tmp_path / "neg"
+    summary = synood.synthesize_synood(out, settings=Settings(mode="neg-image", per_class=2, steps=3), pipeline=str(pipe_dir),
+                                       classifier="digits_cnn-tiny", prompt_words=words, device="cpu")
+    assert summary["images"] == summary["written"] == 4
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["prompt"] for r in rows) == ["teapot", "teapot", "volcano", "volcano"]
+    assert all(r["source_id"] is None and len(r["energy_losses"]) == 1 for r in rows)
+    record = json.loads((out / synood.RUN_FILE).read_text())["settings"]
+    assert record["strength"] == 1.0 and record["refine"] == 0

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -467,6 +467,8 @@ def synthesize_synood(
     from oodcli.extract import check_device
 
     settings = settings.check()
+    if settings.mode == "neg-image":  # Table 4's "Neg Image": plain text-to-image, nothing refined
+        settings = replace(settings, strength=1.0, refine=0)
     check_device(device)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -527,7 +529,7 @@ def _run(todo, data, out_dir, settings, pipeline, spec, weights, device, summary
     net = spec.build(weights).to(dev).eval().requires_grad_(False)
     energy = EnergyLoss(net, spec.preprocess, settings.m_out, settings.tau)
     inpainter = Inpainter(pipe, settings.strength, settings.steps, settings.guidance)
-    refine = settings.refine if settings.mode == "inpaint" else 0
+    refine = settings.refine
     blank = Image.new("RGB", (inpainter.width, inpainter.height))
     for it in todo:
         image = data.load(it.source_id) if data is not None else blank
