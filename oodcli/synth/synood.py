@@ -483,6 +483,9 @@ def synthesize_synood(
                        "preprocess": json.loads(json.dumps(spec.preprocess.describe()))},
         "source": None,
         "context_labels": None,
+        # where to load them again; not compared on resume (the identities above are)
+        "pipeline_source": str(Path(pipeline).expanduser().resolve()) if Path(pipeline).expanduser().is_dir() else pipeline,
+        "classifier_weights_source": classifier_weights,
     }
     data = None
     if settings.mode == "inpaint":

@@ -115,18 +115,22 @@ def build_tiny_pipeline(seed: int = 0, work_dir: Path | None = None):
 
 def load_pipeline(source: str | Path, device=None):
     """``StableDiffusionInpaintPipeline.from_pretrained`` of a hub id or a save_pretrained folder,
-    in float32 on CPU and float16 on CUDA; a missing or broken source is one clear error."""
+    in float32 on every device: the energy gradient runs back through the VAE decoder, where
+    float16 overflows easily (SD2: 5 GB of weights, which a GPU holds in float32 anyway).
+    A missing or broken source is one clear error."""
     from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()  # the CLI draws its own progress
     device = torch.device(device or "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = torch.float32
     local = Path(source).expanduser()
     if local.exists() and not (local / "model_index.json").is_file():
         raise OodError(f"--pipeline {source} is not a diffusers pipeline folder (no model_index.json)")
     try:
         pipe = StableDiffusionInpaintPipeline.from_pretrained(
             str(local) if local.exists() else str(source), dtype=dtype, safety_checker=None,
-            requires_safety_checker=False,
+            requires_safety_checker=False, low_cpu_mem_usage=False,  # True needs accelerate, and says so at length
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
