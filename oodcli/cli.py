@@ -649,6 +649,36 @@ def train_clip(
     )
 
 
+@train_app.command("diffusion")
+def train_diffusion(
+    out_path: Path = typer.Option(Path("stores/digits_inpaint"), "--out", "-o", help="Pipeline folder to write (save_pretrained, safetensors)."),
+    seconds: Optional[float] = typer.Option(80.0, "--seconds", help="Training budget (a third VAE, the rest U-Net + text encoder)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Or: optimiser steps per stage (with --seconds 0: steps only)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    lr: float = typer.Option(2e-3, "--lr", min=0.0),
+    seed: int = typer.Option(0, "--seed"),
+    benchmark: str = typer.Option("digits", "--benchmark", "-b", help="Benchmark whose ID train images are used."),
+    preview: bool = typer.Option(True, "--preview/--no-preview", help="Also save OUT-samples.png: source, inpainting, text-to-image per class."),
+    data_root: Optional[str] = typer.Option(None, "--data-root"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Train the tiny Stable-Diffusion inpainting pipeline of the offline demo on digits (SynOOD's generator).
+
+    Example:  oodcli train diffusion --out stores/digits_inpaint && oodcli synthesize synood --pipeline stores/digits_inpaint ...
+    """
+    from oodcli.synth.tiny_diffusion import train_tiny_inpainting as run
+
+    log = None if STATE["quiet"] else (lambda msg: err.print(msg, style="dim"))
+    result = run(out_path, seconds=seconds or None, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                 benchmark=benchmark, data_root_dir=data_root, preview="auto" if preview else None, log=log)
+    if as_json:
+        out.print_json(json.dumps(result.as_dict()))
+        return
+    shown = f"; samples {result.preview}" if result.preview else ""
+    out.print(f"saved {result.path}: VAE {result.vae_steps} steps (loss {result.vae_loss:.4f}), U-Net "
+              f"{result.unet_steps} steps (loss {result.unet_loss:.4f}), {result.seconds:.1f} s{shown}", markup=False)
+
+
 def _print_prompt_result(result, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(result.as_dict()))
@@ -861,7 +891,7 @@ def train_synood(
 
 # ---- synthesize and index -----------------------------------------------------------------
 
-synth_app = typer.Typer(help="Synthesize OOD prototypes or features from the store and the backbone.", no_args_is_help=True)
+synth_app = typer.Typer(help="Synthesize OOD data: GROOD's prototypes and gradients, SynOOD's context labels and near-boundary images.", no_args_is_help=True)
 app.add_typer(synth_app, name="synthesize")
 
 
@@ -980,6 +1010,74 @@ def synthesize_context_labels(
         return
     out.print(f"{out_path}: context labels of {summary['images']} images of '{split}' "
               f"({summary['labels_per_image']:.1f} per image) by {summary['provider']}", markup=False)
+
+
+@synth_app.command("synood")
+def synthesize_synood(
+    out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for the PNG images, manifest.jsonl and the run record."),
+    store: Optional[Path] = typer.Option(None, "--store", "-s", help="Store whose split's images are inpainted (its recorded data source is read)."),
+    from_split: str = typer.Option("train", "--from-split", help="ID split to pick the images from."),
+    per_class: int = typer.Option(1, "--per-class", "-n", help="Images picked per class (seeded); with neg-image: per word."),
+    pipeline: str = typer.Option(
+        "stabilityai/stable-diffusion-2-inpainting", "--pipeline",
+        help="Inpainting pipeline: a hub id or a folder saved with save_pretrained (e.g. from 'train diffusion').",
+    ),
+    classifier: str = typer.Option("resnet50", "--classifier", help="Backbone g with logits whose energy guides the noise (see extract --list-models)."),
+    classifier_weights: Optional[str] = typer.Option(None, "--classifier-weights", help="Its checkpoint (default: the backbone's default weights)."),
+    context_labels: Optional[Path] = typer.Option(
+        None, "--context-labels", help='JSON lines {"id": <split image id>, "labels": [...]}: the prompts; only listed images are picked.'
+    ),
+    strength: float = typer.Option(0.6, "--strength", help="Inpainting strength (eq. 4)."),
+    steps: int = typer.Option(20, "--steps", help="Denoising steps of the full schedule."),
+    refine: int = typer.Option(3, "--refine", help="Noise refinement iterations (eq. 10); 0 = plain inpainting."),
+    step_size: float = typer.Option(10.0, "--step-size", help="r * rho of eq. 10."),
+    m_out: float = typer.Option(-7.0, "--m-out", help="Energy margin m_out of eq. 7 (Liu et al.; no effect on the gradient)."),
+    tau: float = typer.Option(1.0, "--tau", help="Temperature of eq. 7."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    mode: str = typer.Option("inpaint", "--mode", help="inpaint (SynOOD) or neg-image (text-to-image from --prompt-words, no refinement)."),
+    prompt_words: Optional[Path] = typer.Option(None, "--prompt-words", help="neg-image: one word per line."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where data sets live (default $OODCLI_DATA_ROOT or ./data)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """SynOOD's near-boundary OOD images: inpaint ID images with their context labels as prompts,
+    the initial noise refined by a classifier's energy loss (eq. 4-10). The same command again
+    resumes; then extract the folder into the store.
+
+    Example:  oodcli synthesize synood --store stores/digits.zarr --per-class 4 --out-dir stores/synood
+    --pipeline stores/digits_inpaint --classifier digits_cnn --classifier-weights stores/digits_cnn.safetensors
+    --context-labels stores/digits-context.jsonl && oodcli extract --model clip-tiny --weights stores/clip_tiny.safetensors
+    --data folder:stores/synood --split synthetic/synood --role synthetic --store stores/digits.zarr
+    """
+    from oodcli.synth.synood import Settings
+    from oodcli.synth.synood import synthesize_synood as run
+
+    settings = Settings(mode=mode, from_split=from_split, per_class=per_class, strength=strength, steps=steps,
+                        guidance=guidance, refine=refine, step_size=step_size, m_out=m_out, tau=tau, seed=seed)
+    bar = _progress()
+    task = []
+
+    def progress(done: int, total: int) -> None:
+        if not task:
+            bar.start()
+            task.append(bar.add_task("synood images", total=total))
+        bar.update(task[0], completed=done)
+
+    try:
+        result = run(out_dir, store=store, settings=settings, pipeline=pipeline, classifier=classifier,
+                     classifier_weights=classifier_weights, context_labels=context_labels, prompt_words=prompt_words,
+                     device=device, data_root_dir=data_root, progress=progress)
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    loss = (f"; energy loss mean {result['energy_loss_before_mean']:.3f} -> {result['energy_loss_after_mean']:.3f} "
+            f"(lower for {result['lowered']} of {result['manifest_rows']})" if "manifest_rows" in result else "")
+    out.print(f"{result['out_dir']}: {result['written']} images written, {result['skipped']} already there, "
+              f"{result['images']} in all{loss} ({result['seconds']:.1f} s)", markup=False)
 
 
 @app.command("index")
