@@ -6,6 +6,7 @@ STORE  ?= stores/digits.zarr
 CKPT   ?= stores/digits_cnn.safetensors
 CLIP_STORE ?= stores/digits_clip.zarr
 CLIP_CKPT  ?= stores/clip_tiny.safetensors
+INPAINT    ?= stores/digits_inpaint
 
 .PHONY: demo test bench venv clean
 
@@ -23,7 +24,10 @@ $(CKPT): | venv
 $(CLIP_CKPT): | venv
 	$(PY) -m oodcli train clip --out $(CLIP_CKPT)
 
-demo: venv $(CKPT) $(CLIP_CKPT)
+$(INPAINT): | venv
+	$(PY) -m oodcli train diffusion --out $(INPAINT)
+
+demo: venv $(CKPT) $(CLIP_CKPT) $(INPAINT)
 	$(PY) -m oodcli extract --model digits_cnn --weights $(CKPT) --benchmark digits --store $(STORE) --overwrite
 	$(PY) -m oodcli score all --store $(STORE) --backbone digits_cnn
 	$(PY) -m oodcli synthesize grood --store $(STORE) --model digits_cnn && $(PY) -m oodcli index --store $(STORE) --source grads/grood/train && $(PY) -m oodcli score grood,grood-distance,grood-gradnorm,grood-classgrad --store $(STORE) --backbone digits_cnn
@@ -41,6 +45,11 @@ demo: venv $(CKPT) $(CLIP_CKPT)
 	$(PY) -m oodcli -q train iim --store $(CLIP_STORE) --shots 16 --k 4 --out stores/digits-iim.safetensors
 	$(PY) -m oodcli score s-mcm,s-mcm-star,r-mcm-trained,gl-mcm-local --store $(CLIP_STORE) -p s-mcm.prompts=stores/digits-iim.safetensors -p s-mcm-star.prompts=stores/digits-iim.safetensors -p r-mcm-trained.prompts=stores/digits-iim.safetensors -p gl-mcm-local.prompts=stores/digits-iim.safetensors
 	$(PY) -m oodcli score neglabel --store $(CLIP_STORE)
+	$(PY) -m oodcli synthesize context-labels --store $(CLIP_STORE) --split train --per-class 5 --out stores/digits-context.jsonl
+	$(PY) -m oodcli synthesize synood --store $(CLIP_STORE) --per-class 5 --context-labels stores/digits-context.jsonl --pipeline $(INPAINT) --classifier digits_cnn --classifier-weights $(CKPT) --out-dir stores/digits-synood
+	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --data folder:stores/digits-synood --split synthetic/synood --role synthetic --store $(CLIP_STORE) --overwrite
+	$(PY) -m oodcli -q train synood --store $(CLIP_STORE) --out stores/digits-synood.safetensors
+	$(PY) -m oodcli score synood --store $(CLIP_STORE) -p synood.prompts=stores/digits-synood.safetensors
 	$(PY) -m oodcli report --store $(CLIP_STORE)
 
 test: venv
@@ -57,4 +66,4 @@ bench: venv
 	$(PY) benchmarks/prompts.py
 
 clean:
-	rm -rf $(STORE) $(CKPT) $(CLIP_STORE) $(CLIP_CKPT) stores/digits-*.safetensors
+	rm -rf $(STORE) $(CKPT) $(CLIP_STORE) $(CLIP_CKPT) $(INPAINT) stores/digits-*.safetensors stores/digits-context.jsonl stores/digits-synood
