@@ -8,19 +8,17 @@ from pathlib import Path
 
 from oodcli.backbones.base import get_spec
 from oodcli.data.base import SplitDef, data_root as resolve_root, open_source
-from oodcli.data.benchmarks import get_benchmark
+from oodcli.data.benchmarks import ROLES, get_benchmark
 from oodcli.errors import OodError, UsageError
 from oodcli.extract import DTYPES, ExtractResult, LazyModel, check_device, check_layers, extract_split, resolve_device
 from oodcli.store import check_name, features_node, open_store, remove_store
-
-ROLES = ("id", "ood-near", "ood-far", "ood")
 
 
 def _role_from_name(split: str) -> str:
     parts = split.split("/")
     if parts[0] != "ood":
         return "id"
-    return {"near": "ood-near", "far": "ood-far"}.get(parts[1] if len(parts) > 2 else "", "ood")
+    return {"near": "ood-near", "far": "ood-far", "val": "ood-val"}.get(parts[1] if len(parts) > 2 else "", "ood")
 
 
 def resolve_splits(

@@ -71,7 +71,7 @@ class SplitDef:
     """One split of a benchmark: where its images come from and what role it plays."""
 
     name: str  # store split name, e.g. "test" or "ood/far/svhn"
-    role: str  # "id" | "ood-near" | "ood-far" | "ood"
+    role: str  # "id" | "ood-near" | "ood-far" | "ood" | "ood-val" (validation only)
     source: str  # source spec, e.g. "torchvision:cifar10:test" or "imglist:benchmark_imglist/..."
 
     @property

@@ -16,7 +16,9 @@ from oodcli.data.base import ImageDataset, SplitDef, open_source
 from oodcli.errors import OodError, UsageError
 
 BENCHMARK_DIR = Path(__file__).with_name("benchmarks")
-ROLES = ("id", "ood-near", "ood-far", "ood")
+#: ``ood-val`` is OOD data held out for choosing hyperparameters (``oodcli sweep``); score
+#: and report never count it as a test OOD set
+ROLES = ("id", "ood-near", "ood-far", "ood", "ood-val")
 
 
 @dataclass(frozen=True)
