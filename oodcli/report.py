@@ -156,10 +156,6 @@ def _label(name: str, method: dict) -> str:
     return f"{name} (mean of {len(method['runs'])})" if method.get("runs") else name
 
 
-def _fmt(m: dict | None) -> str:
-    return "-" if m is None else f"{100 * m['auroc']:.1f} / {100 * m['fpr95']:.1f}"
-
-
 def _shown(value: float, metric: str) -> float:
     """A value as the tables show it: metrics in % to 0.1, ranks to 0.01."""
     return round(value, 2) if metric == RANK else round(100 * value, 1)

@@ -71,6 +71,12 @@ def swept(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """A store for tests whose sweeps may overwrite each other's records."""
+    return make_sweep_store(tmp_path_factory.mktemp("sweep") / "scratch.zarr")
+
+
 def knn_reference(train, x, k):
     """minus the distance to the k-th nearest normalised train row, by brute force."""
     t, q = _unit(train.astype(np.float64)), _unit(x.astype(np.float64))
@@ -139,8 +145,8 @@ def test_sweep_reads_no_test_split(monkeypatch, tmp_path):
     assert {n.rsplit("/", 1)[-1] for _, n in on_test} <= {"labels", "ids"}, on_test
 
 
-def test_ties_go_to_the_first_setting_in_grid_order(capsys, tmp_path):
-    path = make_sweep_store(tmp_path / "s.zarr")
+def test_ties_go_to_the_first_setting_in_grid_order(capsys, scratch):
+    path = scratch
     # gen uses every class once top_m >= the 4 classes: top_m 10 and 4 score alike
     for grid, want in (("top_m=10,4", 10), ("top_m=4,10", 4)):
         code, out, err = run(capsys, "sweep", "gen", "--store", path, "--grid", grid, "--json")
@@ -163,8 +169,8 @@ def test_grid_parsing_and_cartesian_order():
         assert set(grid) <= set(scorer_params(method)), method
 
 
-def test_infeasible_settings_are_listed_and_skipped(capsys, tmp_path):
-    path = make_sweep_store(tmp_path / "s.zarr")
+def test_infeasible_settings_are_listed_and_skipped(capsys, scratch):
+    path = scratch
     code, out, err = run(capsys, "sweep", "knn", "--store", path, "--grid", "k=5,1000", "--json")
     assert code == 0, err
     record = json.loads(out)
