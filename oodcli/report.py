@@ -315,9 +315,10 @@ def render_markdown(report: dict) -> str:
         cells = ["".join(f"**{t}**" if b else t for t, b in _marked_parts(report, best, method, key)) for _, key in cols]
         lines.append(f"| {_label(method, data)} | " + " | ".join(cells) + " |")
     acc = report["id_accuracy"]
-    footer = f"\nAUROC / FPR@95 in %, ID split `{report['id_split']}`; {_mark_note(report)}"
+    footer = f"\nAUROC / FPR@95 in %, ID split `{report['id_split']}`"
     if acc is not None:
         footer += f", ID accuracy {100 * acc:.2f}%"
+    footer += f"; {_mark_note(report)}"
     if _missing_note(report):
         footer += f"\n\n{_missing_note(report)}"
     return "\n".join(lines) + "\n" + footer + "\n"

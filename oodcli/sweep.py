@@ -34,7 +34,7 @@ from oodcli import __version__
 from oodcli.errors import OodError, UsageError
 from oodcli.metrics import ood_metrics
 from oodcli.scorers.base import Progress, get_scorer, no_progress, scorer_names, scorer_params, train_fingerprint
-from oodcli.store import Store, check_name, features_node, split_role, split_states
+from oodcli.store import Store, check_name, list_backbones, split_role, split_states
 
 SWEEPS = "fitted/sweeps"
 
@@ -196,7 +196,7 @@ def run_sweep(
     """Fit every setting on ``train_split``, score it on the validation splits, choose the best
     AUROC; record the whole grid under ``fitted/sweeps/<method>`` (unless ``write`` is false)
     and return the record."""
-    from oodcli.scoring import _pick_backbone, check_splits_exist, store_backbones, val_ood_splits
+    from oodcli.scoring import _pick_backbone, check_splits_exist, val_ood_splits
 
     progress = progress or no_progress
     if method not in scorer_names():
@@ -206,23 +206,25 @@ def run_sweep(
     grid = grid if grid is not None else default_grid(method)
     settings = grid_settings(grid)
     scorers = [get_scorer(method, **s) for s in settings]  # bad values: before any work
-    val_ood = list(dict.fromkeys(val_ood)) if val_ood else val_ood_splits(store)
-    _check_val_splits(store, val_id, val_ood)
+    cached = _CachedReads(store)  # every check and every setting below reads through it; nothing is written
+    val_ood = list(dict.fromkeys(val_ood)) if val_ood else val_ood_splits(cached)
+    _check_val_splits(cached, val_id, val_ood)
     splits = [val_id, *val_ood]
-    check_splits_exist(store, splits)
-    backbones = store_backbones(store)
+    check_splits_exist(cached, splits)
+    # only the splits a sweep reads: the train and validation splits
+    backbones = sorted({b for s in [train_split, *splits] if cached.exists(f"splits/{s}")
+                        for b in list_backbones(cached, s)})
     if not backbones:
-        raise OodError(f"store {store.path} has no extracted features; run 'oodcli extract' first")
+        raise OodError(f"store {store.path} has no features on '{val_id}'; run 'oodcli extract' first")
     if backbone is not None and backbone not in backbones:
-        raise OodError(f"store {store.path} has no '{backbone}' features on any split; its backbones: "
-                       f"{', '.join(backbones)}")
-    chosen, model_id, why, error = _pick_backbone(store, scorers[0], backbones, backbone, splits, train_split, {})
+        raise OodError(f"store {store.path} has no '{backbone}' features on the train and validation splits; "
+                       f"their backbones: {', '.join(backbones)}")
+    chosen, model_id, why, error = _pick_backbone(cached, scorers[0], backbones, backbone, splits, train_split, {})
     if error is not None:
         raise error
     if why is not None and log is not None:
         log(f"using backbone '{chosen}' for {method} ({why}; --backbone picks one)")
 
-    cached = _CachedReads(store)
     advance = progress(f"sweep {method}", len(settings))
     rows: list[dict] = []
     for setting, scorer in zip(settings, scorers):
@@ -256,7 +258,7 @@ def run_sweep(
         "backbone": chosen,
         "model_id": model_id,
         "train_split": train_split,
-        "train_fingerprint": train_fingerprint(store, chosen, train_split, scorers[0].layers),
+        "train_fingerprint": train_fingerprint(cached, chosen, train_split, scorers[0].layers),
         "val_id": val_id,
         "val_ood": val_ood,
         "oodcli_version": __version__,
