@@ -439,6 +439,8 @@ def score_methods(
             except OodError:
                 if not only_applicable:
                     raise
+        if only_applicable and len(sweeps) < len(methods):
+            log(f"--from-sweep: swept {', '.join(sweeps) or 'none'}; the other methods run with their defaults")
     scorers: list[Scorer] = [get_scorer(m, **(sweeps[m]["best_hparams"] if m in sweeps else hparams.get(m, {})))
                              for m in methods]  # bad -p: before any work
     id_split = id_split or default_id_split(store)

@@ -17,7 +17,6 @@ from oodcli.errors import OodError, UsageError
 
 ID_PARTS = ("train", "val", "test")
 OOD_PARTS = ("ood/near/digits6-9", "ood/far/textures", "ood/far/noise")
-VAL_PARTS = ("val", "ood/val/textures")
 
 
 # --- digits -------------------------------------------------------------------------------

@@ -118,6 +118,13 @@ def test_from_sweep_scores_equal_scoring_with_the_chosen_parameters(capsys, swep
         assert not st.exists("scores/knn/ood/val/lone") and not st.exists("scores/knn/val")
     code, out, _ = run(capsys, "report", "--store", swept, "--json")
     assert code == 0 and set(json.loads(out)["ood_splits"]) == {"ood/near/a", "ood/far/b"}
+    # 'all': the swept method with its choice, the others with their defaults
+    code, out, err = run(capsys, "score", "all", "--store", swept, "--from-sweep", "--json")
+    rows = {r["method"]: r for r in json.loads(out)}
+    assert code == 0 and "swept knn; the other methods run with their defaults" in err
+    with open_store(swept) as st:
+        assert st.node_attrs("scores/knn/test")["hparams"] == {"k": 5}
+        assert st.node_attrs("scores/react/test")["hparams"] == {"percentile": 90.0} and "react" in rows
 
 
 def test_sweep_reads_no_test_split(monkeypatch, tmp_path):
