@@ -427,10 +427,10 @@ def score_methods(
     for name, what in ((id_split, "--id"), (train_split, "--train"), *((o, "--ood") for o in ood or [])):
         if name is not None:
             check_name(name, what)
+    from oodcli.sweep import check_sweep_matches, load_sweep, sweep_node
+
     sweeps: dict[str, dict] = {}
     if from_sweep:
-        from oodcli.sweep import load_sweep
-
         for m in methods:
             if hparams.get(m):
                 raise UsageError(f"--from-sweep and -p both set the parameters of '{m}'; give one of them")
@@ -476,8 +476,6 @@ def score_methods(
         explicit = backbone or (record["backbone"] if record and record.get("backbone") in backbones else None)
         chosen, model_id, why, error = _pick_backbone(store, scorer, backbones, explicit, splits, train_split, memo)
         if error is None and record is not None:
-            from oodcli.sweep import check_sweep_matches
-
             try:
                 check_sweep_matches(store, record, chosen, model_id, train_split, scorer.layers)
             except OodError as exc:
@@ -493,7 +491,7 @@ def score_methods(
         if why is not None:
             picked.setdefault((chosen, why), []).append(out_name)
         plans.append((len(outcomes), _Plan(scorer, out_name, chosen, model_id, why,
-                                           f"fitted/sweeps/{scorer.name}" if record else None)))
+                                           sweep_node(scorer.name) if record else None)))
         outcomes.append(None)
     for (chosen, why), names in picked.items():
         others = [b for b in backbones if b != chosen]
