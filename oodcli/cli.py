@@ -151,8 +151,9 @@ def extract(
         None, "--split", help="Split name(s) to extract; default: every split of the benchmark."
     ),
     role: Optional[str] = typer.Option(
-        None, "--role", help="With --data: id, ood-near, ood-far, ood or synthetic (generated OOD images for training, "
-        "never a test set; default: from the split name, ood/near/..., ood/far/... or synthetic/...)."
+        None, "--role", help="With --data: id, ood-near, ood-far, ood, ood-val (held out for sweep) or synthetic "
+        "(generated OOD images for training); neither of the last two is ever a test set. Default: from the split "
+        "name: ood/near/..., ood/far/..., ood/val/..., synthetic/..., else id."
     ),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Checkpoint file or weights name (default: the model's)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers (default: the model's default layers)."),
@@ -357,6 +358,9 @@ def score(
     ),
     list_methods: bool = typer.Option(False, "--list", help="List every method with its parameters and defaults, then exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (or --list) as JSON."),
+    from_sweep: bool = typer.Option(
+        False, "--from-sweep", help="Use the hyperparameters 'oodcli sweep METHOD' chose (fitted/sweeps/METHOD)."
+    ),
 ) -> None:
     """Score the ID test split and every OOD split; writes scores/<method>/<split>.
 
@@ -393,6 +397,8 @@ def score(
       oodcli score energy --store stores/digits.zarr -p energy.temperature=10 --as energy-t10
 
       oodcli score apex,palm --store stores/digits.zarr --backbone apex -p apex.layer=embedding
+
+      oodcli score knn,react --store stores/digits.zarr --from-sweep   # after 'oodcli sweep knn' and 'sweep react'
     """
     if list_methods:
         _print_scorer_list(as_json)
@@ -419,7 +425,7 @@ def score(
             outcomes = score_methods(
                 st, names, backbone=backbone, id_split=id_split, ood=ood, train_split=train_split,
                 hparams=hparams, progress=progress, only_applicable=not named, save_as=save_as, log=log,
-                on_outcome=lambda o: clear() if o.status == "skipped" else None,
+                on_outcome=lambda o: clear() if o.status == "skipped" else None, from_sweep=from_sweep,
             )
     except BaseException:
         clear(everything=True)  # the error line alone, no half-drawn bars
@@ -451,6 +457,11 @@ def report(
     plots: Optional[Path] = typer.Option(None, "--plots", help="Write score histograms and ROC curves (PNG) into this folder."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML report (table + plots) to this file."),
     average_runs: bool = typer.Option(False, "--average-runs", help="One row per NAME for methods scored as NAME@RUN (score --as), metrics averaged."),
+    sort: Optional[str] = typer.Option(
+        None, "--sort", help="Order methods best first by COLUMN[:METRIC]: a column ('near avg', 'far avg', a set, "
+        "'rank'), METRIC auroc (default), fpr95, aupr_in or aupr_out."
+    ),
+    rank: bool = typer.Option(False, "--rank", help="Add each method's mean rank (by AUROC) over the OOD sets."),
 ) -> None:
     """OOD metrics per OOD set and near/far averages (FPR@95, AUROC, AUPR-In/Out), ID accuracy.
 
@@ -463,6 +474,12 @@ def report(
       oodcli report --store stores/digits.zarr --plots stores/plots --html stores/digits.html
 
       oodcli report --store stores/imagenet_clip.zarr --average-runs   # negprompt@seed1..3 -> negprompt
+
+      oodcli report --store stores/digits.zarr --rank --sort rank
+
+      oodcli report --store stores/digits.zarr --sort 'near avg:fpr95' --format markdown
+
+    The best value of every column is marked (bold) in the table, Markdown and HTML.
     """
     from oodcli import report as rep
     from oodcli.store import open_store
@@ -479,6 +496,10 @@ def report(
     images = {}
     with open_store(store, "r") as st:
         data = rep.build_report(st, _split_list(methods), id_split, average_runs)
+        if rank:
+            rep.add_ranks(data)
+        if sort is not None:
+            rep.sort_methods(data, sort)
         if plots is not None or html is not None:
             bar = _progress()
             with bar:
@@ -502,6 +523,93 @@ def report(
         sys.stdout.write(rep.render_csv(data))
     else:
         sys.stdout.write(rep.render_markdown(data))
+
+
+@app.command()
+def sweep(
+    method: str = typer.Argument(..., help="One method (see 'oodcli score --list')."),
+    store: Path = typer.Option(..., "--store", "-s", help="Store with the train and validation splits' features."),
+    grid: Optional[str] = typer.Option(
+        None, "--grid", help="Settings to try, 'NAME=V1,V2;NAME=V1,...' (cartesian product); default: OpenOOD's sweep."
+    ),
+    val_id: str = typer.Option("val", "--val-id", help="ID validation split."),
+    val_ood: Optional[list[str]] = typer.Option(
+        None, "--val-ood", help="OOD validation split(s) (default: every split with role ood-val)."
+    ),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Which backbone's features (default: as score)."),
+    train_split: str = typer.Option("train", "--train", help="ID split that the method is fitted on."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole grid and the choice as JSON."),
+) -> None:
+    """Choose a method's hyperparameters on the validation splits, from stored features.
+
+    Every setting of the grid is fitted on the train split and scored on the ID validation
+    split and the OOD validation splits (role ood-val); the setting with the highest AUROC
+    (mean over OOD validation sets; ties: the first in grid order) is chosen, OpenOOD's rule.
+    The whole grid and the choice are written to fitted/sweeps/METHOD in one transaction; no
+    test split is read. 'oodcli score METHOD --from-sweep' then scores with the choice. A
+    setting that cannot run on this data (knn.k above the train rows) is listed as skipped.
+
+    Examples:
+
+      oodcli sweep knn --store stores/digits.zarr --grid 'k=1,10,50,100'
+
+      oodcli sweep react --store stores/digits.zarr && oodcli score react --store stores/digits.zarr --from-sweep
+
+      oodcli sweep gen --store stores/digits.zarr --grid 'gamma=0.01,0.1,1;top_m=3,6' --json
+    """
+    from oodcli.store import open_store
+    from oodcli.sweep import parse_grid, run_sweep
+    from oodcli.scorers.base import scorer_names
+
+    if method not in scorer_names():
+        raise UsageError(f"unknown method '{method}'; choose from: {', '.join(scorer_names())}")
+    parsed = parse_grid(grid, method) if grid is not None else None
+    bar = _progress()
+
+    def log(message: str) -> None:
+        if not STATE["quiet"]:
+            err.print(message, markup=False)
+
+    with open_store(store, "r+") as st:
+        try:
+            record = run_sweep(st, method, parsed, backbone=backbone, val_id=val_id, val_ood=val_ood,
+                               train_split=train_split, progress=_row_progress(bar), log=log)
+        finally:
+            if bar.live.is_started:
+                bar.stop()
+    if as_json:
+        out.print_json(json.dumps(record))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    keys = list(record["grid"])
+    ood = record["val_ood"]
+    table = Table(title=f"sweep of {method} on {record['backbone']}: ID {record['val_id']} vs {', '.join(ood)} "
+                        f"(written to fitted/sweeps/{method})")
+    for k in keys:
+        table.add_column(k, justify="right")
+    table.add_column("AUROC %", justify="right")
+    table.add_column("FPR@95 %", justify="right")
+    if len(ood) > 1:
+        for s in ood:
+            table.add_column(f"{s.split('/')[-1]} AUROC", justify="right")
+    table.add_column("s", justify="right")
+    table.add_column("note")
+    for i, row in enumerate(record["settings"]):
+        chosen = i == record["best"]
+        style = "bold green" if chosen else None
+        cells = [str(row["hparams"][k]) for k in keys]
+        if row["status"] == "done":
+            cells += [f"{100 * row['auroc']:.2f}", f"{100 * row['fpr95']:.2f}"]
+            if len(ood) > 1:
+                cells += [f"{100 * row['sets'][s]['auroc']:.2f}" for s in ood]
+        else:
+            cells += ["-", "-"] + (["-"] * len(ood) if len(ood) > 1 else [])
+        cells += [f"{row['seconds']:.3f}", "chosen" if chosen else (row["reason"] or "")]
+        table.add_row(*(Text(c, style=style) if style else Text(c) for c in cells))
+    table.caption = "chosen: highest AUROC; ties go to the first setting in grid order"
+    _print_wide(table)
 
 
 # ---- store ----------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Turn stored scores into OOD metrics: per OOD set, near/far averages (OpenOOD layout).
 
-``build_report`` returns plain data; the renderers turn it into a rich table,
-JSON, CSV or Markdown.
+``build_report`` returns plain data; ``add_ranks`` and ``sort_methods`` order and rank it;
+the renderers turn it into a rich table, JSON, CSV, Markdown or HTML, with the best value
+of every column marked (highest AUROC, lowest FPR@95, lowest mean rank; compared as shown,
+to 0.1 %, so that values that read the same are marked alike). Validation splits
+(role ``ood-val``, for ``oodcli sweep``) are never among the OOD sets.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from oodcli.store import Store, check_name, features_node, split_node, split_rol
 
 FORMATS = ("table", "json", "csv", "markdown")
 METRIC_NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out")
+LOWER_IS_BETTER = ("fpr95", "rank")
+RANK = "rank"  # the mean-rank column (--rank), and its key in --sort
 
 
 def _group(role: str) -> str:
@@ -151,8 +156,123 @@ def _label(name: str, method: dict) -> str:
     return f"{name} (mean of {len(method['runs'])})" if method.get("runs") else name
 
 
-def _fmt(m: dict | None) -> str:
-    return "-" if m is None else f"{100 * m['auroc']:.1f} / {100 * m['fpr95']:.1f}"
+def _shown(value: float, metric: str) -> float:
+    """A value as the tables show it: metrics in % to 0.1, ranks to 0.01."""
+    return round(value, 2) if metric == RANK else round(100 * value, 1)
+
+
+# ---- ranking, sorting and the best value per column -----------------------------------------
+
+
+def add_ranks(report: dict) -> dict:
+    """Each method's mean rank over the OOD test sets: per set, methods ranked by AUROC (1 =
+    highest; ties share their mean rank, among the methods scored on that set), then averaged
+    over the sets the method has. Stored as ``methods[m]["mean_rank"]`` (None: no set)."""
+    from oodcli.metrics import average_ranks
+
+    names = list(report["methods"])
+    ranks: dict[str, list[float]] = {m: [] for m in names}
+    for split in report["ood_splits"]:
+        have = [m for m in names if split in report["methods"][m]["sets"]]
+        if not have:
+            continue
+        values = np.array([-report["methods"][m]["sets"][split]["auroc"] for m in have])
+        for m, r in zip(have, average_ranks(values)):
+            ranks[m].append(float(r))
+    for m in names:
+        report["methods"][m]["mean_rank"] = float(np.mean(ranks[m])) if ranks[m] else None
+    report["ranked"] = True
+    return report
+
+
+def _value(report: dict, method: str, key: str, metric: str) -> float | None:
+    data = report["methods"][method]
+    if key == RANK:
+        return data.get("mean_rank")
+    cell = _cell(data, key)
+    return None if cell is None else cell[metric]
+
+
+def sort_key_of(report: dict, text: str) -> tuple[str, str]:
+    """``--sort COLUMN[:METRIC]`` as (column key, metric). COLUMN: a table column title ('near avg',
+    'textures'), an OOD split name, or 'rank' (with --rank); METRIC: auroc (default), fpr95,
+    aupr_in or aupr_out."""
+    column, _, metric = text.rpartition(":") if ":" in text else (text, "", "auroc")
+    column, metric = column.strip(), metric.strip() or "auroc"
+    if metric not in METRIC_NAMES:
+        raise UsageError(f"--sort '{text}': unknown metric '{metric}'; use one of {', '.join(METRIC_NAMES)}")
+    if column == RANK:
+        if not report.get("ranked"):
+            raise UsageError("--sort rank needs --rank (the mean rank over OOD sets)")
+        return RANK, RANK
+    cols = _columns(report)
+    for title, key in cols:
+        if column in (title, key):
+            return key, metric
+    choices = [title for title, _ in cols] + ([RANK] if report.get("ranked") else [])
+    raise UsageError(f"--sort '{column}' is no column of this report; use one of: {', '.join(choices)}")
+
+
+def sort_methods(report: dict, text: str) -> dict:
+    """Reorder ``report["methods"]`` best first by ``--sort COLUMN[:METRIC]``; methods without a
+    value in that column go last; equal values keep their order."""
+    key, metric = sort_key_of(report, text)
+    sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
+    names = list(report["methods"])
+
+    def order(item):
+        i, m = item
+        v = _value(report, m, key, metric)
+        return (v is None, 0.0 if v is None else sign * v, i)
+
+    report["methods"] = {m: report["methods"][m] for _, m in sorted(enumerate(names), key=order)}
+    report["sorted_by"] = {"column": key, "metric": metric}
+    return report
+
+
+def best_cells(report: dict) -> dict[str, dict[str, list[str]]]:
+    """Per column key and metric (auroc, fpr95; 'rank' for the rank column), the methods with the
+    best value as shown (the highest AUROC, the lowest FPR@95 or mean rank)."""
+    keys = [(key, ("auroc", "fpr95")) for _, key in _columns(report)]
+    if report.get("ranked"):
+        keys.append((RANK, (RANK,)))
+    best: dict[str, dict[str, list[str]]] = {}
+    for key, metrics in keys:
+        for metric in metrics:
+            values = {m: _value(report, m, key, metric) for m in report["methods"]}
+            shown = {m: _shown(v, metric) for m, v in values.items() if v is not None}
+            if not shown:
+                continue
+            top = (min if metric in LOWER_IS_BETTER else max)(shown.values())
+            best.setdefault(key, {})[metric] = [m for m, v in shown.items() if v == top]
+    return best
+
+
+def _marked_parts(report: dict, best: dict, method: str, key: str) -> list[tuple[str, bool]]:
+    """A cell as (text, is best) pieces: 'AUROC', ' / ', 'FPR'; or the mean rank."""
+    if key == RANK:
+        v = report["methods"][method].get("mean_rank")
+        return [("-" if v is None else f"{v:.2f}", method in best.get(RANK, {}).get(RANK, []))]
+    cell = _cell(report["methods"][method], key)
+    if cell is None:
+        return [("-", False)]
+    marks = best.get(key, {})
+    return [(f"{100 * cell['auroc']:.1f}", method in marks.get("auroc", [])), (" / ", False),
+            (f"{100 * cell['fpr95']:.1f}", method in marks.get("fpr95", []))]
+
+
+def _table_keys(report: dict) -> list[tuple[str, str]]:
+    return _columns(report) + ([("mean rank", RANK)] if report.get("ranked") else [])
+
+
+def _mark_note(report: dict) -> str:
+    note = "best per column in bold (highest AUROC, lowest FPR@95"
+    note += ", lowest mean rank over the OOD sets by AUROC)" if report.get("ranked") else ")"
+    if report.get("sorted_by"):
+        by = report["sorted_by"]
+        column = next((t for t, k in _table_keys(report) if k == by["column"]), by["column"])
+        note += f"; sorted by {column}" + ("" if by["metric"] == RANK else f" {by['metric']}")
+    return note
 
 
 def render_table(report: dict):
@@ -163,15 +283,18 @@ def render_table(report: dict):
     if acc is not None:
         title += f", ID accuracy {100 * acc:.1f}%"
     table = Table(title=title)
+    from rich.text import Text
+
     table.add_column("method", style="bold")
-    cols = _columns(report)
+    cols = _table_keys(report)
     for name, key in cols:
         table.add_column(name, justify="right", style="cyan" if key and key.startswith("avg:") else None)
+    best = best_cells(report)
     for method, data in report["methods"].items():
-        table.add_row(_label(method, data), *[_fmt(_cell(data, key)) for _, key in cols])
-    note = _missing_note(report)
-    if note:
-        table.caption = note
+        cells = [Text.assemble(*((t, "bold green") if b else t for t, b in _marked_parts(report, best, method, key)))
+                 for _, key in cols]
+        table.add_row(Text(_label(method, data)), *cells)
+    table.caption = "; ".join(n for n in (_mark_note(report), _missing_note(report)) if n)
     return table
 
 
@@ -182,17 +305,20 @@ def _missing_note(report: dict) -> str:
 
 
 def render_markdown(report: dict) -> str:
-    cols = _columns(report)
+    cols = _table_keys(report)
+    best = best_cells(report)
     lines = [
         "| method | " + " | ".join(name for name, _ in cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
     for method, data in report["methods"].items():
-        lines.append(f"| {_label(method, data)} | " + " | ".join(_fmt(_cell(data, key)) for _, key in cols) + " |")
+        cells = ["".join(f"**{t}**" if b else t for t, b in _marked_parts(report, best, method, key)) for _, key in cols]
+        lines.append(f"| {_label(method, data)} | " + " | ".join(cells) + " |")
     acc = report["id_accuracy"]
     footer = f"\nAUROC / FPR@95 in %, ID split `{report['id_split']}`"
     if acc is not None:
         footer += f", ID accuracy {100 * acc:.2f}%"
+    footer += f"; {_mark_note(report)}"
     if _missing_note(report):
         footer += f"\n\n{_missing_note(report)}"
     return "\n".join(lines) + "\n" + footer + "\n"
@@ -203,6 +329,8 @@ def render_csv(report: dict) -> str:
     writer = csv.writer(buf)
     writer.writerow(["method", "ood_set", "group", *METRIC_NAMES])
     for method, data in report["methods"].items():
+        if data.get("mean_rank") is not None:  # --rank: one row with the mean rank in place of the metrics
+            writer.writerow([method, "mean_rank", "rank", f"{data['mean_rank']:.6f}", "", "", ""])
         for split, m in data["sets"].items():
             writer.writerow([method, split, report["ood_splits"][split], *(f"{m[k]:.6f}" for k in METRIC_NAMES)])
         for group, m in data["averages"].items():
@@ -288,11 +416,15 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
     import base64
     from html import escape
 
-    cols = _columns(report)
+    cols = _table_keys(report)
+    best = best_cells(report)
     acc = report["id_accuracy"]
     head = "".join(f"<th>{escape(name)}</th>" for name, _ in cols)
     rows = "".join(
-        f"<tr><td>{escape(_label(m, d))}</td>" + "".join(f"<td>{_fmt(_cell(d, key))}</td>" for _, key in cols) + "</tr>"
+        f"<tr><td>{escape(_label(m, d))}</td>"
+        + "".join("<td>" + "".join(f'<b class="best">{escape(t)}</b>' if b else escape(t)
+                                   for t, b in _marked_parts(report, best, m, key)) + "</td>" for _, key in cols)
+        + "</tr>"
         for m, d in report["methods"].items()
     )
     detail = "".join(
@@ -322,11 +454,13 @@ table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
 .plots img {{ margin: 4px; border: 1px solid #eee; }}
+b.best {{ color: #0a6e31; }}
 </style></head><body>
 <h1>OOD detection report</h1>
 <p>Store <code>{escape(report['store'])}</code>, ID split <code>{escape(report['id_split'])}</code>{accuracy}.
 Higher score = more in-distribution; ID is the positive class.</p>
 <h2>AUROC / FPR@95 (%)</h2>
+<p>{escape(_mark_note(report))}.</p>
 <table><tr><th>method</th>{head}</tr>{rows}</table>
 <h2>Every metric (%)</h2>
 <table><tr><th>method</th><th>OOD set</th><th>group</th>{''.join(f'<th>{k}</th>' for k in METRIC_NAMES)}</tr>{detail}</table>

@@ -125,19 +125,34 @@ def default_backbone(store: Store, split: str | None = None) -> str:
     return found[0]
 
 
+VAL_ROLE = "ood-val"  # OOD data held out for choosing hyperparameters (sweep): never a test OOD set
+ID_VAL_SPLIT = "val"  # the ID validation split's name in every benchmark (OpenOOD's val lists)
+
+
+def is_test_ood(role: str) -> bool:
+    """An OOD split that score and report evaluate on (not the ``ood-val`` validation data)."""
+    return role.startswith("ood") and role != VAL_ROLE
+
+
 def default_id_split(store: Store) -> str:
     splits = require_whole_splits(store)
     if "test" in splits:
         return "test"
-    ids = [s for s in splits if split_role(store, s) == "id" and s != "train"]
+    ids = [s for s in splits if split_role(store, s) == "id" and s not in ("train", ID_VAL_SPLIT)]
     if not ids:
         raise OodError(f"store {store.path} has no ID test split; extract one or pass --id SPLIT")
     return ids[0]
 
 
 def ood_splits(store: Store) -> list[str]:
-    """Every OOD split; refused while the store holds a half-made split, which might be one."""
-    return [s for s in require_whole_splits(store) if split_role(store, s).startswith("ood")]
+    """Every test OOD split (validation OOD splits left out); refused while the store holds
+    a half-made split, which might be one."""
+    return [s for s in require_whole_splits(store) if is_test_ood(split_role(store, s))]
+
+
+def val_ood_splits(store: Store) -> list[str]:
+    """Every OOD validation split (role ``ood-val``)."""
+    return [s for s in require_whole_splits(store) if split_role(store, s) == VAL_ROLE]
 
 
 def check_splits_exist(store: Store, splits: list[str]) -> None:
@@ -351,6 +366,7 @@ class _Plan:
     backbone: str
     model_id: str | None
     picked: str | None
+    sweep: str | None = None  # the sweep record its hyperparameters come from (--from-sweep)
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -369,6 +385,7 @@ def score_methods(
     save_as: str | None = None,
     log: Callable[[str], None] | None = None,
     on_outcome: Callable[[MethodOutcome], None] | None = None,
+    from_sweep: bool = False,
 ) -> list[MethodOutcome]:
     """Score each method on its own; returns one outcome per method, written or skipped.
 
@@ -391,6 +408,11 @@ def score_methods(
     methods overall and once for every streamed pass over a split (rows). ``log`` gets
     one-line notes (a backbone picked, gradients made); ``on_outcome`` each outcome as
     soon as it is known.
+
+    ``from_sweep`` scores each method with the setting its sweep chose (``fitted/sweeps/<method>``,
+    see ``oodcli.sweep``), on the sweep's backbone unless ``backbone`` is given. A named method
+    without a sweep fails the run; with ``only_applicable`` ('all') it keeps its defaults. A
+    sweep made on other features (backbone, model, train split) skips its method with the reason.
     """
     hparams = hparams or {}
     progress = progress or no_progress
@@ -404,7 +426,22 @@ def score_methods(
     for name, what in ((id_split, "--id"), (train_split, "--train"), *((o, "--ood") for o in ood or [])):
         if name is not None:
             check_name(name, what)
-    scorers: list[Scorer] = [get_scorer(m, **hparams.get(m, {})) for m in methods]  # bad -p: before any work
+    from oodcli.sweep import check_sweep_matches, load_sweep, sweep_node
+
+    sweeps: dict[str, dict] = {}
+    if from_sweep:
+        for m in methods:
+            if hparams.get(m):
+                raise UsageError(f"--from-sweep and -p both set the parameters of '{m}'; give one of them")
+            try:
+                sweeps[m] = load_sweep(store, m)
+            except OodError:
+                if not only_applicable:
+                    raise
+        if only_applicable and len(sweeps) < len(methods):
+            log(f"--from-sweep: swept {', '.join(sweeps) or 'none'}; the other methods run with their defaults")
+    scorers: list[Scorer] = [get_scorer(m, **(sweeps[m]["best_hparams"] if m in sweeps else hparams.get(m, {})))
+                             for m in methods]  # bad -p: before any work
     id_split = id_split or default_id_split(store)
     if ood and id_split in ood:
         raise UsageError(f"--ood '{id_split}' is the ID split (--id); name OOD splits, "
@@ -434,7 +471,14 @@ def score_methods(
     picked: dict[tuple[str, str], list[str]] = {}
     for scorer in scorers:
         out_name = save_as or scorer.name
-        chosen, model_id, why, error = _pick_backbone(store, scorer, backbones, backbone, splits, train_split, memo)
+        record = sweeps.get(scorer.name)
+        explicit = backbone or (record["backbone"] if record and record.get("backbone") in backbones else None)
+        chosen, model_id, why, error = _pick_backbone(store, scorer, backbones, explicit, splits, train_split, memo)
+        if error is None and record is not None:
+            try:
+                check_sweep_matches(store, record, chosen, model_id, train_split, scorer.layers)
+            except OodError as exc:
+                error = exc
         if error is not None:
             if none_applies:
                 raise error
@@ -445,7 +489,8 @@ def score_methods(
             continue
         if why is not None:
             picked.setdefault((chosen, why), []).append(out_name)
-        plans.append((len(outcomes), _Plan(scorer, out_name, chosen, model_id, why)))
+        plans.append((len(outcomes), _Plan(scorer, out_name, chosen, model_id, why,
+                                           sweep_node(scorer.name) if record else None)))
         outcomes.append(None)
     for (chosen, why), names in picked.items():
         others = [b for b in backbones if b != chosen]
@@ -485,6 +530,8 @@ def _run_one(store: Store, plan: _Plan, splits: list[str], train_split: str, pro
         attrs = {"method": scorer.name, "backbone": backbone, "model_id": model_id, "hparams": scorer.hparams()}
         if scorer.needs_fit:
             attrs |= {"train_split": train_split, "fitted": f"fitted/{scorer.name}"}
+        if plan.sweep:
+            attrs["sweep"] = plan.sweep
         scored: list[tuple[str, np.ndarray, float]] = []
         for split in splits:
             t0 = time.perf_counter()
@@ -528,6 +575,7 @@ def score_store(
     only_applicable: bool = False,
     save_as: str | None = None,
     log: Callable[[str], None] | None = None,
+    from_sweep: bool = False,
 ) -> list[ScoreResult]:
     """``score_methods``, strict about the methods named: their scores on every split (one
     row each), after writing every method that could run; then, if a named method was
@@ -535,7 +583,7 @@ def score_store(
     ('all') skipped methods are no error unless none was written."""
     outcomes = score_methods(store, methods, backbone=backbone, id_split=id_split, ood=ood, train_split=train_split,
                              hparams=hparams, progress=progress, only_applicable=only_applicable, save_as=save_as,
-                             log=log)
+                             log=log, from_sweep=from_sweep)
     failed = [o for o in outcomes if o.status == SKIPPED]
     written = [o for o in outcomes if o.status == WRITTEN]
     if failed and (not only_applicable or not written):

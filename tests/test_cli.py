@@ -41,7 +41,7 @@ def test_pipeline_extract_score_report(capsys, digits_store):
     code, out, _ = run(capsys, "-q", "extract", "--model", "digits_cnn", "--weights", ckpt, "--benchmark", "digits",
                        "--store", store, "--json")
     assert code == 0
-    assert [r["status"] for r in json.loads(out)] == ["cached"] * 5  # the second run does no work
+    assert [r["status"] for r in json.loads(out)] == ["cached"] * 7  # the second run does no work (5 test splits + 2 validation splits)
     code, out, _ = run(capsys, "-q", "score", "all", "--store", store, "--json")
     assert code == 0
     scored = json.loads(out)
@@ -176,8 +176,8 @@ BAD = [
     (["extract", "--model", "nope", "--benchmark", "digits", "--store", "{tmp}/n.zarr"], 2, "unknown model 'nope'"),
     (["extract", "--model", "digits_cnn", "--benchmark", "digits", "--store", "{tmp}/n.zarr"], 2, "needs --weights"),
     (["extract", "--model", "digits_cnn-tiny", "--benchmark", "nope", "--store", "{tmp}/n.zarr"], 2, "unknown benchmark"),
-    (["extract", "--model", "digits_cnn-tiny", "--benchmark", "digits", "--split", "val", "--store", "{tmp}/n.zarr"],
-     2, "val"),
+    (["extract", "--model", "digits_cnn-tiny", "--benchmark", "digits", "--split", "valid", "--store", "{tmp}/n.zarr"],
+     2, "valid"),
     (["extract", "--model", "digits_cnn-tiny", "--data", "folder:x", "--store", "{tmp}/n.zarr"], 2, "--split"),
     (["extract", "--model", "digits_cnn-tiny", "--benchmark", "digits", "--layers", "fc9", "--store", "{tmp}/n.zarr"],
      2, "no layer fc9"),

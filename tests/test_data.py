@@ -15,7 +15,7 @@ from oodcli.data import base, digits
 from oodcli.data.sources import parse_imglist_line
 from oodcli.errors import OodError, UsageError
 
-ID_PARTS = ("train", "test")
+ID_PARTS = ("train", "val", "test")
 OOD_PARTS = ("ood/near/digits6-9", "ood/far/textures", "ood/far/noise")
 
 
@@ -33,9 +33,10 @@ def test_digits_is_deterministic():
 
 
 def test_digits_sizes_classes_and_labels():
-    n_train, n_test = len(digits.digits_8x8("train")[1]), len(digits.digits_8x8("test")[1])
-    assert n_train + n_test == 1083  # digits 0-5 in load_digits
-    assert abs(n_test / (n_train + n_test) - 0.3) < 0.01
+    n_train, n_val, n_test = (len(digits.digits_8x8(p)[1]) for p in ("train", "val", "test"))
+    assert n_train + n_val + n_test == 1083  # digits 0-5 in load_digits
+    assert abs(n_test / 1083 - 0.3) < 0.01
+    assert abs(n_val / (n_train + n_val) - 0.2) < 0.01  # every fifth train row of each class
     for part in ID_PARTS:
         y = digits.digits_8x8(part)[1]
         assert set(np.unique(y)) == set(range(6))
@@ -45,7 +46,8 @@ def test_digits_sizes_classes_and_labels():
     assert len(digits.digits_8x8("ood/near/digits6-9")[1]) == 714
     assert 400 <= len(digits.digits_8x8("ood/far/textures")[1]) <= 600
     assert 250 <= len(digits.digits_8x8("ood/far/noise")[1]) <= 350
-    for part in OOD_PARTS:
+    assert len(digits.digits_8x8("ood/val/textures")[1]) == 200
+    for part in (*OOD_PARTS, "ood/val/textures"):
         ds = digits.digits_part(part)
         assert (ds.labels == -1).all() and ds.class_names is None
     # an ID part opened as OOD gets -1 labels too
@@ -65,10 +67,9 @@ def test_digits_same_image_format_everywhere():
         np.testing.assert_array_equal(np.asarray(img), arr[-1])
 
 
-def test_digits_train_and_test_do_not_overlap():
-    train = {r.tobytes() for r in digits.digits_8x8("train")[0]}
-    test = {r.tobytes() for r in digits.digits_8x8("test")[0]}
-    assert not train & test
+def test_digits_train_val_and_test_do_not_overlap():
+    train, val, test = ({r.tobytes() for r in digits.digits_8x8(p)[0]} for p in ("train", "val", "test"))
+    assert not train & test and not val & test and not train & val
 
 
 def test_digits_unknown_part():
@@ -136,7 +137,8 @@ def test_openood_benchmarks_match_v15():
 
 def test_digits_benchmark_opens_every_split():
     bench = get_benchmark("digits")
-    assert [s.name for s in bench.splits] == ["train", "test", *OOD_PARTS]
+    assert [s.name for s in bench.splits] == ["train", "val", "test", "ood/val/textures", *OOD_PARTS]
+    assert bench.split("ood/val/textures").role == "ood-val"
     for s in bench.splits:
         ds = bench.open(s.name, Path("unused"))
         assert len(ds) > 0 and ((ds.labels == -1).all() == s.is_ood)

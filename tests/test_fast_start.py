@@ -156,7 +156,7 @@ def test_digits_split_matches_sklearn():
     train, test = train_test_split(id_rows, test_size=digits.TEST_FRACTION, stratify=labels[id_rows],
                                    random_state=digits.SEED)
     rows = digits._rows()
-    np.testing.assert_array_equal(rows["train"], np.sort(train))
+    np.testing.assert_array_equal(np.sort(np.r_[rows["train"], rows["val"]]), np.sort(train))  # val: held out of train
     np.testing.assert_array_equal(rows["test"], np.sort(test))
     images, raw_labels = digits._digits_raw()
     np.testing.assert_array_equal(images, d.images / 16.0)

@@ -110,3 +110,97 @@ def test_average_runs_merges_name_at_run_rows_and_keeps_plain_names():
     assert merged["neg"]["sets"]["a"]["auroc"] == pytest.approx(0.7)
     assert "b" not in merged["neg"]["sets"]  # a set only one run has is not averaged
     assert merged["coop"] is methods["coop"] and merged["coop@mean"]["runs"] == ["coop@1"]
+
+
+# ---- --sort, --rank and the best value per column ----------------------------------------
+
+
+def _auroc_table(report):
+    """{method: {column key: auroc}} over every OOD set and group average."""
+    return {m: {**{s: v["auroc"] for s, v in d["sets"].items()},
+                **{f"avg:{g}": v["auroc"] for g, v in d["averages"].items()}} for m, d in report["methods"].items()}
+
+
+def test_rank_is_the_mean_auroc_rank_over_ood_sets(capsys, scored):
+    from scipy.stats import rankdata
+
+    code, out, _ = run(capsys, "report", "--store", scored, "--json", "--rank")
+    assert code == 0
+    report = json.loads(out)
+    sets = list(report["ood_splits"])
+    aurocs = np.array([[report["methods"][m]["sets"][s]["auroc"] for s in sets] for m in METHODS])
+    want = rankdata(-aurocs, axis=0).mean(axis=1)  # 1 = highest AUROC on a set, ties share
+    for m, w in zip(METHODS, want):
+        assert report["methods"][m]["mean_rank"] == pytest.approx(w)
+    code, out, _ = run(capsys, "report", "--store", scored, "--json", "--rank", "--sort", "rank")
+    ranks = [d["mean_rank"] for d in json.loads(out)["methods"].values()]
+    assert ranks == sorted(ranks)
+    code, out, _ = run(capsys, "report", "--store", scored, "--rank", "--format", "csv")
+    assert code == 0 and sum(r["ood_set"] == "mean_rank" for r in csv.DictReader(io.StringIO(out))) == len(METHODS)
+
+
+def test_sort_orders_methods_by_a_column_and_metric(capsys, scored):
+    code, out, _ = run(capsys, "report", "--store", scored, "--json", "--sort", "near avg")
+    report = json.loads(out)
+    values = [d["averages"]["near"]["auroc"] for d in report["methods"].values()]
+    assert code == 0 and values == sorted(values, reverse=True) and set(report["methods"]) == set(METHODS)
+    assert report["sorted_by"] == {"column": "avg:near", "metric": "auroc"}
+    code, out, _ = run(capsys, "report", "--store", scored, "--json", "--sort", "b:fpr95")  # a set by its title
+    values = [d["sets"]["ood/far/b"]["fpr95"] for d in json.loads(out)["methods"].values()]
+    assert code == 0 and values == sorted(values)  # lower FPR first
+    code, out, _ = run(capsys, "report", "--store", scored, "--format", "markdown", "--sort", "ood/near/a:aupr_in")
+    rows = [line.split("|")[1].strip() for line in out.splitlines()[2:2 + len(METHODS)]]
+    with open_store(scored) as st:
+        want = sorted(METHODS, key=lambda m: -ood_metrics(st.read(f"scores/{m}/test"),
+                                                           st.read(f"scores/{m}/ood/near/a")).aupr_in)
+    assert rows == want
+
+
+def test_best_values_are_marked_in_table_markdown_and_html(capsys, tmp_path, scored):
+    from oodcli.report import add_ranks, best_cells, build_report, render_table
+
+    code, out, _ = run(capsys, "report", "--store", scored, "--format", "markdown", "--rank")
+    assert code == 0
+    header = [c.strip() for c in out.splitlines()[0].split("|")[2:-1]]
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in out.splitlines()[2:2 + len(METHODS)]}
+    with open_store(scored) as st:
+        report = add_ranks(build_report(st))
+    aurocs = _auroc_table(report)
+    keys = ["ood/near/a", "avg:near", "ood/far/b", "avg:far"]
+    assert header == ["a", "near avg", "b", "far avg", "mean rank"]
+    for col, key in enumerate(keys):
+        top = max(round(100 * aurocs[m][key], 1) for m in METHODS)
+        for m in METHODS:
+            auroc_text = table[m][col].split(" / ")[0]
+            assert auroc_text.startswith("**") == (round(100 * aurocs[m][key], 1) == top), (m, key, table[m][col])
+        fprs = {m: round(100 * (report["methods"][m]["sets"].get(key) or report["methods"][m]["averages"][key[4:]])
+                         ["fpr95"], 1) for m in METHODS}
+        for m in METHODS:
+            assert table[m][col].split(" / ")[1].startswith("**") == (fprs[m] == min(fprs.values()))
+    best_rank = min(report["methods"][m]["mean_rank"] for m in METHODS)
+    for m in METHODS:
+        assert table[m][4].startswith("**") == (report["methods"][m]["mean_rank"] == best_rank)
+    # the terminal table styles the same cells
+    best = best_cells(report)
+    rich_table = render_table(report)
+    for col, key in enumerate(keys, start=1):
+        cells = rich_table.columns[col]._cells
+        for m, cell in zip(report["methods"], cells):
+            styled = [cell.plain[s.start:s.end] for s in cell.spans if "bold" in str(s.style)]
+            want = [f"{100 * aurocs[m][key]:.1f}"] if m in best[key]["auroc"] else []
+            assert styled[:len(want)] == want
+    page = tmp_path / "r.html"
+    code, _, _ = run(capsys, "report", "--store", scored, "--html", page, "--rank", "--sort", "rank")
+    html = page.read_text()
+    assert code == 0 and html.count('<b class="best">') == sum(len(v) for c in best.values() for v in c.values())
+    assert "mean rank" in html and "http" not in html.replace("http-equiv", "")
+
+
+def test_sort_bad_input(capsys, scored):
+    code, _, err = run(capsys, "report", "--store", scored, "--sort", "nope")
+    assert code == 2 and one_line_error(err) and "no column" in err and "near avg" in err
+    code, _, err = run(capsys, "report", "--store", scored, "--sort", "near avg:acc")
+    assert code == 2 and one_line_error(err) and "unknown metric" in err
+    code, _, err = run(capsys, "report", "--store", scored, "--sort", "rank")
+    assert code == 2 and one_line_error(err) and "needs --rank" in err

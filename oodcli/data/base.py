@@ -71,7 +71,7 @@ class SplitDef:
     """One split of a benchmark: where its images come from and what role it plays."""
 
     name: str  # store split name, e.g. "test" or "ood/far/svhn"
-    role: str  # "id" | "ood-near" | "ood-far" | "ood" | "synthetic"
+    role: str  # "id" | "ood-near" | "ood-far" | "ood" | "ood-val" (validation only) | "synthetic"
     source: str  # source spec, e.g. "torchvision:cifar10:test" or "imglist:benchmark_imglist/..."
 
     @property
@@ -87,13 +87,13 @@ def is_ood_role(role: str) -> bool:
 
 def role_from_name(split: str) -> str:
     """The role a ``--data`` split gets from its name: ood/near/... -> ood-near, ood/far/... -> ood-far,
-    other ood/... -> ood, synthetic/... -> synthetic, anything else -> id."""
+    ood/val/... -> ood-val, other ood/... -> ood, synthetic/... -> synthetic, anything else -> id."""
     parts = split.split("/")
     if parts[0] == "synthetic":
         return "synthetic"
     if parts[0] != "ood":
         return "id"
-    return {"near": "ood-near", "far": "ood-far"}.get(parts[1] if len(parts) > 2 else "", "ood")
+    return {"near": "ood-near", "far": "ood-far", "val": "ood-val"}.get(parts[1] if len(parts) > 2 else "", "ood")
 
 
 def data_root(cli_value: str | None) -> Path:

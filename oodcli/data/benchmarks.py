@@ -16,9 +16,11 @@ from oodcli.data.base import ImageDataset, SplitDef, open_source
 from oodcli.errors import OodError, UsageError
 
 BENCHMARK_DIR = Path(__file__).with_name("benchmarks")
-#: ``ood*`` splits are OOD test sets; ``synthetic`` holds generated OOD images (SynOOD), labels -1,
-#: used for training only: never an ID or OOD test set of ``score`` / ``report``
-ROLES = ("id", "ood-near", "ood-far", "ood", "synthetic")
+#: ``ood``, ``ood-near`` and ``ood-far`` splits are OOD test sets; ``ood-val`` is OOD data held out
+#: for choosing hyperparameters (``oodcli sweep``); ``synthetic`` holds generated OOD images
+#: (SynOOD) used for training. All three kinds of OOD carry labels -1; score and report never
+#: count ``ood-val`` or ``synthetic`` as a test set.
+ROLES = ("id", "ood-near", "ood-far", "ood", "ood-val", "synthetic")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ methods must tell the sets apart by content.
 
 Parts: ``train``/``test`` (digits 0-5, stratified 70/30), ``ood/near/digits6-9``,
 ``ood/far/textures`` (crops of natural and synthetic photographs) and
-``ood/far/noise`` (uniform noise, blurred noise, Gaussian blobs).
+``ood/far/noise`` (uniform noise, blurred noise, Gaussian blobs); for choosing
+hyperparameters (``oodcli sweep``, OpenOOD's validation protocol) ``val`` (every fifth
+train row of each class, so ``test`` and every OOD test set stay exactly as they were)
+and ``ood/val/textures`` (fresh texture crops from a seed of their own, no test image).
 
 Labels (and so ``identity()``, the fingerprint of a split) are known without making
 an image and without importing scikit-learn: a cache-hit ``extract`` costs
@@ -29,12 +32,14 @@ from oodcli.data.base import ImageDataset
 from oodcli.errors import UsageError
 
 DIGITS_CLASS_NAMES = ["zero", "one", "two", "three", "four", "five"]
-PARTS = ("train", "test", "ood/near/digits6-9", "ood/far/textures", "ood/far/noise")
+PARTS = ("train", "val", "test", "ood/val/textures", "ood/near/digits6-9", "ood/far/textures", "ood/far/noise")
 
 SEED = 0
 TEST_FRACTION = 0.3
 N_TEXTURES = 500
 N_NOISE = 300
+N_VAL_TEXTURES = 200
+VAL_EVERY = 5  # every VAL_EVERY-th train row of each class (in row order) is a validation row
 SIZE = 32  # side of the images handed to backbones
 
 # scikit-image sample images that ship inside the package (no network needed).
@@ -102,17 +107,22 @@ def _rows() -> dict[str, np.ndarray]:
             id_rows, test_size=TEST_FRACTION, stratify=labels[id_rows], random_state=SEED
         )
         train_rows, test_rows = np.sort(train_rows), np.sort(test_rows)
-    return {"train": train_rows, "test": test_rows, "ood/near/digits6-9": np.flatnonzero(~is_id)}
+    is_val = np.zeros(len(train_rows), bool)
+    for c in np.unique(labels[train_rows]):  # stratified without scikit-learn: the same rows every time
+        of_class = np.flatnonzero(labels[train_rows] == c)
+        is_val[of_class[VAL_EVERY - 1 :: VAL_EVERY]] = True
+    return {"train": train_rows[~is_val], "val": train_rows[is_val], "test": test_rows,
+            "ood/near/digits6-9": np.flatnonzero(~is_id)}
 
 
 @lru_cache(maxsize=None)
 def digits_labels(part: str) -> np.ndarray:
     """int64 labels [N] of a part (-1 for the OOD parts), known without making an image."""
     part = _check_part(part)
-    if part in ("train", "test"):
+    if part in ("train", "val", "test"):
         y = _digits_raw()[1][_rows()[part]]
     else:
-        n = {"ood/far/textures": N_TEXTURES, "ood/far/noise": N_NOISE}.get(part)
+        n = {"ood/far/textures": N_TEXTURES, "ood/far/noise": N_NOISE, "ood/val/textures": N_VAL_TEXTURES}.get(part)
         y = np.full(len(_rows()[part]) if n is None else n, -1, np.int64)
     y.setflags(write=False)
     return y
@@ -194,7 +204,9 @@ def _generate() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     images, rows = _digits_raw()[0], _rows()
     parts = {
         "train": images[rows["train"]],
+        "val": images[rows["val"]],
         "test": images[rows["test"]],
+        "ood/val/textures": _textures(np.random.default_rng(SEED + 3), N_VAL_TEXTURES),
         "ood/near/digits6-9": images[rows["ood/near/digits6-9"]],
         "ood/far/textures": _textures(np.random.default_rng(SEED + 1), N_TEXTURES),
         "ood/far/noise": _noise(np.random.default_rng(SEED + 2), N_NOISE),
