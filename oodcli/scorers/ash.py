@@ -88,8 +88,8 @@ class _Shaping(Scorer):
             self.used = "penultimate"
         self.layers = (self.used,)
         if self.used == "penultimate" and self.layer == "auto":
-            return [f"no featmap in the store: shaped the pooled penultimate vector, not the feature map the paper "
-                    f"shapes (extract with --layers logits,penultimate,featmap for that)"]
+            return ["no featmap in the store: shaped the pooled penultimate vector, not the feature map the paper "
+                    "shapes (extract with --layers logits,penultimate,featmap for that)"]
         return []
 
     def shape(self, x: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
