@@ -30,6 +30,7 @@ $(INPAINT): | venv
 demo: venv $(CKPT) $(CLIP_CKPT) $(INPAINT)
 	$(PY) -m oodcli extract --model digits_cnn --weights $(CKPT) --benchmark digits --store $(STORE) --overwrite
 	$(PY) -m oodcli score all --store $(STORE) --backbone digits_cnn
+	$(PY) -m oodcli sweep react --store $(STORE) && $(PY) -m oodcli score react --from-sweep --as react-swept --store $(STORE)
 	$(PY) -m oodcli synthesize grood --store $(STORE) --model digits_cnn && $(PY) -m oodcli index --store $(STORE) --source grads/grood/train && $(PY) -m oodcli score grood,grood-distance,grood-gradnorm,grood-classgrad --store $(STORE) --backbone digits_cnn
 	OODCLI="$(PY) -m oodcli" sh recipes/apex-digits.sh $(STORE)
 	$(PY) -m oodcli report --store $(STORE)
