@@ -2,15 +2,16 @@
 
 1. ``extract --device cuda`` (fp16 autocast) against ``--device cpu`` for each backbone
    family's tiny twin on the digits benchmark's test split, both stored as float32: the
-   largest relative difference per layer, max|cuda - cpu| / max|cpu|.
+   largest relative difference per layer, max|cuda - cpu| / max|cpu|; the CNNs with their
+   feature maps and the ODIN / Mahalanobis perturbed layers too.
 2. Throughput of real-size architectures with random weights at batch 256, 224 x 224,
    through the extractor's own forward (``run_backbone`` under fp16 autocast): images/s
    (median of timed batches after warm-up) and peak GPU memory. The image decoding and
    resizing of a real extraction run on CPU workers beside it and are not counted here.
 3. Every trainer with a CUDA path, run on CUDA through the CLI on the digits benchmark
    (few epochs: a check that it runs and learns, not a training recipe): APEX/PALM head-only
-   and end to end, CoOp / LoCoOp / NegPrompt / IIM prompt learning, and, where built,
-   SynOOD's projection training and its energy-guided diffusion refinement.
+   and end to end, CoOp / LoCoOp / NegPrompt / IIM prompt learning, SynOOD's energy-guided
+   diffusion refinement and its projection / negative-label training.
 
 Usage: python benchmarks/gpu.py [--out benchmarks/results/gpu.json] [--steps extract,throughput,trainers,synood]
 Each step is run on its own; a failure is recorded (with the end of its output) and the
@@ -34,6 +35,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 TWINS = ["digits_cnn-tiny", "resnet18-tiny", "vit-tiny", "cifar_resnet18-tiny", "dinov2-tiny", "clip-tiny"]
+#: CNN twins also store their feature maps and the ODIN / Mahalanobis perturbed layers (float32 gradient passes)
+CNN_EXTRAS = ["--split", "train", "--layers", "logits,penultimate,featmap",
+              "--perturb", "odin", "--perturb", "mahalanobis"]
+CNNS = {"digits_cnn-tiny", "resnet18-tiny", "cifar_resnet18-tiny"}
 DEVICE = "cuda"  # --device cpu runs the same steps on a CPU (to check the script itself)
 REAL = ["resnet50", "vit_b_16", "dinov2-base", "clip-vit-b-16"]
 
@@ -66,7 +71,7 @@ def extract_cpu_vs_cuda(work: Path) -> dict:
         for device in ("cpu", DEVICE):
             path = work / f"{model}-{device}.zarr"
             r = oodcli("extract", "--model", model, "--benchmark", "digits", "--split", "test", "--device", device,
-                       "--dtype", "float32", "--store", str(path), "--overwrite")
+                       "--dtype", "float32", "--store", str(path), "--overwrite", *(CNN_EXTRAS if model in CNNS else []))
             if r["rc"] != 0:
                 raise RuntimeError(f"{model} on {device}: {r['tail']}")
             stores[device] = path
@@ -146,7 +151,7 @@ def synood(work: Path) -> dict:
         out["extract clip-tiny"] = oodcli("extract", "--model", "clip-tiny", "--benchmark", "digits",
                                           "--layers", "image_embeds,patch_tokens", "--store", str(clip), "--device", DEVICE)
     pipe, images = work / "inpaint", work / "synood"
-    out["train diffusion"] = oodcli("train", "diffusion", "--out", str(pipe))
+    out["train diffusion (cpu only)"] = oodcli("train", "diffusion", "--out", str(pipe), "--seconds", "20")
     out["synthesize synood"] = oodcli("synthesize", "synood", "--store", str(clip), "--from-split", "train",
                                       "--per-class", "2", "--out-dir", str(images), "--pipeline", str(pipe),
                                       "--classifier", "digits_cnn", "--classifier-weights", str(cnn), "--device", DEVICE)

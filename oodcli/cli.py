@@ -235,6 +235,8 @@ def extract(
 
 def _parse_params(params: Optional[list[str]], methods: list[str]) -> dict[str, dict]:
     """'--param energy.temperature=2' -> {'energy': {'temperature': 2.0}}; 'key=v' applies to every method."""
+    from oodcli.scorers.base import param_value
+
     parsed: dict[str, dict] = {}
     for item in params or []:
         key, eq, value = item.partition("=")
@@ -243,17 +245,8 @@ def _parse_params(params: Optional[list[str]], methods: list[str]) -> dict[str, 
         method, dot, name = key.rpartition(".")
         targets = [method] if dot else methods
         for m in targets:
-            parsed.setdefault(m, {})[name] = _literal(value)
+            parsed.setdefault(m, {})[name] = param_value(value)
     return parsed
-
-
-def _literal(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 def _print_wide(table) -> None:

@@ -33,7 +33,9 @@ import numpy as np
 from oodcli import __version__
 from oodcli.errors import OodError, UsageError
 from oodcli.metrics import ood_metrics
-from oodcli.scorers.base import Progress, get_scorer, no_progress, scorer_names, scorer_params, train_fingerprint
+from oodcli.scorers.base import (
+    Progress, get_scorer, no_progress, param_value, scorer_names, scorer_params, train_fingerprint,
+)
 from oodcli.store import Store, check_name, list_backbones, split_role, split_states
 
 SWEEPS = "fitted/sweeps"
@@ -61,15 +63,6 @@ def sweep_node(method: str) -> str:
     return f"{SWEEPS}/{method}"
 
 
-def _literal(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
-
-
 def parse_grid(text: str, method: str) -> dict[str, list]:
     """``'k=1,10,50;percentile=80,90'`` -> ``{'k': [1, 10, 50], 'percentile': [80, 90]}``, checked
     against the method's parameters (one line naming what is wrong)."""
@@ -93,7 +86,7 @@ def parse_grid(text: str, method: str) -> dict[str, list]:
         items = [v.strip() for v in values.split(",")]
         if any(not v for v in items):
             raise UsageError(f"--grid '{name}={values}' has an empty value; separate values with single commas")
-        parsed = [_literal(v) for v in items]
+        parsed = [param_value(v) for v in items]
         if len({json.dumps(v) for v in parsed}) != len(parsed):
             raise UsageError(f"--grid '{name}={values}' repeats a value")
         grid[name] = parsed

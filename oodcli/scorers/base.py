@@ -66,6 +66,17 @@ def describe_scorers() -> list[dict]:
     return rows
 
 
+def param_value(text: str):
+    """A hyperparameter value as typed on the command line (``-p knn.k=50``, ``--grid 'k=1,10'``):
+    an int or a float where it parses as one, true/false/none, else the string itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
 def get_scorer(name: str, **hparams) -> "Scorer":
     names = scorer_names()
     if name not in _REGISTRY:

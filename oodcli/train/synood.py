@@ -343,22 +343,24 @@ def train_synood(
     del tower
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    prototypes = torch.from_numpy(np.ascontiguousarray(negl.prototypes, np.float32))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the prompt trainers
+    prototypes = torch.from_numpy(np.ascontiguousarray(negl.prototypes, np.float32)).to(device)
     negatives = torch.from_numpy(np.ascontiguousarray(negl.negatives, np.float32))
-    syn_t = F.normalize(torch.from_numpy(syn), dim=-1)
-    in_t = F.normalize(torch.from_numpy(in_feats), dim=-1)
-    pair = pair_with_negatives(syn_t, negatives)
+    syn_t = F.normalize(torch.from_numpy(syn), dim=-1).to(device)
+    in_t = F.normalize(torch.from_numpy(in_feats), dim=-1).to(device)
+    pair = pair_with_negatives(syn_t, negatives.to(device))
     learned_idx = torch.unique(pair)  # Y*-, sorted
     syn_target = torch.searchsorted(learned_idx, pair)
-    chosen = negatives[learned_idx]
+    chosen = negatives.to(device)[learned_idx]
     c = len(prototypes)
 
     # (b) the projection on D_pro = D_syn U D_in* (eq. 11-12)
-    proj = Projection(source.dim)
+    proj = Projection(source.dim).to(device)
     x_pro = torch.cat([syn_t, in_t])
-    y_pro = torch.cat([c + syn_target, torch.from_numpy(train_labels[in_rows].astype(np.int64))])
+    y_pro = torch.cat([c + syn_target, torch.from_numpy(train_labels[in_rows].astype(np.int64)).to(device)])
 
     def proj_step(idx):
+        idx = idx.to(device)
         loss = projection_loss(proj(x_pro[idx]), prototypes, chosen, y_pro[idx], tau)
         return loss, {}
 
@@ -377,6 +379,7 @@ def train_synood(
     tuned = torch.nn.Parameter(chosen.clone())
 
     def label_step(idx):
+        idx = idx.to(device)
         return label_loss(syn_t[idx], tuned, syn_target[idx], tau), {}
 
     def pairing() -> float:
@@ -389,8 +392,9 @@ def train_synood(
         pairing_before, label_history = fit_epochs(
             label_step, [tuned], label_epochs, label_lr, m, batch_size, gen, pairing, source.dim,
             (lambda s: log(f"negative labels: {s}")) if log else None, "pairing accuracy", optimizer=sgd)
+    learned_idx = learned_idx.cpu()
     final = negatives.clone()
-    final[learned_idx] = F.normalize(tuned.detach(), dim=-1)
+    final[learned_idx] = F.normalize(tuned.detach(), dim=-1).cpu()
     learned_mask = torch.zeros(len(negatives))
     learned_mask[learned_idx] = 1.0
 
@@ -419,6 +423,7 @@ def train_synood(
         "labels": {"optimizer": "sgd", "lr": label_lr, "batch_size": batch_size, "epochs": label_epochs,
                    "history": label_history},
     }
+    proj = proj.cpu()
     write_prompt_file(out, {"projection.weight": proj.linear.weight, "projection.bias": proj.linear.bias,
                             "negatives": final, "negatives_clip": negatives, "learned": learned_mask}, meta)
     last = lambda h: h[-1]["loss"] if h else float("nan")  # noqa: E731
