@@ -128,7 +128,10 @@ def _fit(net, x_train, y_train, names, epochs, batch_size, lr, weight_decay, see
     captions = tokenizer([t.format(n) for t in CAPTIONS for n in names]).view(len(CAPTIONS), len(names), -1)
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * ((len(x_train) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # 10% warm-up, at least 2 steps: OneCycleLR divides by zero when its warm-up ends on step 0
+    warm = max(2, round(0.1 * steps))
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warm / steps)
+             if steps > warm else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0))
     for epoch in range(epochs):
         clip.train()
         order = torch.randperm(len(x_train), generator=gen)
