@@ -48,9 +48,11 @@ demo: venv $(CKPT) $(CLIP_CKPT) $(INPAINT)
 	$(PY) -m oodcli score neglabel --store $(CLIP_STORE)
 	$(PY) -m oodcli synthesize context-labels --store $(CLIP_STORE) --split train --per-class 5 --out stores/digits-context.jsonl
 	$(PY) -m oodcli synthesize synood --store $(CLIP_STORE) --per-class 5 --context-labels stores/digits-context.jsonl --pipeline $(INPAINT) --classifier digits_cnn --classifier-weights $(CKPT) --out-dir stores/digits-synood
-	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --data folder:stores/digits-synood --split synthetic/synood --role synthetic --store $(CLIP_STORE) --overwrite
+	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --data folder:$(CURDIR)/stores/digits-synood --split synthetic/synood --role synthetic --store $(CLIP_STORE) --overwrite
 	$(PY) -m oodcli -q train synood --store $(CLIP_STORE) --out stores/digits-synood.safetensors
 	$(PY) -m oodcli score synood --store $(CLIP_STORE) -p synood.prompts=stores/digits-synood.safetensors
+	$(PY) -m oodcli score synood --as synood-projection-only --store $(CLIP_STORE) -p synood.prompts=stores/digits-synood.safetensors -p synood.ft_labels=false
+	$(PY) -m oodcli score synood --as synood-labels-only --store $(CLIP_STORE) -p synood.prompts=stores/digits-synood.safetensors -p synood.projection=false
 	$(PY) -m oodcli report --store $(CLIP_STORE)
 
 test: venv

@@ -53,20 +53,21 @@ def oodcli(*args: str, timeout: int = 600) -> dict:
             "seconds": round(time.perf_counter() - t0, 2), "tail": tail}
 
 
-def step(results: dict, name: str, fn) -> None:
+def step(results: dict, name: str, fn, out: Path) -> None:
     print(f"== {name}", flush=True)
     try:
         results[name] = fn()
     except Exception as exc:  # keep going: one broken step must not hide the others
         results[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc().splitlines()[-4:]}
     print(json.dumps(results[name], indent=1)[:2000], flush=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")  # after every step: a run cut short keeps what it did
 
 
-def extract_cpu_vs_cuda(work: Path) -> dict:
+def extract_cpu_vs_cuda(work: Path, models: list[str]) -> dict:
     from oodcli.store import features_node, open_store
 
     out = {}
-    for model in TWINS:
+    for model in models:
         stores = {}
         for device in ("cpu", DEVICE):
             path = work / f"{model}-{device}.zarr"
@@ -152,8 +153,12 @@ def synood(work: Path) -> dict:
                                           "--layers", "image_embeds,patch_tokens", "--store", str(clip), "--device", DEVICE)
     pipe, images = work / "inpaint", work / "synood"
     out["train diffusion (cpu only)"] = oodcli("train", "diffusion", "--out", str(pipe), "--seconds", "20")
+    context = work / "context.jsonl"
+    out["context labels"] = oodcli("synthesize", "context-labels", "--store", str(clip), "--split", "train",
+                                   "--per-class", "2", "--out", str(context))
     out["synthesize synood"] = oodcli("synthesize", "synood", "--store", str(clip), "--from-split", "train",
                                       "--per-class", "2", "--out-dir", str(images), "--pipeline", str(pipe),
+                                      "--context-labels", str(context),
                                       "--classifier", "digits_cnn", "--classifier-weights", str(cnn), "--device", DEVICE)
     out["extract synthetic"] = oodcli("extract", "--model", "clip-tiny", "--data", f"folder:{images}", "--split",
                                       "synthetic/synood", "--role", "synthetic", "--store", str(clip), "--device", DEVICE)
@@ -166,6 +171,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu.json")
     ap.add_argument("--steps", default="extract,throughput,trainers,synood",
                     help="comma-separated subset of: extract, throughput, trainers, synood")
+    ap.add_argument("--models", default=",".join(TWINS), help="the tiny twins the extract step compares")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
@@ -179,18 +185,18 @@ def main() -> None:
         sys.exit("benchmarks/gpu.py needs a CUDA device")
     results = {"machine": {"gpu": torch.cuda.get_device_name(0) if DEVICE != "cpu" else "none", "torch": torch.__version__,
                            "python": platform.python_version(), "cpus": os.cpu_count()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "extract" in steps:
-            step(results, "extract cpu vs cuda (max relative difference)", lambda: extract_cpu_vs_cuda(work))
+            step(results, "extract cpu vs cuda (max relative difference)",
+                 lambda: extract_cpu_vs_cuda(work, args.models.split(",")), args.out)
         if "throughput" in steps:
-            step(results, "throughput batch 256 fp16 (random weights)", throughput)
+            step(results, "throughput batch 256 fp16 (random weights)", throughput, args.out)
         if "trainers" in steps:
-            step(results, "trainers on cuda", lambda: trainers(work))
+            step(results, "trainers on cuda", lambda: trainers(work), args.out)
         if "synood" in steps:
-            step(results, "synood on cuda", lambda: synood(work))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+            step(results, "synood on cuda", lambda: synood(work), args.out)
     print(f"saved {args.out}")
 
 

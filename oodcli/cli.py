@@ -1126,7 +1126,8 @@ def synthesize_synood(
     classifier: str = typer.Option("resnet50", "--classifier", help="Backbone g with logits whose energy guides the noise (see extract --list-models)."),
     classifier_weights: Optional[str] = typer.Option(None, "--classifier-weights", help="Its checkpoint (default: the backbone's default weights)."),
     context_labels: Optional[Path] = typer.Option(
-        None, "--context-labels", help='JSON lines {"id": <split image id>, "labels": [...]}: the prompts; only listed images are picked.'
+        None, "--context-labels", help='JSON lines {"id": <split image id>, "labels": [...]} from \'oodcli synthesize context-labels\': the prompts; '
+        "only listed images are picked (without it: empty prompts, i.e. unconditional inpainting)."
     ),
     strength: float = typer.Option(0.6, "--strength", help="Inpainting strength (eq. 4)."),
     steps: int = typer.Option(20, "--steps", help="Denoising steps of the full schedule."),
