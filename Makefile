@@ -28,7 +28,7 @@ $(INPAINT): | venv
 	$(PY) -m oodcli train diffusion --out $(INPAINT)
 
 demo: venv $(CKPT) $(CLIP_CKPT) $(INPAINT)
-	$(PY) -m oodcli extract --model digits_cnn --weights $(CKPT) --benchmark digits --store $(STORE) --overwrite
+	$(PY) -m oodcli extract --model digits_cnn --weights $(CKPT) --benchmark digits --layers logits,penultimate,featmap --store $(STORE) --overwrite
 	$(PY) -m oodcli score all --store $(STORE) --backbone digits_cnn
 	$(PY) -m oodcli sweep react --store $(STORE) && $(PY) -m oodcli score react --from-sweep --as react-swept --store $(STORE)
 	$(PY) -m oodcli synthesize grood --store $(STORE) --model digits_cnn && $(PY) -m oodcli index --store $(STORE) --source grads/grood/train && $(PY) -m oodcli score grood,grood-distance,grood-gradnorm,grood-classgrad --store $(STORE) --backbone digits_cnn
