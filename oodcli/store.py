@@ -846,11 +846,12 @@ def split_dependents(store: Store, split: str) -> list[str]:
 
 def resolve_removal(store: Store, target: str) -> list[str]:
     """What ``store rm TARGET`` removes: a split (whole or half-made) with its scores and
-    gradients; a method with its scores, fitted state and gradients; or any node by path."""
+    gradients; a method with its scores, fitted state, sweep and gradients; or any node by path."""
     check_name(target, "what to remove")
     if target in split_groups(store):
         return [split_node(target), *split_dependents(store, target)]
-    method = [f"{section}/{target}" for section in ("scores", "fitted", "grads") if store.exists(f"{section}/{target}")]
+    method = [f"{section}/{target}" for section in ("scores", "fitted", "fitted/sweeps", "grads")
+              if store.exists(f"{section}/{target}")]
     if method and "/" not in target:
         return method
     if store.exists(target):

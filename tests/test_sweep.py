@@ -271,3 +271,13 @@ def test_digits_validation_splits_leave_the_test_splits_as_they_were():
         (val_ood,) = bench.split_names("ood-val")
         assert bench.split("val").role == "id" and "/val_" in bench.split(val_ood).source
         assert val_ood not in bench.split_names("ood-near") + bench.split_names("ood-far")
+
+
+def test_store_rm_of_a_method_removes_its_sweep_too(capsys, tmp_path):
+    path = make_sweep_store(tmp_path / "s.zarr")
+    assert run(capsys, "-q", "sweep", "knn", "--store", path, "--grid", "k=1,5")[0] == 0
+    assert run(capsys, "-q", "score", "knn", "--store", path, "--from-sweep")[0] == 0
+    code, out, err = run(capsys, "store", "rm", path, "knn", "--json")
+    assert code == 0, err
+    with open_store(path) as st:
+        assert not st.exists("fitted/sweeps/knn") and not st.exists("scores/knn") and not st.exists("fitted/knn")
