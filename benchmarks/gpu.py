@@ -152,7 +152,7 @@ def synood(work: Path) -> dict:
         out["extract clip-tiny"] = oodcli("extract", "--model", "clip-tiny", "--benchmark", "digits",
                                           "--layers", "image_embeds,patch_tokens", "--store", str(clip), "--device", DEVICE)
     pipe, images = work / "inpaint", work / "synood"
-    out["train diffusion (cpu only)"] = oodcli("train", "diffusion", "--out", str(pipe), "--seconds", "20")
+    out["train diffusion (cpu only)"] = oodcli("train", "diffusion", "--out", str(pipe), "--steps", "40")
     context = work / "context.jsonl"
     out["context labels"] = oodcli("synthesize", "context-labels", "--store", str(clip), "--split", "train",
                                    "--per-class", "2", "--out", str(context))

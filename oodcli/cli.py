@@ -753,8 +753,8 @@ def train_clip(
 @train_app.command("diffusion")
 def train_diffusion(
     out_path: Path = typer.Option(Path("stores/digits_inpaint"), "--out", "-o", help="Pipeline folder to write (save_pretrained, safetensors)."),
-    seconds: Optional[float] = typer.Option(80.0, "--seconds", help="Training budget (a third VAE, the rest U-Net + text encoder)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Or: optimiser steps per stage (with --seconds 0: steps only)."),
+    steps: Optional[int] = typer.Option(150, "--steps", min=1, help="Optimiser steps per stage (VAE, then U-Net + text encoder); the same steps give the same pipeline on any machine."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="Or also: a time budget (a third VAE, the rest U-Net), whichever ends first."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     lr: float = typer.Option(2e-3, "--lr", min=0.0),
     seed: int = typer.Option(0, "--seed"),
