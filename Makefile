@@ -67,6 +67,9 @@ bench: venv
 	$(PY) benchmarks/store.py
 	$(PY) benchmarks/cli.py
 	$(PY) benchmarks/prompts.py
+	$(PY) benchmarks/synood.py
+	$(PY) benchmarks/synood_synthesis.py
+	$(PY) benchmarks/sweep.py
 
 clean:
 	rm -rf $(STORE) $(CKPT) $(CLIP_STORE) $(CLIP_CKPT) $(INPAINT) stores/digits-*.safetensors stores/digits-context.jsonl stores/digits-synood
