@@ -212,6 +212,20 @@ def test_cli_writes_images_and_refuses_another_runs_folder(digits_store, pipe_di
     assert code == 2 and one_line_error(stderr)
 
 
+def test_a_run_that_made_no_image_does_not_lock_its_folder(digits_store, pipe_dir, tmp_path, capsys):
+    """A pipeline that cannot be loaded fails in one line; the folder it leaves holds no image,
+    so the next run, with another pipeline, starts there instead of being refused."""
+    store, ids, _ = digits_store
+    ctx = _labels_file(tmp_path / "ctx.jsonl", ids[:4])
+    out = tmp_path / "syn"
+    code, _, stderr = run(capsys, *_cli(store, out, tmp_path / "no-such-pipeline", ctx))
+    assert code != 0 and one_line_error(stderr) and "pipeline" in stderr
+    assert not any(p.suffix == ".png" for p in out.glob("*"))
+    code, stdout, stderr = run(capsys, *_cli(store, out, pipe_dir, ctx))
+    assert code == 0, stderr
+    assert sorted(out.glob("*.png")) and json.loads((out / synood.RUN_FILE).read_text())["pipeline"].startswith("dir:")
+
+
 def test_unknown_context_label_ids_are_refused(digits_store, pipe_dir, tmp_path, capsys):
     store, ids, _ = digits_store
     ctx = _labels_file(tmp_path / "ctx.jsonl", ids[:4], extra=[10_000_000])

@@ -406,18 +406,30 @@ def _check_folder(out_dir: Path, record: dict) -> set[str]:
             old = json.loads(run_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise OodError(f"{run_file} is damaged; use a new --out-dir") from None
-        for key in ("settings", "pipeline", "classifier", "source", "context_labels"):
-            if old.get(key) != record[key]:
-                raise UsageError(
-                    f"--out-dir {out_dir} holds another run's images (its {key} differ); "
-                    "use a new --out-dir or the same settings to resume"
-                )
-        return _finished(out_dir)
-    if out_dir.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES or p.name == MANIFEST for p in out_dir.iterdir()):
+        differs = [key for key in ("settings", "pipeline", "classifier", "source", "context_labels")
+                   if old.get(key) != record[key]]
+        if not differs:
+            return _finished(out_dir)
+        if _holds_images(out_dir):
+            raise UsageError(
+                f"--out-dir {out_dir} holds another run's images (its {differs[0]} differs); "
+                "use a new --out-dir or the same settings to resume"
+            )
+        # a run that made no image (e.g. its pipeline could not be loaded): this one starts afresh
+    elif _holds_images(out_dir):
         raise UsageError(f"--out-dir {out_dir} already holds images of something else; use a new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_file, lambda tmp: tmp.write_text(json.dumps(record, indent=2), encoding="utf-8"))
     return set()
+
+
+def _holds_images(out_dir: Path) -> bool:
+    """Any image file, or a manifest with a line in it."""
+    if not out_dir.is_dir():
+        return False
+    manifest = out_dir / MANIFEST
+    return (any(p.suffix.lower() in IMAGE_SUFFIXES for p in out_dir.iterdir())
+            or (manifest.is_file() and manifest.stat().st_size > 0))
 
 
 def _finished(out_dir: Path) -> set[str]:
@@ -514,10 +526,10 @@ def synthesize_synood(
     done = _check_folder(out_dir, record)
     todo = [it for it in items if it.file not in done]
     summary = {"out_dir": str(out_dir), "images": len(items), "skipped": len(items) - len(todo), "written": 0}
-    if progress:
-        progress(summary["skipped"], len(items))
-    if todo:
+    if todo:  # the bar appears once the models are loaded (a pipeline that fails to load: one line)
         _run(todo, data, out_dir, settings, pipeline, spec, classifier_weights, device, summary, progress, len(items))
+    elif progress:
+        progress(summary["skipped"], len(items))
     summary["seconds"] = time.perf_counter() - t0
     summary.update(_loss_means(out_dir))
     return summary
@@ -538,6 +550,8 @@ def _run(todo, data, out_dir, settings, pipeline, spec, weights, device, summary
     energy = EnergyLoss(net, spec.preprocess, settings.m_out, settings.tau)
     inpainter = Inpainter(pipe, settings.strength, settings.steps, settings.guidance)
     refine = settings.refine
+    if progress:
+        progress(summary["skipped"], total)
     blank = Image.new("RGB", (inpainter.width, inpainter.height))
     for it in todo:
         image = data.load(it.source_id) if data is not None else blank
