@@ -221,6 +221,17 @@ def train_fingerprint(store: Store, backbone: str, split: str, layers: tuple[str
     return f"sha256:{store.content_hash(*(f'{node}/{layer}' for layer in layers))}:{rows}"
 
 
+def train_mean(scorer: Scorer, store: Store, backbone: str, split: str) -> np.ndarray:
+    """The mean train feature of ``scorer.layers[0]``, summed in float64 over one streamed pass."""
+    layer = scorer.layers[0]
+    total = np.zeros(store.shape(f"{features_node(split, backbone)}/{layer}")[1])
+    n = 0
+    for block in scorer.blocks(store, backbone, split, "fit pass 1/1"):
+        total += block[layer].astype(np.float64).sum(axis=0)
+        n += len(block[layer])
+    return total / n
+
+
 def load_head(store: Store, backbone: str, model_id: str | None) -> tuple[np.ndarray, np.ndarray]:
     """The classifier head saved beside the features, refused if it belongs to other weights."""
     node = f"backbones/{backbone}"

@@ -17,21 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from oodcli.errors import OodError
-from oodcli.scorers.base import Scorer, register
-from oodcli.store import features_node
+from oodcli.scorers.base import Scorer, register, train_mean
 
 NORMALIZERS = ("mean", "norm")
-
-
-def train_mean(scorer: Scorer, store, backbone: str, split: str) -> np.ndarray:
-    """The mean train feature of ``scorer.layers[0]``, summed in float64 over one streamed pass."""
-    layer = scorer.layers[0]
-    total = np.zeros(store.shape(f"{features_node(split, backbone)}/{layer}")[1])
-    n = 0
-    for block in scorer.blocks(store, backbone, split, "fit pass 1/1"):
-        total += block[layer].astype(np.float64).sum(axis=0)
-        n += len(block[layer])
-    return total / n
 
 
 def boundary_denominators(weight: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from oodcli.errors import UsageError
-from oodcli.scorers.base import Scorer, register
+from oodcli.scorers.base import Scorer, register, train_mean
 from oodcli.scorers.logits import energy, softmax
 
 
@@ -68,11 +68,7 @@ class DICE(Scorer):
             raise UsageError(f"dice.percentile must be in [0, 100), not {self.percentile}")
 
     def fit(self, store, backbone, split):
-        total, n = 0.0, 0
-        for block in self.blocks(store, backbone, split, "fit pass 1/1"):
-            total = total + block["penultimate"].astype(np.float64).sum(axis=0)
-            n += len(block["penultimate"])
-        return {"mean_feature": total / n}
+        return {"mean_feature": train_mean(self, store, backbone, split)}
 
     def ready(self, store, backbone, split):
         contribution = self.weight * self.state["mean_feature"][None, :]

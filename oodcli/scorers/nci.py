@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from oodcli.scorers.base import Scorer, register
-from oodcli.scorers.boundary import train_mean
+from oodcli.scorers.base import Scorer, register, train_mean
 
 
 @register
