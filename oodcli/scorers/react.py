@@ -21,8 +21,9 @@ from oodcli.store import features_node
 MAX_VALUES = 1 << 24  # activations kept for the percentile (16.8M float32 = 64 MiB)
 
 
-def train_percentile(scorer: Scorer, store, backbone: str, split: str, q: float) -> tuple[float, int]:
-    """The q-th percentile of all train activations (or of a row subsample); returns (value, row stride)."""
+def train_percentiles(scorer: Scorer, store, backbone: str, split: str, *qs: float) -> tuple[list[float], int]:
+    """The qs-th percentiles of all train activations (or of a row subsample), from one streamed
+    pass; returns ([value per q], row stride)."""
     rows, dim = store.shape(f"{features_node(split, backbone)}/{scorer.layers[0]}")
     stride = max(1, math.ceil(rows * dim / MAX_VALUES))
     kept, start = [], 0
@@ -31,7 +32,7 @@ def train_percentile(scorer: Scorer, store, backbone: str, split: str, q: float)
         first = -start % stride  # first row in this block whose global index is a multiple of stride
         kept.append(x[first::stride].ravel())
         start += len(x)
-    return float(np.percentile(np.concatenate(kept), q)), stride
+    return [float(v) for v in np.percentile(np.concatenate(kept), qs)], stride
 
 
 @register
@@ -49,7 +50,7 @@ class ReAct(Scorer):
             raise ValueError("percentile must be in (0, 100]")
 
     def fit(self, store, backbone, split):
-        threshold, stride = train_percentile(self, store, backbone, split, self.percentile)
+        (threshold,), stride = train_percentiles(self, store, backbone, split, self.percentile)
         return {"threshold": threshold, "row_stride": stride}
 
     def score_batch(self, batch):

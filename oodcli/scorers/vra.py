@@ -10,7 +10,8 @@ Readings: the function is the paper's (and the authors' code: values below a bec
 OpenOOD's postprocessor differs: it clips from below to a instead of zeroing and uses
 the 10th and 90th percentiles of the ID validation split; ``below="clip"`` with
 ``low=10`` reproduces its rule on the train split. Percentiles are ReAct's
-(``oodcli.scorers.react.train_percentile``: exact up to its row-subsampling cap).
+(``oodcli.scorers.react.train_percentiles``, both from one pass: exact up to its row-subsampling
+cap).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from oodcli.scorers.base import Scorer, register
 from oodcli.scorers.logits import energy
-from oodcli.scorers.react import train_percentile
+from oodcli.scorers.react import train_percentiles
 
 BELOW = ("zero", "clip")
 
@@ -41,8 +42,7 @@ class VRA(Scorer):
             raise ValueError(f"below must be one of {', '.join(BELOW)}")
 
     def fit(self, store, backbone, split):
-        low, stride = train_percentile(self, store, backbone, split, self.low)
-        high, _ = train_percentile(self, store, backbone, split, self.high)
+        (low, high), stride = train_percentiles(self, store, backbone, split, self.low, self.high)
         return {"threshold_low": low, "threshold_high": high, "row_stride": stride}
 
     def score_batch(self, batch):
