@@ -280,14 +280,19 @@ def read_prompt_file(path: str | Path) -> PromptFile:
     return PromptFile(str(path), file_hash(path), meta, ctx, None if neg is None else neg.float(), extra)
 
 
+def check_same_clip(meta: dict, what: str, source, retrain: str) -> None:
+    """Refuse a trained file (``what``: 'prompt file PATH', ...) made on another CLIP than the features'."""
+    if meta.get("weights") != source.identity or meta.get("backbone") != source.backbone:
+        raise OodError(
+            f"{what} was trained on {meta.get('backbone')} weights '{meta.get('weights')}', "
+            f"but these features come from {source.backbone} '{source.identity}'; {retrain}"
+        )
+
+
 def check_prompts_fit(prompts: PromptFile, source, names: list[str]) -> None:
     """Refuse prompts learned on another CLIP, or on classes that are not in ``names``."""
     meta = prompts.meta
-    if meta.get("weights") != source.identity or meta.get("backbone") != source.backbone:
-        raise OodError(
-            f"prompt file {prompts.path} was trained on {meta.get('backbone')} weights '{meta.get('weights')}', "
-            f"but these features come from {source.backbone} '{source.identity}'; train prompts on this store"
-        )
+    check_same_clip(meta, f"prompt file {prompts.path}", source, "train prompts on this store")
     foreign = [n for n in meta.get("class_names", []) if n not in set(names)]
     if foreign:
         more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""

@@ -55,7 +55,9 @@ import torch.nn.functional as F
 
 from oodcli.errors import OodError, UsageError
 from oodcli.outputs import check_output_file
-from oodcli.train.prompts import coop_loss, file_hash, fit_epochs, read_rows, read_trained_file, write_prompt_file
+from oodcli.train.prompts import (
+    check_same_clip, coop_loss, file_hash, fit_epochs, read_rows, read_trained_file, write_prompt_file,
+)
 
 METHOD = "synood"
 JPEG_QUALITY = 75
@@ -202,11 +204,7 @@ def read_synood_file(path: str | Path) -> SynoodFile:
 def check_synood_fit(file: SynoodFile, source, names: list[str]) -> None:
     """Refuse a file trained on another CLIP or label set (its negatives were mined against both)."""
     meta = file.meta
-    if meta.get("weights") != source.identity or meta.get("backbone") != source.backbone:
-        raise OodError(
-            f"SynOOD file {file.path} was trained on {meta.get('backbone')} weights '{meta.get('weights')}', "
-            f"but these features come from {source.backbone} '{source.identity}'; train it on this store"
-        )
+    check_same_clip(meta, f"SynOOD file {file.path}", source, "train it on this store")
     if meta.get("class_names") != list(names):
         raise OodError(
             f"SynOOD file {file.path} was trained for another label set ({len(meta.get('class_names') or [])} classes, "
