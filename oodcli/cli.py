@@ -452,9 +452,14 @@ def report(
     average_runs: bool = typer.Option(False, "--average-runs", help="One row per NAME for methods scored as NAME@RUN (score --as), metrics averaged."),
     sort: Optional[str] = typer.Option(
         None, "--sort", help="Order methods best first by COLUMN[:METRIC]: a column ('near avg', 'far avg', a set, "
-        "'rank'), METRIC auroc (default), fpr95, aupr_in or aupr_out."
+        "'rank'), METRIC auroc (default), fpr95, fpr95_openood, aupr_in, aupr_out (or their _openood forms)."
     ),
     rank: bool = typer.Option(False, "--rank", help="Add each method's mean rank (by AUROC) over the OOD sets."),
+    fpr: str = typer.Option(
+        "id", "--fpr", help="FPR@95 convention of the tables: 'id' (ID positive: share of OOD kept at 95% ID "
+        "recall; MCM, NegLabel) or 'openood' (OOD positive: share of ID flagged at 95% OOD recall; OpenOOD v1.5). "
+        "JSON and CSV always carry both (fpr95, fpr95_openood)."
+    ),
 ) -> None:
     """OOD metrics per OOD set and near/far averages (FPR@95, AUROC, AUPR-In/Out), ID accuracy.
 
@@ -472,6 +477,8 @@ def report(
 
       oodcli report --store stores/digits.zarr --sort 'near avg:fpr95' --format markdown
 
+      oodcli report --store stores/cifar10.zarr --fpr openood   # FPR@95 as OpenOOD v1.5 tables print it
+
     The best value of every column is marked (bold) in the table, Markdown and HTML.
     """
     from oodcli import report as rep
@@ -488,7 +495,7 @@ def report(
         check_output_file(html, "--html")
     images = {}
     with open_store(store, "r") as st:
-        data = rep.build_report(st, _split_list(methods), id_split, average_runs)
+        data = rep.build_report(st, _split_list(methods), id_split, average_runs, fpr=fpr)
         if rank:
             rep.add_ranks(data)
         if sort is not None:
@@ -583,7 +590,7 @@ def sweep(
     for k in keys:
         table.add_column(k, justify="right")
     table.add_column("AUROC %", justify="right")
-    table.add_column("FPR@95 %", justify="right")
+    table.add_column("FPR@95 % (ID positive)", justify="right")
     if len(ood) > 1:
         for s in ood:
             table.add_column(f"{s.split('/')[-1]} AUROC", justify="right")

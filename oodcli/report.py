@@ -21,8 +21,14 @@ from oodcli.scoring import check_splits_exist, default_id_split, ood_splits, rea
 from oodcli.store import Store, check_name, features_node, split_node, split_role
 
 FORMATS = ("table", "json", "csv", "markdown")
-METRIC_NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out")
-LOWER_IS_BETTER = ("fpr95", "rank")
+METRIC_NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out", "fpr95_openood", "aupr_in_openood", "aupr_out_openood")
+LOWER_IS_BETTER = ("fpr95", "fpr95_openood", "rank")
+# --fpr: which FPR@95 the tables show (JSON and CSV always carry both)
+FPR_CONVENTIONS = {"id": "fpr95", "openood": "fpr95_openood"}
+FPR_CAPTIONS = {
+    "id": "FPR@95 with ID positive (share of OOD kept at 95% ID recall; MCM/NegLabel convention)",
+    "openood": "FPR@95 with OOD positive (share of ID flagged at 95% OOD recall; OpenOOD v1.5 convention)",
+}
 RANK = "rank"  # the mean-rank column (--rank), and its key in --sort
 
 
@@ -31,7 +37,11 @@ def _group(role: str) -> str:
 
 
 def build_report(store: Store, methods: list[str] | None = None, id_split: str | None = None,
-                 average_runs: bool = False) -> dict:
+                 average_runs: bool = False, fpr: str = "id") -> dict:
+    """Metrics of every method on every OOD set. ``fpr`` (``id`` or ``openood``) only chooses
+    which FPR@95 the tables show; both are computed (see ``oodcli.metrics``)."""
+    if fpr not in FPR_CONVENTIONS:
+        raise UsageError(f"unknown --fpr '{fpr}'; use one of {', '.join(FPR_CONVENTIONS)}")
     available = scored_methods(store)
     if not available:
         raise OodError(f"store {store.path} has no scores yet; run 'oodcli score METHOD --store {store.path}'")
@@ -49,6 +59,7 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
     report: dict = {
         "store": str(store.path),
         "id_split": id_split,
+        "fpr": fpr,
         "ood_splits": {s: groups[s] for s in oods},
         "methods": {},
     }
@@ -146,6 +157,11 @@ def _columns(report: dict) -> list[tuple[str, str | None]]:
     return cols
 
 
+def fpr_key(report: dict) -> str:
+    """The metric behind the tables' FPR@95 column."""
+    return FPR_CONVENTIONS[report.get("fpr", "id")]
+
+
 def _cell(method: dict, key: str) -> dict | None:
     if key.startswith("avg:"):
         return method["averages"].get(key[4:])
@@ -233,7 +249,7 @@ def sort_methods(report: dict, text: str) -> dict:
 def best_cells(report: dict) -> dict[str, dict[str, list[str]]]:
     """Per column key and metric (auroc, fpr95; 'rank' for the rank column), the methods with the
     best value as shown (the highest AUROC, the lowest FPR@95 or mean rank)."""
-    keys = [(key, ("auroc", "fpr95")) for _, key in _columns(report)]
+    keys = [(key, ("auroc", fpr_key(report))) for _, key in _columns(report)]
     if report.get("ranked"):
         keys.append((RANK, (RANK,)))
     best: dict[str, dict[str, list[str]]] = {}
@@ -258,7 +274,7 @@ def _marked_parts(report: dict, best: dict, method: str, key: str) -> list[tuple
         return [("-", False)]
     marks = best.get(key, {})
     return [(f"{100 * cell['auroc']:.1f}", method in marks.get("auroc", [])), (" / ", False),
-            (f"{100 * cell['fpr95']:.1f}", method in marks.get("fpr95", []))]
+            (f"{100 * cell[fpr_key(report)]:.1f}", method in marks.get(fpr_key(report), []))]
 
 
 def _table_keys(report: dict) -> list[tuple[str, str]]:
@@ -294,7 +310,8 @@ def render_table(report: dict):
         cells = [Text.assemble(*((t, "bold green") if b else t for t, b in _marked_parts(report, best, method, key)))
                  for _, key in cols]
         table.add_row(Text(_label(method, data)), *cells)
-    table.caption = "; ".join(n for n in (_mark_note(report), _missing_note(report)) if n)
+    table.caption = "; ".join(n for n in (FPR_CAPTIONS[report.get("fpr", "id")], _mark_note(report),
+                                          _missing_note(report)) if n)
     return table
 
 
@@ -315,7 +332,7 @@ def render_markdown(report: dict) -> str:
         cells = ["".join(f"**{t}**" if b else t for t, b in _marked_parts(report, best, method, key)) for _, key in cols]
         lines.append(f"| {_label(method, data)} | " + " | ".join(cells) + " |")
     acc = report["id_accuracy"]
-    footer = f"\nAUROC / FPR@95 in %, ID split `{report['id_split']}`"
+    footer = f"\nAUROC / FPR@95 in %, ID split `{report['id_split']}`; {FPR_CAPTIONS[report.get('fpr', 'id')]}"
     if acc is not None:
         footer += f", ID accuracy {100 * acc:.2f}%"
     footer += f"; {_mark_note(report)}"
@@ -330,7 +347,7 @@ def render_csv(report: dict) -> str:
     writer.writerow(["method", "ood_set", "group", *METRIC_NAMES])
     for method, data in report["methods"].items():
         if data.get("mean_rank") is not None:  # --rank: one row with the mean rank in place of the metrics
-            writer.writerow([method, "mean_rank", "rank", f"{data['mean_rank']:.6f}", "", "", ""])
+            writer.writerow([method, "mean_rank", "rank", f"{data['mean_rank']:.6f}", *[""] * (len(METRIC_NAMES) - 1)])
         for split, m in data["sets"].items():
             writer.writerow([method, split, report["ood_splits"][split], *(f"{m[k]:.6f}" for k in METRIC_NAMES)])
         for group, m in data["averages"].items():
@@ -458,9 +475,11 @@ b.best {{ color: #0a6e31; }}
 </style></head><body>
 <h1>OOD detection report</h1>
 <p>Store <code>{escape(report['store'])}</code>, ID split <code>{escape(report['id_split'])}</code>{accuracy}.
-Higher score = more in-distribution; ID is the positive class.</p>
+Higher score = more in-distribution. The detail table holds both conventions: <code>fpr95</code>,
+<code>aupr_in</code>, <code>aupr_out</code> with ID positive (step-sum AUPR); the <code>*_openood</code>
+columns as OpenOOD v1.5 computes them (OOD positive, trapezoid AUPR).</p>
 <h2>AUROC / FPR@95 (%)</h2>
-<p>{escape(_mark_note(report))}.</p>
+<p>{escape(FPR_CAPTIONS[report.get('fpr', 'id')])}; {escape(_mark_note(report))}.</p>
 <table><tr><th>method</th>{head}</tr>{rows}</table>
 <h2>Every metric (%)</h2>
 <table><tr><th>method</th><th>OOD set</th><th>group</th>{''.join(f'<th>{k}</th>' for k in METRIC_NAMES)}</tr>{detail}</table>

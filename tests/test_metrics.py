@@ -64,3 +64,69 @@ def test_average_ranks_equal_scipy_rankdata_with_ties():
     for _ in range(50):
         x = rng.integers(0, 15, rng.integers(1, 200)).astype(np.float32)
         np.testing.assert_allclose(average_ranks(x), rankdata(x))
+
+
+def _openood_metrics(id_s, ood_s):
+    """OpenOOD v1.5's own formulas (openood/evaluators/metrics.py): OOD positive, conf negated."""
+    from sklearn import metrics
+
+    conf = np.r_[id_s, ood_s]
+    is_ood = np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))]
+    fpr_list, tpr_list, _ = metrics.roc_curve(is_ood, -conf)
+    fpr = fpr_list[np.argmax(tpr_list >= 0.95)]
+    p_in, r_in, _ = metrics.precision_recall_curve(1 - is_ood, conf)
+    p_out, r_out, _ = metrics.precision_recall_curve(is_ood, -conf)
+    return fpr, metrics.auc(fpr_list, tpr_list), metrics.auc(r_in, p_in), metrics.auc(r_out, p_out)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ties", [False, True])
+def test_openood_convention_equals_openood_formula(seed, ties):
+    from oodcli.metrics import fpr_at_ood_recall, trapezoid_aupr
+
+    rng = np.random.default_rng(100 + seed)
+    id_s = rng.normal(1.0, 1.0, 280 + 41 * seed)
+    ood_s = rng.normal(0.0, 1.5, 180 + 13 * seed)
+    if ties:
+        id_s, ood_s = np.round(id_s, 1), np.round(ood_s, 1)
+    fpr, au, aupr_in, aupr_out = _openood_metrics(id_s, ood_s)
+    assert fpr_at_ood_recall(id_s, ood_s) == pytest.approx(fpr, abs=1e-12)
+    assert trapezoid_aupr(id_s, ood_s) == pytest.approx(aupr_in, abs=1e-12)
+    assert trapezoid_aupr(-ood_s, -id_s) == pytest.approx(aupr_out, abs=1e-12)
+    m = ood_metrics(id_s, ood_s)
+    assert m.auroc == pytest.approx(au, abs=1e-12)  # AUROC is the same in both conventions
+    assert (m.fpr95_openood, m.aupr_in_openood, m.aupr_out_openood) == pytest.approx((fpr, aupr_in, aupr_out), abs=1e-12)
+
+
+def test_the_two_fpr95_conventions_on_a_hand_case():
+    from oodcli.metrics import fpr_at_ood_recall
+
+    # 20 OOD scores 0..19: 95% of OOD is caught at "score <= 18"; ID 10..29 -> 9 of 20 ID (10..18) flagged
+    ood_s = np.arange(20, dtype=float)
+    id_s = np.arange(10, 30, dtype=float)
+    assert fpr_at_ood_recall(id_s, ood_s) == pytest.approx(9 / 20)
+    # ID positive: 95% of ID kept at "score >= 11"; OOD 11..19 kept -> 9 of 20
+    assert fpr_at_tpr(id_s, ood_s) == pytest.approx(9 / 20)
+    # 10% of OOD sits inside the ID range: few OOD pass ID's 5% quantile (ID positive), but OOD's
+    # 95% quantile lies deep in ID, so half of ID is flagged (OpenOOD)
+    id_s = np.arange(100, dtype=float)
+    ood_s = np.r_[-np.arange(1, 91, dtype=float), np.arange(50, 60, dtype=float)]
+    assert fpr_at_tpr(id_s, ood_s) == pytest.approx(10 / 100)  # threshold 5: OOD 50..59 kept
+    assert fpr_at_ood_recall(id_s, ood_s) == pytest.approx(55 / 100)  # threshold 54: ID 0..54 flagged
+
+
+@pytest.mark.parametrize("case", ["all_tied", "perfect", "inverted", "single"])
+def test_openood_convention_edge_cases(case):
+    from oodcli.metrics import fpr_at_ood_recall, trapezoid_aupr
+
+    id_s, ood_s = {
+        "all_tied": (np.zeros(10), np.zeros(7)),
+        "perfect": (np.arange(10.0) + 100, np.arange(7.0)),
+        "inverted": (np.arange(10.0), np.arange(7.0) + 100),
+        "single": (np.array([1.0]), np.array([0.0])),
+    }[case]
+    fpr, _, aupr_in, aupr_out = _openood_metrics(id_s, ood_s)
+    assert fpr_at_ood_recall(id_s, ood_s) == pytest.approx(fpr, abs=1e-12)
+    assert trapezoid_aupr(id_s, ood_s) == pytest.approx(aupr_in, abs=1e-12)
+    assert trapezoid_aupr(-ood_s, -id_s) == pytest.approx(aupr_out, abs=1e-12)
+    assert fpr_at_tpr(id_s, ood_s) == pytest.approx(_sklearn_fpr95(id_s, ood_s), abs=1e-12)

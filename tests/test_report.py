@@ -56,6 +56,35 @@ def test_report_formats(capsys, scored):
     assert code == 0 and "near avg" in out and "far avg" in out and "ID accuracy" in out
 
 
+def test_fpr_convention_chooses_the_tables_column_and_json_carries_both(capsys, scored):
+    code, out, _ = run(capsys, "report", "--store", scored, "--json")
+    report = json.loads(out)
+    cell = report["methods"]["energy"]["sets"]["ood/near/a"]
+    assert {"fpr95", "fpr95_openood", "aupr_in_openood", "aupr_out_openood"} <= set(cell)
+    with open_store(scored) as st:
+        id_s, ood_s = st.read("scores/energy/test"), st.read("scores/energy/ood/near/a")
+    # OpenOOD: ID flagged at the first threshold catching 95% of OOD (OOD positive, score negated)
+    is_ood = np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))]
+    fpr, tpr, _ = roc_curve(is_ood, -np.r_[id_s, ood_s])
+    assert cell["fpr95_openood"] == pytest.approx(fpr[np.argmax(tpr >= 0.95)])
+    rows = {}
+    for convention in ("id", "openood"):
+        code, out, _ = run(capsys, "report", "--store", scored, "--format", "markdown", "--fpr", convention,
+                           "--methods", "energy")
+        assert code == 0
+        rows[convention] = next(line for line in out.splitlines() if line.startswith("| energy |"))
+    key = {"id": "fpr95", "openood": "fpr95_openood"}
+    for convention, line in rows.items():
+        shown = line.split("|")[2].split("/")[1].strip().strip("*")
+        assert shown == f"{100 * cell[key[convention]]:.1f}"
+    code, out, _ = run(capsys, "report", "--store", scored, "--format", "markdown", "--fpr", "openood")
+    assert "OOD positive" in out and "OpenOOD v1.5" in out
+    code, out, _ = run(capsys, "report", "--store", scored, "--format", "csv")
+    assert "fpr95_openood" in out.splitlines()[0]
+    code, _, err = run(capsys, "report", "--store", scored, "--fpr", "oodpos")
+    assert code == 2 and one_line_error(err) and "--fpr" in err
+
+
 def test_plots_and_self_contained_html(capsys, tmp_path, scored):
     plots, page = tmp_path / "plots", tmp_path / "out" / "report.html"
     code, out, err = run(capsys, "report", "--store", scored, "--plots", plots, "--html", page)
