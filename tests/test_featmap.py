@@ -160,17 +160,24 @@ def _reference(method, acts, weight, bias, p):
 METHODS = {"ash-p": 90.0, "ash-s": 90.0, "ash-b": 90.0, "scale": 85.0}
 
 
-@pytest.mark.parametrize("store_name,layer", [("fm_store", "featmap"), ("plain_store", "penultimate")])
-def test_shaping_scores_match_the_formulas_and_say_what_they_shaped(request, store_name, layer):
+@pytest.mark.parametrize("store_name,asked,layer", [
+    ("fm_store", None, "penultimate"),  # the default is the pooled vector even when a map is stored (authors' code)
+    ("fm_store", "featmap", "featmap"),
+    ("fm_store", "auto", "featmap"),
+    ("plain_store", None, "penultimate"),
+    ("plain_store", "auto", "penultimate"),
+])
+def test_shaping_scores_match_the_formulas_and_say_what_they_shaped(request, store_name, asked, layer):
     path = request.getfixturevalue(store_name)
+    hparams = {m: {"layer": asked} for m in METHODS} if asked else None
     with open_store(path, "a") as st:
-        outcomes = score_methods(st, list(METHODS), id_split="test", ood=["ood/far/x"])
+        outcomes = score_methods(st, list(METHODS), id_split="test", ood=["ood/far/x"], hparams=hparams)
     for o in outcomes:
         assert o.status == "written", o.reason
-        if layer == "featmap":
-            assert o.notes == []
-        else:  # the fallback is said with the scores
+        if asked == "auto" and layer == "penultimate":  # the fallback is said with the scores
             assert any("no featmap" in n and "penultimate" in n for n in o.notes), o.notes
+        else:
+            assert o.notes == []
     with open_store(path) as st:
         weight = st.read("backbones/digits_cnn-tiny/head/weight").astype(np.float64)
         bias = st.read("backbones/digits_cnn-tiny/head/bias").astype(np.float64)
@@ -206,7 +213,8 @@ def test_featmap_scorers_read_one_chunk_at_a_time(fm_store, monkeypatch):
 
     monkeypatch.setattr(Store, "read", spy)
     with open_store(fm_store, "a") as st:
-        outcomes = score_methods(st, ["ash-b", "scale"], id_split="test", ood=["ood/far/x"])
+        outcomes = score_methods(st, ["ash-b", "scale"], id_split="test", ood=["ood/far/x"],
+                                 hparams={"ash-b": {"layer": "featmap"}, "scale": {"layer": "featmap"}})
     assert all(o.status == "written" for o in outcomes)
     assert reads and max(reads) <= CHUNK and sum(reads) == 2 * (24 + 24)
 
