@@ -416,10 +416,12 @@ def _gram_reference(fmap, powers):
     return np.array(out)
 
 
-def test_gram_deviations_match_the_paper(fm_store):
+@pytest.mark.parametrize("confidence", ["msp", "none"])
+def test_gram_deviations_match_the_paper(fm_store, confidence):
     powers = 3
     with open_store(fm_store, "a") as st:
-        [o] = score_methods(st, ["gram"], id_split="test", ood=["ood/far/x"], hparams={"gram": {"powers": powers}})
+        [o] = score_methods(st, ["gram"], id_split="test", ood=["ood/far/x"],
+                            hparams={"gram": {"powers": powers, "confidence": confidence}})
         assert o.status == "written", o.reason
         node = "splits/{}/digits_cnn-tiny/{}"
         train_g = _gram_reference(st.read(node.format("train", "featmap")).astype(np.float32), powers)
@@ -429,16 +431,20 @@ def test_gram_deviations_match_the_paper(fm_store):
         glo, ghi = train_g.min(0), train_g.max(0)
         for split in ("test", "ood/far/x"):
             g = _gram_reference(st.read(node.format(split, "featmap")).astype(np.float32), powers)
-            pred = st.read(node.format(split, "logits")).astype(np.float32).argmax(1)
+            logits = st.read(node.format(split, "logits")).astype(np.float64)
+            pred = logits.argmax(1)
+            # Sastry & Oore's code and OpenOOD divide the total deviation by the max softmax probability
+            msp = (np.exp(logits - logits.max(1, keepdims=True)) /
+                   np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)).max(1)
             expect = []
-            for gi, c in zip(g, pred):
+            for gi, c, conf in zip(g, pred, msp):
                 mn, mx = lo.get(c, glo), hi.get(c, ghi)
                 dev = np.maximum(mn - gi, 0) / np.abs(mn + 1e-6) + np.maximum(gi - mx, 0) / np.abs(mx + 1e-6)
-                expect.append(-dev.sum())
+                expect.append(-dev.sum() / (conf if confidence == "msp" else 1.0))
             np.testing.assert_allclose(st.read(f"scores/gram/{split}"), expect, rtol=1e-4, atol=1e-6)
         from oodcli.scorers import get_scorer
 
-        scorer = get_scorer("gram", powers=powers)
+        scorer = get_scorer("gram", powers=powers, confidence=confidence)
         model_id = st.node_attrs(f"splits/test/{MODEL}")["model_id"]
         assert scorer.prepare(st, MODEL, "train", model_id) == "cached"  # the fit written with the scores
         assert (scorer.score(st, MODEL, "train") == 0).all()  # each train sample lies in its class's range

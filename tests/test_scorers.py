@@ -190,10 +190,10 @@ def test_registry_lists_published_defaults():
     assert params["gen"] == {"gamma": 0.1, "top_m": 100}
     assert params["energy"] == {"temperature": 1.0}
     assert params["react"] == {"percentile": 90.0}
-    assert params["ash-s"] == params["ash-b"] == params["ash-p"] == {"percentile": 90.0, "layer": "auto"}
-    assert params["scale"] == {"percentile": 85.0, "layer": "auto"}
+    assert params["ash-s"] == params["ash-b"] == params["ash-p"] == {"percentile": 90.0, "layer": "penultimate"}
+    assert params["scale"] == {"percentile": 85.0, "layer": "penultimate"}
     assert params["odin"] == params["mahalanobis-perturbed"] == {}  # their settings are fixed at extraction
-    assert params["gram"] == {"powers": 10}
+    assert params["gram"] == {"powers": 10, "confidence": "msp"}
     assert params["knn"] == {"k": None} and params["vim"] == params["residual"] == {"dim": None}
     assert params["msp"] == params["mahalanobis"] == params["rmds"] == {}
 

@@ -6,10 +6,13 @@ g_p = sign(s) |s|^(1/p) with s = (F^p)(F^p)' 1 (F^p elementwise). The row sum is
 as sum_k F^p_ik (sum_j F^p_jk), which is the same number without the C x C matrix.
 
 Fit: per class c (the class the network predicts, as the paper does for train data),
-the min and max of every g_p over the train samples predicted as c. Score of a sample
-predicted as c: minus its total deviation, summed over channels and orders,
-relu(min - g) / |min| + relu(g - max) / |max| (a 1e-6 guard as in the reference code).
-A class no train sample is predicted as gets the range over all classes.
+the min and max of every g_p over the train samples predicted as c. Deviation of a sample
+predicted as c: summed over channels and orders, relu(min - g) / |min| + relu(g - max) / |max|
+(a 1e-6 guard as in the reference code). A class no train sample is predicted as gets the
+range over all classes. Score: minus the deviation divided by the sample's maximum softmax
+probability, as Sastry & Oore's released code (``test_deviations / test_confs_PRED``) and
+OpenOOD (``-deviations / confs``) compute it: a confident prediction with the same deviation
+is more in-distribution. ``confidence="none"`` scores minus the bare deviation.
 
 The paper sums such deviations over many layers, each divided by its mean deviation on
 held-out ID data; a store keeps one feature map (the last stage), where that division is
@@ -21,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from oodcli.scorers.base import Scorer, register
+from oodcli.scorers.logits import softmax
 
 GUARD = 1e-6
 
@@ -44,10 +48,13 @@ class Gram(Scorer):
     layers = ("featmap", "logits")
     needs_fit = True
 
-    def __init__(self, powers: int = 10):
+    def __init__(self, powers: int = 10, confidence: str = "msp"):
         self.powers = int(powers)
         if self.powers < 1:
             raise ValueError("powers must be >= 1")
+        if confidence not in ("msp", "none"):
+            raise ValueError(f"confidence must be msp or none, not {confidence!r}")
+        self.confidence = confidence
 
     def fit(self, store, backbone, split):
         classes = store.shape(f"backbones/{backbone}/head/bias")[0] if store.is_array(f"backbones/{backbone}/head/bias") \
@@ -67,4 +74,7 @@ class Gram(Scorer):
         g, pred = gram_features(batch["featmap"], self.powers), batch["logits"].argmax(axis=1)
         lo, hi = self.state["mins"][pred], self.state["maxs"][pred]
         dev = np.maximum(lo - g, 0) / np.abs(lo + GUARD) + np.maximum(g - hi, 0) / np.abs(hi + GUARD)
-        return -dev.sum(axis=(1, 2))
+        total = dev.sum(axis=(1, 2))
+        if self.confidence == "msp":
+            total = total / softmax(batch["logits"].astype(np.float64), axis=1).max(axis=1)
+        return -total
