@@ -16,9 +16,11 @@ fingerprint. The scorers in ``oodcli.scorers.perturbed`` read those layers.
   f(x') as ``penultimate@mahalanobis``. Default eps = 0.0014 (OpenOOD's mds_ensemble);
   the fit split itself (``train=``, default ``train``) is not perturbed.
 
-Reading of eps: both papers' code (and OpenOOD) step by eps in [0, 1] pixel units,
-i.e. eps / std_c per channel in the normalised input the network sees; so does this
-module (the preprocessing's std). sign(0) = 0: a pixel with no gradient does not move
+Reading of eps: both papers' code steps by eps in [0, 1] pixel units, i.e. eps / std_c per
+channel in the normalised input the network sees; so does this module (the preprocessing's
+std). OpenOOD's ODIN does the same; OpenOOD's ``mds_ensemble`` instead divides by a fixed
+0.5 for every data set, so its ImageNet step is about 2.2 times smaller than Lee et al.'s
+(and this module's) at the same eps. sign(0) = 0: a pixel with no gradient does not move
 (the reference code maps it to +1; with real-valued gradients this never matters).
 Perturbation passes run in float32 (no autocast) so the sign of small gradients holds.
 

@@ -107,6 +107,18 @@ def ref_gmm(train, data, components=5, dim=50, stride=1):
     return np.max(per_class, axis=0)
 
 
+def ref_gmm_openood(train, data, components=50, dim=50):
+    """OpenOOD's gmm: one tied mixture over all train features after PCA, its log density."""
+    from sklearn.mixture import GaussianMixture
+
+    x = train["penultimate"]
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    basis = vt[: min(dim, x.shape[1])].T
+    mixture = GaussianMixture(components, covariance_type="tied", random_state=0).fit((x - mean) @ basis)
+    return mixture.score_samples((data["penultimate"] - mean) @ basis)
+
+
 REFERENCES = {
     "fdbd": ref_fdbd,
     "nci": ref_nci,
@@ -162,6 +174,7 @@ VARIANTS = [
     ("nnguide", {"bank_fraction": 0.25}, lambda t, d: ref_nnguide(t, d, 100, 0.25)),
     ("relation", {"pow": 2.0, "threshold": 0.1}, lambda t, d: ref_relation(t, d, 2.0, 0.1)),
     ("gmm", {"components": 3, "dim": 8}, lambda t, d: ref_gmm(t, d, 3, 8)),
+    ("gmm", {"components": 10, "dim": 8, "class_conditional": False}, lambda t, d: ref_gmm_openood(t, d, 10, 8)),
 ]
 
 

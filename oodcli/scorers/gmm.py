@@ -10,9 +10,12 @@ narrow covariances compare fairly).
 
 Readings: OpenOOD's ``gmm`` postprocessor fits one tied mixture of 50 components to
 all train features after PCA to 50 dimensions and scores log sum_k w_k exp(-d_k / 2);
-it is not class-conditional. This keeps its PCA to 50 dimensions, its tied
+it is not class-conditional. The default keeps its PCA to 50 dimensions, its tied
 covariance and its seed, and splits its 50 components over classes the way its
 CIFAR-10 setting does on average: 5 per class (fewer when a class has fewer rows).
+``class_conditional=false components=50`` is OpenOOD's ``gmm`` itself: one mixture over
+all train rows, scored by its log density (OpenOOD's score up to a constant shared by
+every component under the tied covariance, so the same ranking and the same metrics).
 
 EM needs a class's rows in memory, so the second pass keeps the projected rows (dim
 values each) of every s-th train row, s chosen so at most ``MAX_VALUES`` values
@@ -41,8 +44,9 @@ class GMM(Scorer):
     layers = ("penultimate",)
     needs_fit = True
 
-    def __init__(self, components: int = 5, dim: int = 50, seed: int = 0):
+    def __init__(self, components: int = 5, dim: int = 50, seed: int = 0, class_conditional: bool = True):
         self.components, self.dim, self.seed = int(components), int(dim), int(seed)
+        self.class_conditional = bool(class_conditional)
         if self.components < 1:
             raise ValueError("components must be >= 1")
         if self.dim < 1:
@@ -70,6 +74,8 @@ class GMM(Scorer):
             labels.append(block["labels"][first::stride])
             start += len(block["penultimate"])
         projected, labels = np.concatenate(kept), np.concatenate(labels)
+        if not self.class_conditional:  # OpenOOD's gmm: one mixture over every train row
+            labels = np.zeros_like(labels)
         means, weights, cholesky, owner = [], [], [], []
         classes = np.unique(labels)
         for c in classes:

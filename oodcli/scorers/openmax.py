@@ -62,8 +62,10 @@ class OpenMax(Scorer):
 
     The score is log((1 - P(unknown)) / P(unknown)), the same ranking as 1 - P(unknown) but
     without its saturation at 1.0 in float32 (on the digits benchmark most ID and near-OOD
-    samples tie there). ``output=max`` gives OpenOOD's confidence instead: the largest of the
-    C + 1 OpenMax probabilities (the unknown class's included).
+    samples tie there); it ranks exactly as OpenOOD's confidence (-P(unknown)), so it gives
+    OpenOOD's metrics. ``output=max`` scores the largest of the C + 1 OpenMax probabilities
+    (the unknown class's included), the confidence of Bendale & Boult's decision rule, which
+    is not what OpenOOD reports.
     """
 
     name = "openmax"
