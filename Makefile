@@ -31,6 +31,8 @@ demo: venv $(CKPT) $(CLIP_CKPT) $(INPAINT)
 	$(PY) -m oodcli extract --model digits_cnn --weights $(CKPT) --benchmark digits --layers logits,penultimate,featmap --store $(STORE) --overwrite
 	$(PY) -m oodcli score all --store $(STORE) --backbone digits_cnn
 	$(PY) -m oodcli score temp-scaling --store $(STORE) -p temp-scaling.temperature=1000  # no NLL optimum on digits: every train and val image is right
+	$(PY) -m oodcli score ash-s --as ash-s-featmap --store $(STORE) -p ash-s.layer=featmap  # shaped before pooling; by default the pooled vector, as the authors' code does
+	$(PY) -m oodcli score scale --as scale-featmap --store $(STORE) -p scale.layer=featmap
 	$(PY) -m oodcli sweep react --store $(STORE) && $(PY) -m oodcli score react --from-sweep --as react-swept --store $(STORE)
 	$(PY) -m oodcli synthesize grood --store $(STORE) --model digits_cnn && $(PY) -m oodcli index --store $(STORE) --source grads/grood/train && $(PY) -m oodcli score grood,grood-distance,grood-gradnorm,grood-classgrad --store $(STORE) --backbone digits_cnn
 	OODCLI="$(PY) -m oodcli" sh recipes/apex-digits.sh $(STORE)
