@@ -33,6 +33,18 @@ def one_line_error(text: str) -> bool:
     return len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in text
 
 
+@pytest.fixture
+def ctrl_c():
+    """Python's own Ctrl-C handler for the test, as in an interactive terminal. A shell that
+    starts the suite in the background (or under nohup) leaves SIGINT ignored, and Python then
+    installs no handler; tests of what Ctrl-C does must not depend on how they were started."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def run(capsys, *args):
     """The CLI in-process: (exit code, stdout, stderr)."""
     from oodcli.cli import main

@@ -263,7 +263,7 @@ def _store_state(path):
 
 @pytest.mark.parametrize("when", ["scoring", "writing"])
 def test_ctrl_c_during_score_gives_130_one_line_and_the_store_as_before(capsys, tmp_path, digits_store, monkeypatch,
-                                                                       when):
+                                                                       when, ctrl_c):
     """A real SIGINT, sent while a method scores or while the results are being written:
     exit 130, one line on stderr, and not one array or attribute changed."""
     import os

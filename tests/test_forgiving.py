@@ -137,7 +137,7 @@ def test_exit_codes_named_against_all(capsys, poisoned):
         assert snapshot(path) == before, args  # before any work: nothing written
 
 
-def test_ctrl_c_keeps_the_methods_written_before_it(capsys, tmp_path, monkeypatch):
+def test_ctrl_c_keeps_the_methods_written_before_it(capsys, tmp_path, monkeypatch, ctrl_c):
     import oodcli.scorers.logits as logits
 
     path = make_store(tmp_path / "s.zarr")

@@ -283,7 +283,7 @@ def test_remove_a_split_takes_its_scores_and_gradients(store_path):
             remove_nodes(st, ["nope"])
 
 
-def test_interrupt_waits_for_the_store_operation():
+def test_interrupt_waits_for_the_store_operation(ctrl_c):
     import os
     import signal
 
