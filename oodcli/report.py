@@ -68,7 +68,7 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
         if len(id_scores) != len(labels):
             raise OodError(f"scores of '{method}' on '{id_split}' are stale (row count differs); re-score")
         attrs = store.node_attrs(f"scores/{method}/{id_split}")
-        per_set, missing = {}, []
+        per_set, missing, constant = {}, [], []
         for split in oods:
             node = f"scores/{method}/{split}"
             if not store.is_array(node):
@@ -81,18 +81,22 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
             ood_scores = read_scores(store, method, split)
             if len(ood_scores) != store.shape(f"{split_node(split)}/labels")[0]:
                 raise OodError(f"scores of '{method}' on '{split}' are stale (row count differs); re-score")
+            if np.ptp(np.r_[id_scores, ood_scores]) == 0:  # one value for every row: no ranking to measure
+                constant.append(split)
+                continue
             per_set[split] = ood_metrics(id_scores, ood_scores).as_dict()
         averages = {}
         for group in ("near", "far"):
             members = [per_set[s] for s in per_set if groups[s] == group]
             # an average over fewer sets than the store holds would pass for the full one
-            if members and not any(groups[s] == group for s in missing):
+            if members and not any(groups[s] == group for s in missing + constant):
                 averages[group] = {k: float(np.mean([m[k] for m in members])) for k in METRIC_NAMES}
         report["methods"][method] = {
             "backbone": attrs.get("backbone"),
             "hparams": attrs.get("hparams", {}),
             "sets": per_set,
             "missing": missing,
+            "constant": constant,  # scored, but one value on ID and OOD alike: no metric, no average
             "averages": averages,
         }
     report["id_accuracy"] = _id_accuracy(store, report, id_split, labels)
@@ -125,6 +129,7 @@ def average_over_runs(methods: dict) -> dict:
             "hparams": rows[0]["hparams"],
             "sets": mean([r["sets"] for r in rows]),
             "missing": sorted({s for r in rows for s in r["missing"]}),
+            "constant": sorted({s for r in rows for s in r.get("constant", [])}),
             "averages": mean([r["averages"] for r in rows]),
             "runs": names,
         }
@@ -271,7 +276,7 @@ def _marked_parts(report: dict, best: dict, method: str, key: str) -> list[tuple
         return [("-" if v is None else f"{v:.2f}", method in best.get(RANK, {}).get(RANK, []))]
     cell = _cell(report["methods"][method], key)
     if cell is None:
-        return [("-", False)]
+        return [("const" if key in report["methods"][method].get("constant", ()) else "-", False)]
     marks = best.get(key, {})
     return [(f"{100 * cell['auroc']:.1f}", method in marks.get("auroc", [])), (" / ", False),
             (f"{100 * cell[fpr_key(report)]:.1f}", method in marks.get(fpr_key(report), []))]
@@ -318,7 +323,13 @@ def render_table(report: dict):
 def _missing_note(report: dict) -> str:
     """Which methods lack scores on some OOD sets (their averages over those groups are left out)."""
     gaps = [f"{m} ({', '.join(d['missing'])})" for m, d in report["methods"].items() if d.get("missing")]
-    return f"- = not scored; no average over a group with a missing set: {'; '.join(gaps)}" if gaps else ""
+    flat = [f"{m} ({', '.join(d['constant'])})" for m, d in report["methods"].items() if d.get("constant")]
+    notes = []
+    if gaps:
+        notes.append(f"- = not scored; no average over a group with a missing set: {'; '.join(gaps)}")
+    if flat:
+        notes.append(f"const = the same score for every ID and OOD row, no metric and no average: {'; '.join(flat)}")
+    return "; ".join(notes)
 
 
 def render_markdown(report: dict) -> str:

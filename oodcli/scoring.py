@@ -539,6 +539,12 @@ def _run_one(store: Store, plan: _Plan, splits: list[str], train_split: str, pro
             if not np.isfinite(values).all():
                 raise OodError(f"method '{scorer.name}' gave NaN/inf scores on split '{split}'")
             scored.append((split, values, time.perf_counter() - t0))
+        constant = [split for split, values, _ in scored if len(values) and float(np.ptp(values.astype(np.float32))) == 0.0]
+        if constant:  # written (they are what the method computes), but no metric may pass them off as chance
+            note = (f"scores are constant on {', '.join(constant)}: the method cannot rank those rows "
+                    "(the report shows 'const' and averages nothing over them)")
+            log(f"{plan.out_name}: {note}")
+            notes.append(note)
         with store.transaction() as txn:  # this method's scores and fitted state land together, or not at all
             if status == "fitted":
                 scorer.save(store, txn)

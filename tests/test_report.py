@@ -85,6 +85,22 @@ def test_fpr_convention_chooses_the_tables_column_and_json_carries_both(capsys, 
     assert code == 2 and one_line_error(err) and "--fpr" in err
 
 
+def test_constant_scores_are_said_and_marked_not_reported_as_chance(capsys, tmp_path):
+    path = make_store(tmp_path / "flat.zarr")
+    # at T = 1e30 the energy T * logsumexp(z / T) is T log C for every row in float32
+    code, out, err = run(capsys, "score", "energy,msp", "--store", path, "-p", "energy.temperature=1e30")
+    assert code == 0 and "constant" in err and "energy" in err
+    with open_store(path) as st:
+        assert np.ptp(st.read("scores/energy/test")) == 0
+    code, out, _ = run(capsys, "report", "--store", path, "--json")
+    energy = json.loads(out)["methods"]["energy"]
+    assert energy["sets"] == {} and energy["averages"] == {}
+    assert sorted(energy["constant"]) == ["ood/far/b", "ood/near/a"]
+    code, out, _ = run(capsys, "report", "--store", path, "--format", "markdown")
+    row = next(line for line in out.splitlines() if line.startswith("| energy |"))
+    assert "const" in row and "50.0" not in row and "const = the same score" in out
+
+
 def test_plots_and_self_contained_html(capsys, tmp_path, scored):
     plots, page = tmp_path / "plots", tmp_path / "out" / "report.html"
     code, out, err = run(capsys, "report", "--store", scored, "--plots", plots, "--html", page)
