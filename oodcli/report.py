@@ -62,8 +62,14 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
         "fpr": fpr,
         "ood_splits": {s: groups[s] for s in oods},
         "methods": {},
+        "left_out": {},  # method -> the command that scores it on the ID split
     }
     for method in methods:
+        if not store.is_array(f"scores/{method}/{id_split}") or \
+                not store.node_attrs(f"scores/{method}/{id_split}").get("complete"):
+            # one method without scores on this ID split must not hide every other method's numbers
+            report["left_out"][method] = _fill_command(store, method, id_split)
+            continue
         id_scores = read_scores(store, method, id_split)
         if len(id_scores) != len(labels):
             raise OodError(f"scores of '{method}' on '{id_split}' are stale (row count differs); re-score")
@@ -99,10 +105,25 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
             "constant": constant,  # scored, but one value on ID and OOD alike: no metric, no average
             "averages": averages,
         }
+    if not report["methods"]:
+        raise OodError(f"no method has scores on ID split '{id_split}'; run "
+                       f"{next(iter(report['left_out'].values()))}")
     report["id_accuracy"] = _id_accuracy(store, report, id_split, labels)
     if average_runs:
         report["methods"] = average_over_runs(report["methods"])
     return report
+
+
+def _fill_command(store: Store, method: str, id_split: str) -> str:
+    """The command that gives ``method`` (a name written by ``score``, maybe an ``--as`` alias)
+    scores on ``id_split`` with the settings of its existing scores."""
+    base, alias = method, ""
+    for child in store.children(f"scores/{method}"):
+        attrs = store.node_attrs(f"scores/{method}/{child}") if store.is_array(f"scores/{method}/{child}") else {}
+        if attrs.get("method") and attrs["method"] != method:
+            base, alias = attrs["method"], f" --as {method}"
+            break
+    return f"'oodcli score {base}{alias} --store {store.path} --id {id_split}'"
 
 
 def average_over_runs(methods: dict) -> dict:
@@ -327,6 +348,9 @@ def _missing_note(report: dict) -> str:
     notes = []
     if gaps:
         notes.append(f"- = not scored; no average over a group with a missing set: {'; '.join(gaps)}")
+    if report.get("left_out"):
+        notes.append(f"left out, no scores on {report['id_split']}: "
+                     + "; ".join(f"{m} (run {cmd})" for m, cmd in report["left_out"].items()))
     if flat:
         notes.append(f"const = the same score for every ID and OOD row, no metric and no average: {'; '.join(flat)}")
     return "; ".join(notes)

@@ -101,6 +101,22 @@ def test_constant_scores_are_said_and_marked_not_reported_as_chance(capsys, tmp_
     assert "const" in row and "50.0" not in row and "const = the same score" in out
 
 
+def test_a_method_without_scores_on_the_id_split_is_left_out_with_its_command(capsys, tmp_path):
+    from test_scorers import SPLITS
+
+    path = make_store(tmp_path / "two_ids.zarr", splits={**SPLITS, "test2": 40})
+    assert run(capsys, "-q", "score", "msp,energy", "--store", path)[0] == 0
+    assert run(capsys, "-q", "score", "msp", "--store", path, "--id", "test2")[0] == 0
+    code, out, _ = run(capsys, "report", "--store", path, "--id", "test2", "--json")
+    report = json.loads(out)
+    assert code == 0 and list(report["methods"]) == ["msp"]
+    assert "oodcli score energy" in report["left_out"]["energy"] and "--id test2" in report["left_out"]["energy"]
+    code, out, _ = run(capsys, "report", "--store", path, "--id", "test2", "--format", "markdown")
+    assert code == 0 and "left out" in out and "energy" in out
+    code, _, err = run(capsys, "report", "--store", path, "--id", "test2", "--methods", "energy")
+    assert code == 1 and one_line_error(err) and "oodcli score energy" in err
+
+
 def test_plots_and_self_contained_html(capsys, tmp_path, scored):
     plots, page = tmp_path / "plots", tmp_path / "out" / "report.html"
     code, out, err = run(capsys, "report", "--store", scored, "--plots", plots, "--html", page)
