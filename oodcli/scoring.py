@@ -303,9 +303,7 @@ def _check_on(store: Store, scorer: Scorer, backbone: str, splits: list[str], tr
     model_id = store.node_attrs(features_node(splits[0], backbone)).get("model_id")
     if scorer.uses_head:
         load_head(store, backbone, model_id)
-    check_inputs = getattr(scorer, "check_inputs", None)  # e.g. GROOD: prototypes, train gradients, index
-    if check_inputs is not None:
-        check_inputs(store, backbone, train_split, model_id)
+    scorer.check_inputs(store, backbone, train_split, model_id)  # e.g. GROOD: prototypes, train gradients, index
     return model_id
 
 
@@ -522,11 +520,9 @@ def _run_one(store: Store, plan: _Plan, splits: list[str], train_split: str, pro
         t0 = time.perf_counter()
         status = scorer.prepare(store, backbone, train_split, model_id)
         fit_seconds = time.perf_counter() - t0
-        complete_inputs = getattr(scorer, "complete_inputs", None)  # e.g. GROOD gradients of a new split
-        if complete_inputs is not None:
-            for note in complete_inputs(store, backbone, splits):
-                log(f"{plan.out_name}: {note}")
-                notes.append(note)
+        for note in scorer.complete_inputs(store, backbone, splits):  # e.g. GROOD gradients of a new split
+            log(f"{plan.out_name}: {note}")
+            notes.append(note)
         attrs = {"method": scorer.name, "backbone": backbone, "model_id": model_id, "hparams": scorer.hparams()}
         if scorer.needs_fit:
             attrs |= {"train_split": train_split, "fitted": f"fitted/{scorer.name}"}

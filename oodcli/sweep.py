@@ -218,6 +218,12 @@ def run_sweep(
     if why is not None and log is not None:
         log(f"using backbone '{chosen}' for {method} ({why}; --backbone picks one)")
 
+    notes = []
+    for scorer in scorers:  # the same inputs score will use (e.g. the layer ASH shapes)
+        notes += [n for n in scorer.complete_inputs(cached, chosen, splits) if n not in notes]
+    for note in notes:
+        if log is not None:
+            log(f"{method}: {note}")
     advance = progress(f"sweep {method}", len(settings))
     rows: list[dict] = []
     for setting, scorer in zip(settings, scorers):

@@ -281,3 +281,26 @@ def test_store_rm_of_a_method_removes_its_sweep_too(capsys, tmp_path):
     assert code == 0, err
     with open_store(path) as st:
         assert not st.exists("fitted/sweeps/knn") and not st.exists("scores/knn") and not st.exists("fitted/knn")
+
+
+def test_sweep_scores_the_layer_score_will_use(tmp_path):
+    """ASH with layer=auto shapes the featmap when the splits have one: the sweep must choose on
+    that layer (it used to sweep the pooled vector and then score the map)."""
+    from oodcli.metrics import auroc
+    from oodcli.scorers import get_scorer
+    from oodcli.sweep import run_sweep
+
+    path = make_sweep_store(tmp_path / "fm.zarr")
+    rng = np.random.default_rng(5)
+    with open_store(path, "a") as st:
+        for split in ("train", "val", "ood/val/lone", "test", "ood/near/a", "ood/far/b"):
+            n = st.shape(f"splits/{split}/{BACKBONE}/penultimate")[0]
+            fmap = np.abs(rng.normal(size=(n, DIM, 2, 2))).astype(np.float32)
+            st.write_array(f"splits/{split}/{BACKBONE}/featmap", fmap)
+        record = run_sweep(st, "ash-s", {"percentile": [70, 90], "layer": ["auto"]}, write=False)
+        for row in record["settings"]:
+            scorer = get_scorer("ash-s", percentile=row["hparams"]["percentile"], layer="featmap")
+            scorer.complete_inputs(st, BACKBONE, ["val", "ood/val/lone"])
+            scorer.prepare(st, BACKBONE, "train", "model-1")
+            want = auroc(scorer.score(st, BACKBONE, "val"), scorer.score(st, BACKBONE, "ood/val/lone"))
+            assert row["auroc"] == pytest.approx(want, abs=1e-9)

@@ -126,6 +126,16 @@ class Scorer:
     def ready(self, store: Store, backbone: str, split: str) -> None:
         """Build what scoring needs from ``self.state`` (fresh or cached); e.g. KNN's index."""
 
+    def check_inputs(self, store: Store, backbone: str, train_split: str, model_id: str | None) -> None:
+        """Raise ``OodError`` when inputs beyond the layers are missing or stale (GROOD's index,
+        a prompt file for another CLIP). Called once per run, before fitting."""
+
+    def complete_inputs(self, store: Store, backbone: str, splits: list[str]) -> list[str]:
+        """Settle inputs that depend on the store (the layer ASH shapes, GROOD's gradients of a
+        new split) for these splits; return one-line notes. ``score`` and ``sweep`` both call it
+        before fitting, so a sweep chooses on the inputs the scores then use."""
+        return []
+
     def applicable(self, store: Store, backbone: str, train_split: str) -> bool:
         """Whether 'score all' runs it, beyond having its layers: GROOD needs 'synthesize' first."""
         return True
