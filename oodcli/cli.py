@@ -240,11 +240,15 @@ def _parse_params(params: Optional[list[str]], methods: list[str]) -> dict[str, 
     parsed: dict[str, dict] = {}
     for item in params or []:
         key, eq, value = item.partition("=")
-        if not eq:
-            raise UsageError(f"--param '{item}' is not KEY=VALUE (e.g. energy.temperature=2)")
         method, dot, name = key.rpartition(".")
-        targets = [method] if dot else methods
-        for m in targets:
+        if not eq or not name or (dot and not method):
+            raise UsageError(f"--param '{item}' is not KEY=VALUE (METHOD.NAME=VALUE, e.g. energy.temperature=2)")
+        if dot and method not in methods:  # a value that would be ignored reads like one that was used
+            raise UsageError(f"--param '{item}' is for '{method}', which is not being scored here "
+                             f"({', '.join(methods)})")
+        for m in [method] if dot else methods:
+            if name in parsed.get(m, {}):
+                raise UsageError(f"--param {m}.{name} is given twice; give it once")
             parsed.setdefault(m, {})[name] = param_value(value)
     return parsed
 

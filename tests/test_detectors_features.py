@@ -232,7 +232,7 @@ def test_registry_lists_published_defaults():
     assert params["nci"] == {"alpha": 1e-4}  # OpenOOD's nci.yml
     assert params["relation"] == {"pow": 1.0, "threshold": 0.03}  # OpenOOD / the authors' code
     assert params["vra"] == {"low": 60.0, "high": 90.0, "below": "zero"}  # the paper's CIFAR-10 VRA
-    assert params["gmm"] == {"components": 5, "dim": 50, "seed": 0}  # OpenOOD's PCA-50, 50 clusters / 10 classes
+    assert params["gmm"] == {"components": 5, "dim": 50, "seed": 0, "class_conditional": True}  # OpenOOD's PCA-50, 50 clusters / 10 classes
     summaries = {r["method"]: r["summary"] for r in describe_scorers()}
     for method, cite in [("fdbd", "Liu & Qin, 2024"), ("nnguide", "Park et al., 2023"), ("nci", "Liu & Qin, 2025"),
                          ("relation", "Kim et al., 2023"), ("vra", "Xu et al., 2023"), ("gmm", "OpenOOD")]:
@@ -271,7 +271,7 @@ BAD = [
     ("relation", "relation.pow=0", "pow must be > 0"),
     ("relation", "relation.threshold=1.5", "threshold must be in [0, 1)"),
     ("gmm", "gmm.components=0", "components must be >= 1"),
-    ("gmm", "gmm.dim=abc", "bad parameter for method 'gmm'"),
+    ("gmm", "gmm.dim=abc", "gmm.dim='abc': expects an integer"),
 ]
 
 

@@ -364,7 +364,7 @@ BAD = [
     ("mahalanobis", _single_class_train, [], 1, "1 class"),
     ("rmds", _single_class_train, [], 1, "1 class"),
     ("msp,bogus", make_store, [], 2, "unknown method 'bogus'"),
-    ("knn", make_store, ["-p", "knn.k=abc"], 2, "bad parameter for method 'knn'"),
+    ("knn", make_store, ["-p", "knn.k=abc"], 2, "knn.k='abc': expects an integer"),
     ("knn", make_store, ["-p", "knn.k=1000"], 2, "only 300 rows"),
     ("vim", make_store, ["-p", "vim.dim=24"], 2, "vim.dim=24"),
     ("msp", make_store, ["--backbone", "other"], 1, "no 'other' features"),

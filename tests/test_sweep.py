@@ -197,7 +197,8 @@ def test_infeasible_settings_are_listed_and_skipped(capsys, scratch):
     ("k=1;k=2", "twice"),
     ("k=1,1", "repeats"),
     ("k=0,5", "bad parameter"),
-    ("k=abc", "bad parameter"),
+    ("k=abc", "expects an integer"),
+    ("k=1.5,5", "expects an integer"),
 ])
 def test_bad_grids_are_one_line(capsys, swept, grid, words):
     code, _, err = run(capsys, "sweep", "knn", "--store", swept, "--grid", grid)

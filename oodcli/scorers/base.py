@@ -77,17 +77,59 @@ def param_value(text: str):
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+def check_param(method: str, key: str, value, default, annotation: str = ""):
+    """A hyperparameter value of the type its default has, or one ``UsageError``: an int
+    parameter takes no 1.5, a float no ``true``, a flag no number, a temperature no value
+    <= 0, no float NaN or inf. A parameter defaulting to None is checked by its annotation
+    (``int | None``: an integer or none)."""
+    import math
+
+    shown = default
+    if default is None:
+        if value is None:
+            return None
+        kinds = set(annotation.replace("|", " ").replace("Optional[", " ").replace("]", " ").split())
+        default = {"bool": False, "int": 0, "float": 0.0}.get(next((k for k in ("bool", "int", "float") if k in kinds
+                                                                    and not ({"int", "float"} <= kinds and k == "int")), ""))
+        if default is None:
+            return value
+
+    def bad(what: str) -> UsageError:
+        return UsageError(f"--param {method}.{key}={value!r}: {what} (default {shown!r})")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("expects true or false")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+            raise bad("expects an integer")
+        value = int(value)
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("expects a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise bad("expects a finite number")
+    elif isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # e.g. a file named 100
+    if "temperature" in key and isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+        raise bad("a temperature must be > 0")
+    return value
+
+
 def get_scorer(name: str, **hparams) -> "Scorer":
     names = scorer_names()
     if name not in _REGISTRY:
         raise UsageError(f"unknown method '{name}'; choose from: {', '.join(names)}")
-    accepted = set(scorer_params(name))
-    unknown = set(hparams) - accepted
+    defaults = scorer_params(name)
+    unknown = set(hparams) - set(defaults)
     if unknown:
         raise UsageError(
             f"method '{name}' has no parameter {', '.join(sorted(unknown))}; "
-            f"it takes: {', '.join(sorted(accepted)) or 'none'}"
+            f"it takes: {', '.join(sorted(defaults)) or 'none'}"
         )
+    hints = {k: str(p.annotation) for k, p in inspect.signature(_REGISTRY[name].__init__).parameters.items()}
+    hparams = {k: check_param(name, k, v, defaults[k], hints.get(k, "")) for k, v in hparams.items()}
     try:
         return _REGISTRY[name](**hparams)
     except (TypeError, ValueError) as exc:  # e.g. --param knn.k=abc
