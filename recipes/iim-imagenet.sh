@@ -5,17 +5,33 @@
 #   recipes/iim-imagenet.sh [BENCHMARK ...]      (default: imagenet-mos imagenet500-easy imagenet500-hard)
 #
 # Per benchmark: one pass of the CLIP image encoder over every split (image_embeds and the
-# 196 patch tokens per image, float16), the zero-shot MCM, GL-MCM and R-MCM*, then per
+# 196 value-path patch tokens per image, float16: patch_values, the local features IIM reads), the zero-shot MCM, GL-MCM and R-MCM*, then per
 # few-shot setting (SHOTS, default "1 4 16") IIM's local and OOD prototype prompts (L = 16,
 # k = 50, C_n = 300, lambda_neg 5, lambda_div 0.5, SGD lr 2.5e-4, batch 32, 50 epochs, T = 1)
 # and its scores: S-MCM, S-MCM* (no OOD prompts), R-MCM with the trained prompts, GL-MCM local.
 # The ImageNet folders (imagenet/train, imagenet/val, imagenet-mos/...) must be under
 # $OODCLI_DATA_ROOT (default ./data). Note: patch tokens of the whole ImageNet train split are
 # about 250 GB in float16; give the store room, or extract a smaller train split with --data.
-# Environment: SHOTS, SEED (default 1), STORES (default stores), DEVICE (default auto), OODCLI (default oodcli).
+# The report's FPR@95 is ID positive ("the false positive rate of OOD images when the true positive
+# rate of in-distribution images is at 95%", sec. 4.1).
+# Environment (defaults = the paper's):
+#   MODEL clip-vit-b-16   WEIGHTS openai (an open_clip tag or a local checkpoint)
+#   SHOTS "1 4 16"   SEED 1   EPOCHS 50   K 50 (top-k patches)   OOD_PROMPTS 300 (C_n)
+#   LAMBDA_NEG 5   LAMBDA_DIV 0.5   LR 0.00025   BATCH 32
+#   STORES (stores), DEVICE (auto), WORKERS (0), OODCLI (oodcli)
 set -euo pipefail
+MODEL=${MODEL:-clip-vit-b-16}
+WEIGHTS=${WEIGHTS:-openai}
 SHOTS=${SHOTS:-"1 4 16"}
 SEED=${SEED:-1}
+EPOCHS=${EPOCHS:-50}
+K=${K:-50}
+OOD_PROMPTS=${OOD_PROMPTS:-300}
+LAMBDA_NEG=${LAMBDA_NEG:-5}
+LAMBDA_DIV=${LAMBDA_DIV:-0.5}
+LR=${LR:-0.00025}
+BATCH=${BATCH:-32}
+WORKERS=${WORKERS:-0}
 STORES=${STORES:-stores}
 DEVICE=${DEVICE:-auto}
 OODCLI=${OODCLI:-oodcli}
@@ -26,18 +42,21 @@ for bench in "${BENCHMARKS[@]}"; do
   store="$STORES/iim-$bench.zarr"
   echo "== $bench -> $store" >&2
   # 1. the frozen image encoder, once per split (resumes if interrupted)
-  $OODCLI extract --model clip-vit-b-16 --benchmark "$bench" --layers image_embeds,patch_tokens --store "$store" --device "$DEVICE"
+  $OODCLI extract --model "$MODEL" --weights "$WEIGHTS" --benchmark "$bench" --layers image_embeds,patch_values \
+    --store "$store" --device "$DEVICE" --workers "$WORKERS"
   # 2. zero-shot rows
   $OODCLI score mcm,gl-mcm,r-mcm --store "$store"
   for shots in $SHOTS; do
     prompts="$STORES/iim-$bench-$shots-shot.safetensors"
     # 3. local prompts + OOD prototype prompts from the mined patches of each few-shot image
-    $OODCLI train iim --store "$store" --shots "$shots" --seed "$SEED" --out "$prompts"
+    $OODCLI train iim --store "$store" --shots "$shots" --seed "$SEED" --epochs "$EPOCHS" --k "$K" \
+      --ood-prompts "$OOD_PROMPTS" --lambda-neg "$LAMBDA_NEG" --lambda-div "$LAMBDA_DIV" --lr "$LR" \
+      --batch-size "$BATCH" --out "$prompts"
     # 4. S-MCM (eq. 12-14, alpha 1) and its variants, one row each per shot setting
     for method in s-mcm s-mcm-star r-mcm-trained gl-mcm-local; do
       $OODCLI score "$method" --as "$method-$shots-shot" --store "$store" -p "$method.prompts=$prompts"
     done
   done
-  $OODCLI report --store "$store"
-  $OODCLI report --store "$store" --format json > "$STORES/iim-$bench.json"
+  $OODCLI report --store "$store" --fpr id
+  $OODCLI report --store "$store" --fpr id --format json > "$STORES/iim-$bench.json"
 done
