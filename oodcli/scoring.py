@@ -523,7 +523,8 @@ def _run_one(store: Store, plan: _Plan, splits: list[str], train_split: str, pro
         for note in scorer.complete_inputs(store, backbone, splits):  # e.g. GROOD gradients of a new split
             log(f"{plan.out_name}: {note}")
             notes.append(note)
-        attrs = {"method": scorer.name, "backbone": backbone, "model_id": model_id, "hparams": scorer.hparams()}
+        attrs = {"method": scorer.name, "backbone": backbone, "model_id": model_id, "hparams": scorer.hparams(),
+                 "splits": list(splits)}  # scored together: store verify notices one of them gone
         if scorer.needs_fit:
             attrs |= {"train_split": train_split, "fitted": f"fitted/{scorer.name}"}
         if plan.sweep:

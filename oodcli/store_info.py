@@ -142,6 +142,7 @@ def verify_store(store: Store) -> tuple[list[str], int]:
     rows: dict[str, int] = {}
     for split in splits:
         guarded(split, lambda: _verify_split(store, split, rows, scan, problems))
+    guarded("labels", lambda: _verify_id_labels(store, splits, problems))
     for section in ("backbones", "fitted", "grads", "index", "scores"):
         guarded(section, lambda: _verify_section(store, section, splits, rows, scan, problems))
     return problems, len(checked)
@@ -151,6 +152,9 @@ def _verify_split(store: Store, split: str, rows: dict, scan, problems: list[str
     node = split_node(split)
     attrs = store.node_attrs(node)
     n = rows[split] = int(attrs["n"])
+    if n == 0:
+        problems.append(f"{split}: 0 rows (score and report refuse it); re-extract it or remove it with "
+                        f"'oodcli store rm {store.path} {split}'")
     scan(f"{node}/ids")
     if scan(f"{node}/labels"):
         labels = store.read(f"{node}/labels")
@@ -185,6 +189,21 @@ def _verify_split(store: Store, split: str, rows: dict, scan, problems: list[str
                 problems.append(f"{where}/{layer}: holds NaN or inf")
 
 
+def _verify_id_labels(store: Store, splits: list[str], problems: list[str]) -> None:
+    """ID splits whose labels name classes the train split does not have."""
+    if "train" not in splits or not store.is_array(f"{split_node('train')}/labels"):
+        return
+    known = np.unique(store.read(f"{split_node('train')}/labels"))
+    for split in splits:
+        if split == "train" or is_ood_role(store.node_attrs(split_node(split)).get("role", "id")):
+            continue
+        labels = store.read(f"{split_node(split)}/labels")
+        strange = np.setdiff1d(np.unique(labels[labels >= 0]), known)
+        if strange.size:
+            problems.append(f"{split}: labels {', '.join(map(str, strange[:5].tolist()))}"
+                            f"{' ...' if strange.size > 5 else ''} are no class of the train split")
+
+
 def _verify_section(store: Store, section: str, splits: list[str], rows: dict, scan, problems: list[str]) -> None:
     for name in store.walk_arrays(section):
         finite = scan(name)
@@ -194,7 +213,14 @@ def _verify_section(store: Store, section: str, splits: list[str], rows: dict, s
                 problems.append(f"{name}: made from split '{split}', which the store no longer holds")
             elif store.shape(name)[0] != rows[split]:
                 problems.append(f"{name}: {store.shape(name)[0]} rows, split '{split}' has {rows[split]}")
-            if not store.node_attrs(name).get("complete"):
+            attrs = store.node_attrs(name)
+            if not attrs.get("complete"):
                 problems.append(f"{name}: written without its attributes (no complete flag)")
+            if section == "scores":  # the splits scored in the same run must all still be there
+                method = name.split("/")[1]
+                for other in attrs.get("splits", []):
+                    if other in rows and not store.is_array(f"scores/{method}/{other}"):
+                        problems.append(f"scores/{method}: scored on '{other}' with '{split}', but "
+                                        f"scores/{method}/{other} is gone; re-run 'oodcli score {attrs.get('method', method)}'")
         if finite is False:
             problems.append(f"{name}: holds NaN or inf")

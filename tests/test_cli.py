@@ -106,6 +106,28 @@ def test_verify_finds_a_partial_split(capsys, tmp_path, digits_store):
     assert code == 1 and one_line_error(err) and "partly extracted" in err
 
 
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_verify_finds_a_lost_score_array_foreign_id_labels_and_an_empty_split(capsys, tmp_path, suffix):
+    from test_scorers import make_store, write_split
+
+    path = make_store(tmp_path / f"s{suffix}")
+    assert run(capsys, "-q", "score", "msp", "--store", path)[0] == 0
+    code, out, _ = run(capsys, "store", "verify", path)
+    assert code == 0 and "0 problem" in out
+    with open_store(path, "r+") as st:
+        st.delete("scores/msp/ood/near/a")  # one split's scores gone, the others left
+        labels = st.read("splits/test/labels")
+        labels[:3] = 17  # no class of the train split (0-3)
+        st.write_array("splits/test/labels", labels)
+        write_split(st, "ood/far/empty", np.zeros(0, dtype=np.int64) - 1, {"penultimate": np.zeros((0, 24), np.float32)},
+                    role="ood-far")
+    code, out, _ = run(capsys, "store", "verify", path)
+    assert code == 1
+    assert "scores/msp/ood/near/a is gone" in out
+    assert "labels 17 are no class of the train split" in out
+    assert "ood/far/empty: 0 rows" in out
+
+
 def test_extract_into_hdf5_gives_the_same_features(capsys, tmp_path, digits_store):
     ckpt, store = digits_store
     h5 = tmp_path / "digits.h5"
