@@ -869,6 +869,9 @@ def train_negprompt(
     lr: float = typer.Option(0.002, "--lr", min=0.0),
     beta: float = typer.Option(0.1, "--beta", help="Weight of L_NPD (negative-positive distance)."),
     gamma: float = typer.Option(0.05, "--gamma", help="Weight of L_NND (negative-negative distance)."),
+    nis_softmax: str = typer.Option("all", "--nis-softmax",
+                                    help="L_NIS's softmax: 'all' positive and negative logits (the authors' code, default) "
+                                         "or 'negatives' only (eq. 4 as printed)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="tau (default: the CLIP's own)."),
     train_classes: Optional[str] = typer.Option(None, "--train-classes", help="Default: the positive file's classes."),
     fraction: Optional[float] = typer.Option(None, "--train-class-fraction"),
@@ -889,7 +892,7 @@ def train_negprompt(
         "negprompt", store_path, out_path, backbone=backbone, split=split, shots=shots, epochs=epochs,
         batch_size=batch_size, lr=lr, temperature=temperature, train_classes=train_classes,
         train_class_fraction=fraction, labels=labels, seed=seed, positive=positive, neg_prompts=neg_prompts,
-        beta=beta, gamma=gamma, log=log,
+        beta=beta, gamma=gamma, nis_softmax=nis_softmax, log=log,
     )
     _print_prompt_result(result, as_json)
 
@@ -910,7 +913,13 @@ def train_iim(
     ood_prompts: int = typer.Option(300, "--ood-prompts", min=1, help="C_n: OOD prototype prompts."),
     lambda_neg: float = typer.Option(5.0, "--lambda-neg", min=0.0, help="Weight of L_neg (eq. 9)."),
     lambda_div: float = typer.Option(0.5, "--lambda-div", min=0.0, help="Weight of L_div (eq. 10)."),
-    temperature: float = typer.Option(1.0, "--temperature", help="T of s = exp(cos / T)."),
+    temperature: float = typer.Option(1.0, "--temperature",
+                                      help="T of s = exp(logit_scale * cos / T): tau = T / the CLIP's logit scale (0.01 for OpenAI)."),
+    csc: bool = typer.Option(True, "--csc/--no-csc",
+                             help="Class-specific local contexts (C x n-ctx vectors, the official default) or one shared context."),
+    denominators: str = typer.Option("official", "--denominators",
+                                     help="L_pos/L_neg denominators: 'official' (the authors' code, their published numbers) "
+                                          "or 'paper' (eq. 8-9 as printed)."),
     train_classes: Optional[str] = typer.Option(None, "--train-classes", help="Train on classes FIRST-LAST only."),
     fraction: Optional[float] = typer.Option(None, "--train-class-fraction", help="Train on the first share of classes."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Class names file (one per line); default: the store's benchmark."),
@@ -929,7 +938,7 @@ def train_iim(
     result = run(
         store_path, out_path, backbone=backbone, split=split, shots=shots, epochs=epochs, batch_size=batch_size,
         lr=lr, n_ctx=n_ctx, ctx_init=ctx_init, k=k, ood_prompts=ood_prompts, lambda_neg=lambda_neg,
-        lambda_div=lambda_div, temperature=temperature, train_classes=train_classes,
+        lambda_div=lambda_div, temperature=temperature, csc=csc, denominators=denominators, train_classes=train_classes,
         train_class_fraction=fraction, labels=labels, seed=seed, log=log,
     )
     _print_prompt_result(result, as_json)
@@ -1432,6 +1441,8 @@ def analyze_collisions(
     from oodcli.collisions import find_collisions, store_prototypes
     from oodcli.store import open_store
 
+    if not 0.0 <= threshold <= 2.0:  # a cosine distance; NaN fails this too
+        raise UsageError(f"--threshold {threshold} is no cosine distance; give a value in [0, 2] (default 0.01)")
     if store is None and not weights:
         raise UsageError("say where the prototypes are: --store PATH and/or --weights FILE")
     found, names = {}, None

@@ -84,8 +84,8 @@ def test_positive_and_negative_patches_are_ranks_1_to_k_and_k_plus_1_to_2k():
             I.select_patches(similarity, k)
 
 
-def _reference_terms(patches, local, ood, labels, k, t):
-    """Eq. 5-9 written out with loops, in float64."""
+def _reference_terms(patches, local, ood, labels, k, t, denominators="paper"):
+    """Eq. 5-9 written out with loops, in float64; 'official': the authors' L_pos / L_neg denominators."""
     patches, local, ood = (x.double().numpy() for x in (patches, local, ood))
     pos_losses, neg_losses = [], []
     for x, y in zip(patches, labels.tolist()):
@@ -96,22 +96,44 @@ def _reference_terms(patches, local, ood, labels, k, t):
         ood_patches = ranked[k : 2 * k]  # eq. 6
         s_tilde_id = [s_local[ood_patches, c].sum() for c in range(local.shape[0])]  # eq. 7
         s_tilde_ood = [s_ood[ood_patches, c].sum() for c in range(ood.shape[0])]
-        pos_losses.append(-np.log(s_k[y] / (sum(s_k) + sum(s_tilde_ood))))  # eq. 8
+        if denominators == "official":
+            # L_pos: each OOD prompt's own top-k patches; L_neg: each class's own patches ranked k+1..2k
+            pos_ood = [np.sort(s_ood[:, c])[::-1][:k].sum() for c in range(ood.shape[0])]
+            s_tilde_id = [np.sort(s_local[:, c])[::-1][k : 2 * k].sum() for c in range(local.shape[0])]
+        else:
+            pos_ood = s_tilde_ood
+        pos_losses.append(-np.log(s_k[y] / (sum(s_k) + sum(pos_ood))))  # eq. 8
         neg_losses.append(-np.log(sum(s_tilde_ood) / (sum(s_tilde_id) + sum(s_tilde_ood))))  # eq. 9
     return np.mean(pos_losses), np.mean(neg_losses)
 
 
-@pytest.mark.parametrize("t", [1.0, 0.3])
-def test_l_pos_and_l_neg_follow_equations_8_and_9(t):
+@pytest.mark.parametrize("denominators", ["paper", "official"])
+@pytest.mark.parametrize("t", [1.0, 0.3, 0.05])
+def test_l_pos_and_l_neg_follow_equations_8_and_9(t, denominators):
     g = torch.Generator().manual_seed(0)
     patches = F.normalize(torch.randn(3, 7, 5, generator=g), dim=-1)
     local = F.normalize(torch.randn(4, 5, generator=g), dim=-1)
     ood = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
     labels = torch.tensor([0, 3, 1])
-    l_pos, l_neg = I.iim_terms(patches, local, ood, labels, k=2, temperature=t)
-    want_pos, want_neg = _reference_terms(patches, local, ood, labels, 2, t)
+    l_pos, l_neg = I.iim_terms(patches, local, ood, labels, k=2, temperature=t, denominators=denominators)
+    want_pos, want_neg = _reference_terms(patches, local, ood, labels, 2, t, denominators)
     assert l_pos.item() == pytest.approx(want_pos, rel=1e-5)
     assert l_neg.item() == pytest.approx(want_neg, rel=1e-5)
+
+
+def test_the_official_denominators_are_the_default_and_differ_from_the_printed_ones():
+    g = torch.Generator().manual_seed(3)
+    patches = F.normalize(torch.randn(4, 9, 6, generator=g), dim=-1)
+    local = F.normalize(torch.randn(3, 6, generator=g), dim=-1)
+    ood = F.normalize(torch.randn(5, 6, generator=g), dim=-1)
+    labels = torch.tensor([0, 2, 1, 2])
+    default = I.iim_terms(patches, local, ood, labels, k=3, temperature=0.1)
+    official = I.iim_terms(patches, local, ood, labels, k=3, temperature=0.1, denominators="official")
+    paper = I.iim_terms(patches, local, ood, labels, k=3, temperature=0.1, denominators="paper")
+    assert [x.item() for x in default] == [x.item() for x in official]
+    assert abs(official[0].item() - paper[0].item()) > 1e-3 and abs(official[1].item() - paper[1].item()) > 1e-3
+    with pytest.raises(UsageError, match="denominators"):
+        I.iim_terms(patches, local, ood, labels, k=3, denominators="printed")
 
 
 def test_l_div_follows_equation_10():
@@ -161,11 +183,13 @@ def test_only_the_prompts_learn_and_the_image_encoder_is_never_built(clip_store,
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     file = P.read_prompt_file(out)
     gen = torch.Generator().manual_seed(0)
-    start = P.initial_context(tower, 4, None, gen)
+    start = torch.cat([P.initial_context(tower, 4, None, gen), torch.randn(5, 4, tower.width, generator=gen) * 0.02])
     start_ood = torch.randn(3, 4, tower.width, generator=gen) * 0.02
     ood = I.ood_context(file)
-    assert file.ctx.shape == (1, 4, tower.width) and ood.shape == (3, 4, tower.width)
+    # class-specific contexts by default: one row of 4 context vectors per class
+    assert file.ctx.shape == (6, 4, tower.width) and ood.shape == (3, 4, tower.width) and file.meta["csc"] is True
     assert not torch.allclose(file.ctx, start) and not torch.allclose(ood, start_ood)
+    assert (file.ctx - start).abs().amax(dim=(1, 2)).min() > 0  # every class's own context learned
     assert file.neg_ctx is None  # NegPrompt never mistakes the OOD prompts for its own
 
 
@@ -178,6 +202,62 @@ def test_training_lowers_the_loss_and_records_its_settings(iim_file):
     assert meta["method"] == "iim" and meta["class_names"] == NAMES and meta["k"] == 4
     assert meta["ood_prompts"] == 8 and meta["lambda_neg"] == 5.0 and meta["lambda_div"] == 0.5
     assert meta["temperature"] == 1.0 and meta["patches"] == 16 and len(meta["shot_rows"]) == 6 * 4
+    assert meta["csc"] is True and meta["denominators"] == "official"
+    assert meta["tau"] == pytest.approx(1 / meta["logit_scale"])
+
+
+def test_training_runs_at_tau_one_over_the_logit_scale(clip_store, tmp_path, monkeypatch):
+    """The authors' exp(logit_scale * cos / T) with T = 1, not exp(cos): the trainer's terms get tau = 1 / logit_scale."""
+    weights, store = clip_store
+    scale = get_spec("clip-tiny").build_text(str(weights)).logit_scale
+    assert scale > 2  # the tiny CLIP's scale is CLIP's start, 1 / 0.07: a tau of 1 would differ
+    seen, terms = [], I.iim_terms
+
+    def spy(patches, local, ood, labels, k, temperature=1.0, denominators="official"):
+        seen.append((temperature, denominators))
+        return terms(patches, local, ood, labels, k, temperature, denominators)
+
+    monkeypatch.setattr(I, "iim_terms", spy)
+    I.train_iim(store, tmp_path / "a.safetensors", shots=2, epochs=1, n_ctx=4, k=4, ood_prompts=3)
+    I.train_iim(store, tmp_path / "b.safetensors", shots=2, epochs=1, n_ctx=4, k=4, ood_prompts=3, temperature=2.0,
+                denominators="paper")
+    assert seen and {d for _, d in seen} == {"official", "paper"}
+    assert {round(t * scale, 6) for t, d in seen if d == "official"} == {1.0}
+    assert {round(t * scale, 6) for t, d in seen if d == "paper"} == {2.0}
+
+
+def test_shared_context_and_class_specific_contexts_for_their_classes_only(clip_store, iim_file, tmp_path, capsys):
+    weights, store = clip_store
+    shared = tmp_path / "shared.safetensors"
+    code, _, err = run(capsys, "train", "iim", "--store", store, "--out", shared, "--no-csc", "--shots", "2",
+                       "--epochs", "1", "--n-ctx", "4", "--k", "4", "--ood-prompts", "3")
+    assert code == 0, err
+    file = P.read_prompt_file(shared)
+    assert file.ctx.shape == (1, 4, 32) and file.meta["csc"] is False
+    # class-specific rows follow the names: the prototypes of a reordered label set are the same rows reordered
+    prompts, _ = iim_file
+    csc = P.read_prompt_file(prompts)
+    source = P._load_data(store, None, "train", None, None, 1, 0, None, patches=False).source
+    local, _ = I.iim_features(csc, source, NAMES)
+    again, _ = I.iim_features(csc, source, NAMES[::-1])
+    np.testing.assert_allclose(again, local[::-1], atol=1e-5)
+    tower = get_spec("clip-tiny").build_text(str(weights))
+    learner = P.PromptLearner(tower, csc.ctx[2:3])
+    np.testing.assert_allclose(local[2], learner.features([NAMES[2]])[0, 0].numpy(), atol=1e-5)
+    # a label set with a class that has no context of its own is refused in one line
+    extra = tmp_path / "names.txt"
+    extra.write_text("\n".join(NAMES + ["seven"]) + "\n")
+    code, _, err = run(capsys, "score", "s-mcm", "--store", store, "--as", "iim-extra", "-p", f"s-mcm.prompts={prompts}",
+                       "-p", f"s-mcm.labels={extra}")
+    assert code != 0 and one_line_error(err) and "class-specific" in err and "seven" in err, err
+    # and CoOp's scorer does not read class-specific contexts as one shared context
+    code, _, err = run(capsys, "score", "coop", "--store", store, "--as", "coop-csc", "-p", f"coop.prompts={prompts}")
+    assert code != 0 and one_line_error(err) and "class-specific" in err, err
+    code, _, err = run(capsys, "score", "coop", "--store", store, "--as", "coop-shared", "-p", f"coop.prompts={shared}")
+    assert code == 0, err
+    err = _refused(capsys, tmp_path / "x.safetensors", "train", "iim", "--store", store, "--out", tmp_path / "x.safetensors",
+                   "--k", "4", "--denominators", "printed")
+    assert "--denominators" in err
 
 
 # ---- scores --------------------------------------------------------------------------------
@@ -208,6 +288,10 @@ def test_scores_match_equations_12_to_14(clip_store, iim_file, capsys):
     code, _, err = run(capsys, "score", "s-mcm", "--store", store, "--as", "s-mcm-a0",
                        "-p", f"s-mcm.prompts={prompts}", "-p", "s-mcm.alpha=0")
     assert code == 0, err
+    for m in ("s-mcm", "r-mcm-trained"):  # the official R_MCM_Score's double exponential with OOD prompts
+        code, _, err = run(capsys, "score", m, "--store", store, "--as", f"{m}-dexp",
+                           "-p", f"{m}.prompts={prompts}", "-p", f"{m}.double_exp=true")
+        assert code == 0, err
     sha = P.read_prompt_file(prompts).sha256
     glob = _read(store, "fitted/text/clip-tiny/digits/photo/embeds")
     embeds = _read(store, f"fitted/text/clip-tiny/digits/iim-{sha[:12]}/embeds")
@@ -224,6 +308,11 @@ def test_scores_match_equations_12_to_14(clip_store, iim_file, capsys):
         i2t = _topk_mean(s_l / (s_l.sum(2, keepdims=True) + s_o.sum(2, keepdims=True)), k)
         i2t_star = _topk_mean(s_l / s_l.sum(2, keepdims=True), k)
         t2i = (16 / 6) * _topk_mean(s_l / s_l.sum(1, keepdims=True), k)
+        d_l, d_o = np.exp(s_l), np.exp(s_o)  # exp(exp(cos / T) / T), T = 1
+        i2t_double = _topk_mean(d_l / (d_l.sum(2, keepdims=True) + d_o.sum(2, keepdims=True)), k)
+        np.testing.assert_allclose(_read(store, f"scores/s-mcm-dexp/{split}"), mcm + i2t_double + t2i, rtol=1e-5)
+        np.testing.assert_allclose(_read(store, f"scores/r-mcm-trained-dexp/{split}"), mcm + i2t_double, rtol=1e-5)
+        assert np.abs(i2t_double - i2t).max() > 1e-4
         np.testing.assert_allclose(_read(store, f"scores/mcm/{split}"), mcm, rtol=1e-5)
         # alpha = 0: S-MCM is MCM + S_i2t, which is R-MCM with the trained prompts
         np.testing.assert_allclose(_read(store, f"scores/s-mcm-a0/{split}"), mcm + i2t, rtol=1e-5)
@@ -301,7 +390,7 @@ def test_prompt_files_for_another_clip_or_other_classes_are_refused(clip_store, 
     other_clip = tmp_path / "other_clip.safetensors"
     P.write_prompt_file(other_clip, tensors, {**good.meta, "weights": "file:x.safetensors:sha256=00"})
     other_names = tmp_path / "other_names.safetensors"
-    P.write_prompt_file(other_names, tensors, {**good.meta, "class_names": ["cat", "dog"]})
+    P.write_prompt_file(other_names, tensors, {**good.meta, "class_names": ["cat", "dog", *NAMES[2:]]})  # one per context
     no_ood = tmp_path / "no_ood.safetensors"
     P.write_prompt_file(no_ood, {"ctx": good.ctx}, {**good.meta, "method": "coop"})
     cases = [(m, other_clip, "trained on clip-tiny weights") for m in METHODS]
@@ -321,3 +410,5 @@ def test_listed_and_left_out_of_all_without_prompts(clip_store, capsys):
     listed = {row["method"]: row for row in json.loads(out)}
     assert set(METHODS) <= set(listed) and listed["s-mcm"]["params"]["alpha"] == 1.0
     assert listed["s-mcm"]["params"]["k"] == 50 and listed["r-mcm-trained"]["params"]["k"] == 50
+    assert listed["s-mcm"]["params"]["double_exp"] is False and listed["r-mcm-trained"]["params"]["double_exp"] is False
+    assert "double_exp" not in listed["s-mcm-star"]["params"]  # S-MCM* has no OOD prompts: one exponential

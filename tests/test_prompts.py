@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import oodcli.text as text
 from conftest import one_line_error, run
 from oodcli.backbones import get_spec
-from oodcli.errors import OodError
+from oodcli.errors import OodError, UsageError
 from oodcli.store import open_store
 from oodcli.train import prompts as P
 
@@ -119,20 +119,52 @@ def test_negprompt_losses_follow_equations_4_to_6():
     pos = F.normalize(torch.randn(k, d, generator=g), dim=-1)
     neg = F.normalize(torch.randn(p, k, d, generator=g), dim=-1)
     tau = 0.5
-    nis, npd, nnd = P.negprompt_losses(image, pos, neg, tau)
-    # eq. 4: H(u; softmax over all p*k negative similarities), averaged over images
-    want_nis = 0.0
+    nis, npd, nnd = P.negprompt_losses(image, pos, neg, tau, "negatives")
+    # eq. 4 as printed: H(u; softmax over all p*k negative similarities), averaged over images
+    # the default ('all', the authors' OE branch): the same over the k positive and p*k negative ones
+    want_nis, want_all = 0.0, 0.0
     for x in image:
         s = np.array([float(x @ neg[l, j]) / tau for l in range(p) for j in range(k)])
-        logf = s - np.log(np.exp(s).sum())
-        want_nis += -np.mean(logf)
+        want_nis += -np.mean(s - np.log(np.exp(s).sum()))
+        s = np.concatenate([[float(x @ pos[j]) / tau for j in range(k)], s])
+        want_all += -np.mean(s - np.log(np.exp(s).sum()))
     assert nis.item() == pytest.approx(want_nis / 2, rel=1e-5)
+    assert P.negprompt_losses(image, pos, neg, tau)[0].item() == pytest.approx(want_all / 2, rel=1e-5)
+    assert P.negprompt_losses(image, pos, neg, tau, "all")[0].item() == pytest.approx(want_all / 2, rel=1e-5)
     # eq. 5 and 6
     want_npd = -sum(float(neg[i, j] @ pos[j]) for j in range(k) for i in range(p)) / (k * p)
     want_nnd = sum(float(neg[i, j] @ neg[l, j]) for j in range(k) for i in range(p) for l in range(p) if l != i)
     assert npd.item() == pytest.approx(want_npd, rel=1e-5)
     assert nnd.item() == pytest.approx(want_nnd / (k * p * (p - 1)), rel=1e-5)
     assert P.negprompt_losses(image, pos, neg[:1], tau)[2].item() == 0.0
+
+
+def test_l_nis_over_all_logits_moves_the_negatives_where_eq_4_alone_cannot():
+    """Eq. 4 read literally is the same when every negative logit shifts alike (it only redistributes);
+    the all-logit softmax (the default) changes, and its gradient has a component along the shift."""
+    g = torch.Generator().manual_seed(4)
+    p, k, d, tau = 2, 3, 6, 0.1
+    image = F.normalize(torch.randn(4, d, generator=g), dim=-1)
+    pos = F.normalize(torch.randn(k, d, generator=g), dim=-1)
+    neg = F.normalize(torch.randn(p, k, d, generator=g), dim=-1)
+
+    def nis(shift, reading):  # every negative logit cos / tau shifted by ``shift`` (as if the images moved alike)
+        logits_neg = image @ neg.reshape(p * k, -1).T / tau + shift
+        logits = torch.cat([image @ pos.T / tau, logits_neg], dim=1) if reading == "all" else logits_neg
+        return -F.log_softmax(logits, dim=1).mean(dim=1).mean()
+
+    # the hand-written shift reproduces the library at shift 0, for both readings
+    for reading in ("all", "negatives"):
+        assert nis(torch.tensor(0.0), reading).item() == pytest.approx(
+            P.negprompt_losses(image, pos, neg, tau, reading)[0].item(), rel=1e-6)
+    assert nis(torch.tensor(5.0), "negatives").item() == pytest.approx(nis(torch.tensor(0.0), "negatives").item(), abs=1e-4)
+    assert abs(nis(torch.tensor(5.0), "all").item() - nis(torch.tensor(0.0), "all").item()) > 0.5
+    for reading, moves in (("negatives", False), ("all", True)):
+        shift = torch.tensor(0.0, requires_grad=True)
+        nis(shift, reading).backward()
+        assert (abs(shift.grad.item()) > 1e-3) is moves
+    with pytest.raises(UsageError, match="nis-softmax"):
+        P.negprompt_losses(image, pos, neg, tau, "positives")
 
 
 # ---- training -----------------------------------------------------------------------------
@@ -200,11 +232,27 @@ def test_negprompt_keeps_the_positive_prompts_and_transfers_to_unseen_classes(cl
     a, b = P.read_prompt_file(pos), P.read_prompt_file(neg)
     assert torch.equal(a.ctx, b.ctx) and b.neg_ctx.shape == (2, 4, a.ctx.shape[2])
     assert b.meta["positive_sha256"] == a.sha256 and b.meta["shot_rows"] == a.meta["shot_rows"]
+    assert b.meta["nis_softmax"] == "all" and "U(-1e-05, 1e-05)" in b.meta["neg_init"]
     # the learned negative templates take class names they never saw
     positive, negative = P.prompt_features(b, _source(store), NAMES)
     assert positive.shape == (6, 32) and negative.shape == (2, 6, 32)
     np.testing.assert_allclose(np.linalg.norm(negative, axis=-1), 1, atol=1e-5)
     assert np.abs(negative[:, 3:] - negative[:, :1]).max() > 1e-3  # distinct per unseen class
+
+
+def test_negative_contexts_start_at_the_positive_context_plus_tiny_uniform_noise(clip_store, coop_file, tmp_path):
+    """The authors' start: positive context + U(-1e-5, 1e-5) (before: + N(0, 0.02), as large as a token embedding)."""
+    start = P.negative_context_start(torch.zeros(1, 50, 40), 3, torch.Generator().manual_seed(0))
+    assert start.shape == (3, 50, 40)
+    assert 0.99e-5 < start.abs().max().item() <= 1e-5 and abs(start.mean().item()) < 1e-7
+    _, store = clip_store
+    coop, _ = coop_file
+    neg = tmp_path / "neg.safetensors"
+    P.train_prompts("negprompt", store, neg, positive=coop, neg_prompts=2, epochs=1, lr=1e-12)  # barely a step
+    file = P.read_prompt_file(neg)
+    diff = file.neg_ctx - file.ctx
+    assert diff.abs().max().item() <= 1.01e-5 and diff.abs().max().item() > 5e-6
+    assert (file.neg_ctx[0] - file.neg_ctx[1]).abs().max().item() > 0  # distinct noise per negative prompt
 
 
 # ---- scores ------------------------------------------------------------------------------
@@ -227,10 +275,12 @@ def test_scores_through_the_cli_with_cache_and_eq3(clip_store, coop_file, tmp_pa
         node = next(f"fitted/text/clip-tiny/digits/{c}" for c in st.children("fitted/text/clip-tiny/digits")
                     if st.node_attrs(f"fitted/text/clip-tiny/digits/{c}").get("negative_prompts") == 2)
         embeds = st.read(f"{node}/embeds").astype(np.float64)
-    tau = P.read_prompt_file(neg).meta["temperature"]
+    assert P.read_prompt_file(neg).meta["temperature"] < 1  # trained at the CLIP's tau, scored at T = 1 (as MCM)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    s = np.exp(x @ embeds.T / tau)  # 6 positives, then 2 x 6 negatives
+    s = np.exp(x @ embeds.T / 1.0)  # 6 positives, then 2 x 6 negatives
     np.testing.assert_allclose(scores, s[:, :6].max(1) / s.sum(1), rtol=1e-4)
+    code, out, _ = run(capsys, "score", "--list", "--json")
+    assert next(r for r in json.loads(out) if r["method"] == "negprompt")["params"]["temperature"] == 1.0
     # a second run reads the cached text features: no text tower is built
     monkeypatch.setattr(text, "build_text_tower", lambda source: (_ for _ in ()).throw(AssertionError("built")))
     code, out, err = run(capsys, "score", "negprompt", "--store", store, "--param", f"negprompt.prompts={neg}")
@@ -257,6 +307,8 @@ def test_bad_training_input_is_one_line_and_writes_nothing(clip_store, coop_file
     assert "outside the label set" in _refused(capsys, out, *base, "--train-classes", "0-9")
     assert "bad --train-classes" in _refused(capsys, out, *base, "--train-classes", "3-1")
     assert "--top-k" in _refused(capsys, out, "train", "locoop", "--store", store, "--out", out, "--top-k", "200")
+    assert "--nis-softmax" in _refused(capsys, out, "train", "negprompt", "--store", store, "--positive", coop_file[0],
+                                       "--out", out, "--nis-softmax", "positives")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a prompt file at all")
     assert "corrupt" in _refused(capsys, out, "train", "negprompt", "--store", store, "--positive", garbage, "--out", out)

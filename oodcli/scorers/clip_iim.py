@@ -11,9 +11,15 @@ C_n OOD prototypes t_c~^l. With ``v_h`` the H patch features of an image, C ID c
   S_t2i = (H / C) mean of the top-k over (h, c) of s(v_h, t_c^l) / sum_h s(v_h, t_c^l);
   k = 50 (the paper's test k). The text-to-image entries are, per class, a softmax over
   the image's patches; H / C brings their mean (1 / H) to that of the image-to-text ones (1 / C).
+  ``s-mcm.double_exp=true`` computes S_i2t with OOD prototypes as the official
+  ``R_MCM_Score`` does: it exponentiates twice, a softmax over classes and OOD prototypes
+  of e^{cos / T} / T rather than of cos / T. The default is eq. 12 as printed; the
+  official headline "with neg" numbers (S-MCM / SLCM and R-MCM with OOD prompts, Table 1)
+  come from the double exponential, so set it to reproduce them. S_t2i, S-MCM* and the
+  MCM term use a single exponential in both.
 - ``s-mcm-star`` (S-MCM*): the same without the OOD prototypes in S_i2t's denominator.
 - ``r-mcm-trained`` (eq. 4, R-MCM with trained prompts): S_MCM + S_i2t (with the OOD
-  prototypes); it is ``s-mcm`` with alpha = 0. The zero-shot R-MCM* is ``r-mcm``.
+  prototypes); it is ``s-mcm`` with alpha = 0 (``double_exp`` as there). The zero-shot R-MCM* is ``r-mcm``.
 - ``gl-mcm-local`` (eq. 3 with the local prompts): S_MCM + max_{h,c} softmax_c(cos(v_h, t_c^l) / T).
 
 Local and OOD prototypes are cached under ``fitted/text/<backbone>/<label set>/iim-<hash>``
@@ -45,6 +51,7 @@ class _LocalPrompted(_ClipText):
     layers = ("image_embeds", "patch_tokens")
     uses_ood = False  # reads the OOD prototype prompts
     uses_k = True
+    double_exp = False  # S_i2t with OOD prototypes as the official R_MCM_Score: a softmax of e^{cos/T}/T
 
     def _setup(self, prompts, temperature, templates, labels, k=None):
         self.prompts, self.temperature, self.templates, self.labels = prompts, float(temperature), templates, labels
@@ -110,6 +117,8 @@ class _LocalPrompted(_ClipText):
         """S_i2t: mean top-k over (h, c) of the class share of each patch's similarity mass (OOD prototypes included if given)."""
         import torch
 
+        if ood_logits is not None and self.double_exp:
+            logits, ood_logits = logits.exp() / self.temperature, ood_logits.exp() / self.temperature
         mass = logits if ood_logits is None else torch.cat([logits, ood_logits], dim=-1)
         share = (logits - mass.logsumexp(dim=-1, keepdim=True)).exp()
         return share.flatten(1).topk(self.k, dim=1).values.mean(dim=1)
@@ -151,8 +160,8 @@ class SMCM(_LocalPrompted):
     uses_ood = True
 
     def __init__(self, prompts: str | None = None, k: int = 50, alpha: float = 1.0, temperature: float = 1.0,
-                 templates: str = "photo", labels: str | None = None):
-        self.alpha = float(alpha)
+                 templates: str = "photo", labels: str | None = None, double_exp: bool = False):
+        self.alpha, self.double_exp = float(alpha), bool(double_exp)
         self._setup(prompts, temperature, templates, labels, k)
 
     def local_score(self, logits, ood_logits):
@@ -166,6 +175,10 @@ class SMCMStar(SMCM):
     name = "s-mcm-star"
     uses_ood = False
 
+    def __init__(self, prompts: str | None = None, k: int = 50, alpha: float = 1.0, temperature: float = 1.0,
+                 templates: str = "photo", labels: str | None = None):
+        super().__init__(prompts, k, alpha, temperature, templates, labels)
+
 
 @register
 class RMCMTrained(_LocalPrompted):
@@ -175,7 +188,8 @@ class RMCMTrained(_LocalPrompted):
     uses_ood = True
 
     def __init__(self, prompts: str | None = None, k: int = 50, temperature: float = 1.0,
-                 templates: str = "photo", labels: str | None = None):
+                 templates: str = "photo", labels: str | None = None, double_exp: bool = False):
+        self.double_exp = bool(double_exp)
         self._setup(prompts, temperature, templates, labels, k)
 
     def local_score(self, logits, ood_logits):

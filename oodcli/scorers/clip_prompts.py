@@ -3,8 +3,11 @@
 - ``coop``: MCM (max softmax_c cos(v, t_c) / T) with CoOp's learned class prompts.
 - ``locoop``: GL-MCM with the learned prompts, as LoCoOp scores.
 - ``negprompt``: NegPrompt eq. 3, s(x) = max_i exp(S_i) / (sum_j exp(S_j) + sum_l sum_j exp(S_lj)),
-  with S = cos / tau over the positive and the p negative prompts of every class; tau is
-  the temperature the prompts were trained with unless ``negprompt.temperature`` is given.
+  with S = cos / T over the positive and the p negative prompts of every class. T = 1 by
+  default: the paper scores "with the MCM scoring approach" (sec. 3.2.3), MCM uses T = 1,
+  and the authors' test code divides the logits by CLIP's logit scale before the softmax.
+  ``-p negprompt.temperature=0.01`` scores at the training tau of OpenAI's CLIP instead
+  (1 / logit scale, recorded as ``temperature`` in the prompt file).
 
 The prompt file names its CLIP and the classes it learned from; it is refused for
 features of another CLIP or a label set without those classes. Classes it never saw take
@@ -112,13 +115,13 @@ class NegPrompt(_Prompted):
     name = "negprompt"
     uses_negatives = True
 
-    def __init__(self, prompts: str | None = None, temperature: float | None = None, labels: str | None = None):
+    def __init__(self, prompts: str | None = None, temperature: float = 1.0, labels: str | None = None):
         super().__init__(prompts, temperature, labels)
 
     def score_batch(self, batch):
         import torch
 
-        tau = self.temperature or self.trained_temperature
+        tau = self.temperature
         x = _unit(batch["image_embeds"])
         pos = x @ torch.from_numpy(self.prototypes).T / tau
         neg = x @ torch.from_numpy(self.negatives).T / tau

@@ -20,10 +20,13 @@ more. The image encoder is never built here (``TextTower`` is the text half alon
   (or LoCoOp) file are frozen (two stages); p shared negative contexts, each put before
   every class name, are learned with L = L_NIS + beta L_NPD + gamma L_NND (eq. 4-7),
   beta = 0.1, gamma = 0.05, p = 2, 10 epochs, the same optimiser as CoOp (the paper
-  gives no other). The paper does not say how negative contexts start; they start as
-  the trained positive context plus N(0, 0.02) noise, the reading of "prompts that
-  resemble the positive prompts ... but with a negative class semantic" (sec. 3.2),
-  and distinct noise keeps L_NND's pairwise similarities from starting at 1.
+  gives no other). L_NIS is by default the uniform cross-entropy over the softmax of all
+  positive and negative logits (the authors' OE branch); ``nis_softmax='negatives'`` is
+  eq. 4 as printed (``negprompt_losses`` says why the default is the other). The paper
+  does not say how negative contexts start; as in the authors' code they start as the
+  trained positive context plus U(-1e-5, 1e-5) noise, "prompts that resemble the
+  positive prompts ... but with a negative class semantic" (sec. 3.2); distinct noise
+  keeps L_NND's pairwise similarities from starting at exactly 1.
 
 A prompt file is one safetensors file: ``ctx`` [1, n, width] (the positive context),
 ``neg_ctx`` [p, n, width] for NegPrompt, and the settings, the class names, the few-shot
@@ -114,6 +117,34 @@ class PromptLearner(torch.nn.Module):
         parts = [self.forward(names[i : i + ENCODE_CLASSES], ctx) for i in range(0, len(names), ENCODE_CLASSES)]
         return torch.cat(parts, dim=1)
 
+    def class_specific(self, names: list[str], ctx: torch.Tensor) -> torch.Tensor:
+        """Class-specific contexts (CoOp's CSC): ``ctx`` [C, n, width], row c put before ``names[c]`` alone;
+        the L2-normalised features [C, D]."""
+        if ctx.shape[0] != len(names):
+            raise OodError(f"{ctx.shape[0]} class-specific contexts for {len(names)} class names")
+        emb, ends = self.name_tokens(names)
+        n = ctx.shape[1]
+        x = torch.cat([emb[:, :1], ctx.to(emb.dtype), emb[:, 1 + n :]], dim=1)
+        return self.tower.encode_embeddings(x, ends)
+
+    @torch.no_grad()
+    def class_specific_features(self, names: list[str], ctx: torch.Tensor) -> torch.Tensor:
+        """``class_specific`` without gradients, in class batches."""
+        parts = [self.class_specific(names[i : i + ENCODE_CLASSES], ctx[i : i + ENCODE_CLASSES])
+                 for i in range(0, len(names), ENCODE_CLASSES)]
+        return torch.cat(parts)
+
+
+NEG_INIT_NOISE = 1e-5  # half-width of the uniform noise added to the positive context (the authors' value)
+
+
+def negative_context_start(pos_ctx: torch.Tensor, neg_prompts: int, generator: torch.Generator) -> torch.Tensor:
+    """[p, n, width]: NegPrompt's negative contexts at the start, the positive context plus U(-1e-5, 1e-5)
+    per coordinate, as the authors start them (the paper says nothing); distinct noise breaks the
+    symmetry that L_NND needs broken while each negative starts where the positive prompt is."""
+    noise = (torch.rand(neg_prompts, *pos_ctx.shape[1:], generator=generator) * 2 - 1) * NEG_INIT_NOISE
+    return pos_ctx.float().expand(neg_prompts, -1, -1) + noise
+
 
 def initial_context(tower, n_ctx: int, ctx_init: str | None, generator: torch.Generator) -> torch.Tensor:
     """[1, n, width]: the token embeddings of ``ctx_init`` ("a photo of a"), or N(0, 0.02)."""
@@ -150,17 +181,37 @@ def locoop_entropy_term(local_logits: torch.Tensor, mask: torch.Tensor) -> torch
     return -entropy.mean()
 
 
-def negprompt_losses(image: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float) -> tuple[torch.Tensor, ...]:
+NIS_SOFTMAX = ("all", "negatives")
+
+
+def negprompt_losses(image: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float,
+                     nis_softmax: str = "all") -> tuple[torch.Tensor, ...]:
     """(L_NIS, L_NPD, L_NND) of NegPrompt eq. 4-6.
 
     ``image`` [B, D], ``pos`` [k, D] (frozen positive features), ``neg`` [p, k, D]; all
-    L2-normalised. L_NIS is the cross-entropy between the uniform distribution and the
-    softmax over all p*k negative similarities / tau; L_NPD the negated mean cosine of each
-    negative feature with its class's positive one; L_NND the mean cosine between the
-    different negative features of the same class (0 when p = 1).
+    L2-normalised. L_NIS is the cross-entropy between the uniform distribution and a
+    softmax of similarities / tau: with ``nis_softmax='all'`` (the default) over all k
+    positive and p*k negative ones, as the authors' OE branch computes it; with
+    ``'negatives'`` over the p*k negative ones alone, eq. 4 as printed
+    (F(x) = Softmax(S^{f,neg})). L_NPD is the negated mean cosine of each negative feature
+    with its class's positive one; L_NND the mean cosine between the different negative
+    features of the same class (0 when p = 1).
+
+    Why 'all' is the default: eq. 4 read literally is unchanged when every negative logit
+    shifts by the same amount (its gradients sum to zero over the negatives), so it cannot
+    move the negative prompts away from the ID images as sec. 3.2.1 says it does; eq. 5's
+    sign (negatives pulled towards the positives) matches only the OE branch; and Table 5's
+    one-stage row, below zero-shot accuracy, needs a term that flattens the positive
+    softmax, which only the all-logit target does. The positives are frozen in stage two,
+    so only the negatives learn from it here.
     """
+    if nis_softmax not in NIS_SOFTMAX:
+        raise UsageError(f"unknown --nis-softmax '{nis_softmax}'; choose from {', '.join(NIS_SOFTMAX)}")
     p, k, _ = neg.shape
-    logp = F.log_softmax(image @ neg.reshape(p * k, -1).T / tau, dim=1)
+    logits = image @ neg.reshape(p * k, -1).T / tau
+    if nis_softmax == "all":
+        logits = torch.cat([image @ pos.T / tau, logits], dim=1)
+    logp = F.log_softmax(logits, dim=1)
     nis = -logp.mean(dim=1).mean()
     npd = -(neg * pos[None]).sum(dim=-1).mean()
     if p < 2:
@@ -272,7 +323,9 @@ def read_prompt_file(path: str | Path) -> PromptFile:
     if "ctx" not in tensors:
         raise OodError(f"{path} is not an oodcli prompt file (no context tensor 'ctx')")
     ctx, neg = tensors["ctx"].float(), tensors.get("neg_ctx")
-    if ctx.ndim != 3 or ctx.shape[0] != 1 or (neg is not None and (neg.ndim != 3 or neg.shape[1:] != ctx.shape[1:])):
+    # one shared context, or (IIM's class-specific contexts) one per trained class
+    contexts = len(meta.get("class_names", [])) if meta.get("csc") else 1
+    if ctx.ndim != 3 or ctx.shape[0] != contexts or (neg is not None and (neg.ndim != 3 or neg.shape[1:] != ctx.shape[1:])):
         raise OodError(f"prompt file {path} has malformed context tensors; train it again")
     if meta.get("method") == "negprompt" and neg is None:
         raise OodError(f"prompt file {path} says NegPrompt but holds no negative prompts; train it again")
@@ -506,6 +559,7 @@ def train_prompts(
     neg_prompts: int = 2,
     beta: float = 0.1,
     gamma: float = 0.05,
+    nis_softmax: str = "all",
     log=None,
 ) -> PromptTrainResult:
     """Train CoOp, LoCoOp or NegPrompt prompts on a store's cached CLIP features; write ``out``.
@@ -526,6 +580,8 @@ def train_prompts(
             raise UsageError("'train negprompt' needs --positive FILE: the prompts of 'oodcli train coop' (stage one)")
         if neg_prompts < 1:
             raise UsageError(f"--neg-prompts must be at least 1, not {neg_prompts}")
+        if nis_softmax not in NIS_SOFTMAX:
+            raise UsageError(f"unknown --nis-softmax '{nis_softmax}'; choose from {', '.join(NIS_SOFTMAX)}")
         pos_file = read_prompt_file(positive)
         if pos_file.method not in ("coop", "locoop"):
             raise UsageError(f"--positive {positive} holds {pos_file.method} prompts; give a CoOp or LoCoOp prompt file")
@@ -564,8 +620,7 @@ def train_prompts(
         learner = PromptLearner(tower, pos_file.ctx)
         with torch.no_grad():
             positive_text = learner.features(train_names)[0]
-        noise = torch.randn(neg_prompts, *pos_file.ctx.shape[1:], generator=gen) * 0.02
-        learner.ctx = torch.nn.Parameter((pos_file.ctx.expand(neg_prompts, -1, -1) + noise).to(device))
+        learner.ctx = torch.nn.Parameter(negative_context_start(pos_file.ctx, neg_prompts, gen).to(device))
     else:
         learner = PromptLearner(tower, initial_context(tower, n_ctx, ctx_init, gen))
     image, labels_t = data.image.to(device), data.labels.to(device)
@@ -576,7 +631,7 @@ def train_prompts(
         feats = learner(train_names)
         x, y = image[idx], labels_t[idx]
         if method == "negprompt":
-            nis, npd, nnd = negprompt_losses(x, positive_text, feats, tau)
+            nis, npd, nnd = negprompt_losses(x, positive_text, feats, tau, nis_softmax)
             return nis + beta * npd + gamma * nnd, {"nis": nis.item(), "npd": npd.item(), "nnd": nnd.item()}
         text = feats[0]
         loss = coop_loss(x, text, y, tau)
@@ -615,7 +670,8 @@ def train_prompts(
     if method == "locoop":
         meta.update(locoop_lambda=locoop_lambda, locoop_top_k=locoop_top_k)
     if pos_file is not None:
-        meta.update(neg_prompts=neg_prompts, beta=beta, gamma=gamma, positive=Path(pos_file.path).name,
+        meta.update(neg_prompts=neg_prompts, beta=beta, gamma=gamma, nis_softmax=nis_softmax,
+                    neg_init=f"positive + U(-{NEG_INIT_NOISE:g}, {NEG_INIT_NOISE:g})", positive=Path(pos_file.path).name,
                     positive_sha256=pos_file.sha256, positive_method=pos_file.method)
         tensors = {"ctx": pos_file.ctx, "neg_ctx": learner.ctx}
     else:
@@ -632,6 +688,11 @@ def prompt_features(prompts: PromptFile, source, names: list[str]) -> tuple[np.n
     """(positive features [C, D], negative features [p, C, D] or None) of ``names``, L2-normalised."""
     from oodcli import text as text_mod
 
+    if prompts.meta.get("csc"):
+        raise OodError(
+            f"prompt file {prompts.path} holds class-specific contexts ({prompts.method}); "
+            "score it with its own methods (s-mcm, s-mcm-star, r-mcm-trained, gl-mcm-local)"
+        )
     tower = text_mod.build_text_tower(source)
     learner = PromptLearner(tower, prompts.ctx)
     pos = learner.features(names)[0].cpu().numpy()
