@@ -47,6 +47,9 @@ def resolve_splits(
     raise UsageError("say what to extract: --benchmark NAME or --data SOURCE")
 
 
+MAX_SHARDS = 100_000
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``--shard I/N`` (I = 0..N-1), or torchrun's RANK / WORLD_SIZE when it is not given."""
     if text is None:
@@ -61,6 +64,8 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
         i, n = -1, 0
     if not slash or n < 1 or not 0 <= i < n:
         raise UsageError(f"--shard '{text}' is not I/N with 0 <= I < N (e.g. --shard 0/4 ... --shard 3/4)")
+    if n > MAX_SHARDS:
+        raise UsageError(f"--shard '{text}': at most {MAX_SHARDS} shards (one chunk of rows each at least)")
     return (i, n) if n > 1 else None
 
 

@@ -258,9 +258,10 @@ def check_new_split(store: Store, split: str) -> None:
     ``ood/near/x``): its group would mix a split's arrays with another split's."""
     for other in split_groups(store):
         if other != split and (other.startswith(split + "/") or split.startswith(other + "/")):
+            beside = (f"{other}-{split[len(other) + 1:].replace('/', '-')}" if split.startswith(other + "/")
+                      else f"{split}-all")  # a name that nests with neither
             raise UsageError(
-                f"split '{split}' would nest with the existing split '{other}'; pick a name beside it, "
-                f"e.g. '{split.rsplit('/', 1)[0] + '/' if '/' in split else ''}<name>'"
+                f"split '{split}' would nest with the existing split '{other}'; pick a name beside it, e.g. '{beside}'"
             )
 
 

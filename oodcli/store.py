@@ -106,8 +106,8 @@ def check_name(name: str, what: str = "name") -> str:
             if problem:
                 break
     if problem:
-        raise UsageError(
-            f"{what} '{name}' is not a valid name: {problem}; use '/'-separated parts such as 'ood/far/textures'"
+        raise UsageError(  # repr: a newline or tab in the name shows as \\n, the message stays one line
+            f"{what} {name!r} is not a valid name: {problem}; use '/'-separated parts such as 'ood/far/textures'"
         )
     return name
 
@@ -184,7 +184,8 @@ class _WriterLock:
 
     def holder(self) -> str:
         try:
-            return self.file.read_text().strip() or "a sharded extraction"
+            pid = self.file.read_text().strip()
+            return f"pid {pid}" if pid else "a sharded extraction"
         except OSError:
             return "?"
 
@@ -197,7 +198,7 @@ class _WriterLock:
 
 def _busy(path: Path, lock: _WriterLock) -> OodError:
     return OodError(
-        f"another oodcli command is writing store {path} (pid {lock.holder()}); "
+        f"another oodcli command is writing store {path} ({lock.holder()}); "
         "wait for it to finish, then run this one again"
     )
 

@@ -352,7 +352,11 @@ CASES = [
                                   "ood/c/x"])
     ],
     Case("split-nests-above", [*FOLDER, "ood/far"], 2, ("would nest", "ood/far/noise")),
-    Case("split-nests-below", [*FOLDER, "ood/far/noise/sub"], 2, ("would nest", "ood/far/noise")),
+    Case("split-nests-below", [*FOLDER, "ood/far/noise/sub"], 2, ("would nest", "ood/far/noise", "'ood/far/noise-sub'")),
+    Case("split-nests-test", [*FOLDER, "test/sub"], 2, ("would nest", "e.g. 'test-sub'")),
+    Case("split-newline", [*FOLDER, "ood/far/a\nb"], 2, ("'ood/far/a\\nb'", "control character")),
+    Case("shard-huge", [*FOLDER, "ood/far/x", "--shard", "1/1000000000000"], 2, ("at most 100000 shards",)),
+    Case("collisions-nan", ["analyze", "collisions", *S, "--threshold", "nan"], 2, ("--threshold nan", "[0, 2]")),
     Case("split-other-data", [*FOLDER, "test"], 1, ("'test'", "holds other data", "--overwrite")),
     Case("as-slash", ["score", "msp", *S, "--as", "a/b"], 2, ("--as", "'a/b'")),
     Case("as-empty", ["score", "msp", *S, "--as", ""], 2, ("--as", "is not a valid name", "empty")),
