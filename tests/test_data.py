@@ -248,3 +248,50 @@ def test_torchvision_source_reads_labels_and_grayscale(tmp_path):
     assert img.mode == "L" and img.size == (28, 28)
     np.testing.assert_array_equal(np.asarray(img), images[2])
     assert (open_source("torchvision:mnist:test", tmp_path, is_ood=True).labels == -1).all()
+
+
+def test_folder_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    for i in range(2):
+        _write_png(tmp_path / "work" / "imgs" / f"{i}.png", 10)
+    monkeypatch.chdir(tmp_path / "work")
+    ds = open_source("folder:imgs", tmp_path / "data-root")  # not under the data root: the working directory
+    assert len(ds) == 2
+    with pytest.raises(OodError) as e:
+        open_source("folder:nope", tmp_path / "data-root")
+    assert str(tmp_path / "data-root" / "nope") in str(e.value) and str(tmp_path / "work" / "nope") in str(e.value)
+
+
+def test_folder_walk_survives_link_loops_and_lists_no_image_twice(tmp_path):
+    import os
+
+    for cls in ("a", "b"):
+        for i in range(2):
+            _write_png(tmp_path / "set" / cls / f"{i}.png", 10)
+    os.symlink(tmp_path / "set", tmp_path / "set" / "a" / "loop")  # a link back up: a loop
+    os.symlink(tmp_path / "set" / "b", tmp_path / "set" / "a" / "again")  # the same images twice
+    ds = open_source("folder:set", tmp_path)
+    assert ds.labels.tolist() == [0, 0, 1, 1]  # b's images stay b's, the loop is not entered
+    assert len({os.path.realpath(f) for f in ds.files}) == len(ds.files) == 4
+
+
+def test_folder_with_images_beside_class_folders_is_refused(tmp_path):
+    _write_png(tmp_path / "mixed" / "a" / "0.png", 1)
+    _write_png(tmp_path / "mixed" / "stray.png", 1)
+    with pytest.raises(OodError, match="beside class sub-folders"):
+        open_source("folder:mixed", tmp_path)
+
+
+def test_every_format_pil_reads_and_sixteen_bit_images_by_their_range(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "formats"
+    folder.mkdir()
+    frames = [Image.new("RGB", (8, 8), (200, 10, 10)), Image.new("RGB", (8, 8), (10, 200, 10))]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    deep = np.full((8, 8), 32768, dtype=np.uint16)  # half of the 16-bit range
+    Image.fromarray(deep).save(folder / "deep.png")
+    ds = open_source("folder:formats", tmp_path)
+    names = [f.name for f in ds.files]
+    assert names == ["anim.gif", "deep.png"]
+    grey = np.asarray(ds.load(names.index("deep.png")).convert("RGB"))
+    assert abs(int(grey[0, 0, 0]) - 128) <= 1  # not clipped to 255

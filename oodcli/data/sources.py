@@ -13,6 +13,7 @@ Every factory learns the labels without decoding an image, and opens images lazi
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -22,25 +23,50 @@ from PIL import Image
 from oodcli.data.base import ImageDataset, register_source
 from oodcli.errors import OodError, UsageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FIX_HINT = "set --data-root / OODCLI_DATA_ROOT"
 
 
-def _resolve(root: Path, path: str) -> Path:
+def _candidates(root: Path, path: str) -> list[Path]:
+    """Where a path of a source may be: absolute as given; relative, under the data root first
+    (benchmark files name paths relative to it), then from the working directory."""
     p = Path(path).expanduser()
-    return p if p.is_absolute() else root / p
+    return [p] if p.is_absolute() else list(dict.fromkeys([root / p, Path.cwd() / p]))
+
+
+def _resolve(root: Path, path: str) -> Path:
+    """The first candidate that exists (else the first, for the error to name)."""
+    found = _candidates(root, path)
+    return next((c for c in found if c.exists()), found[0])
+
+
+def _looked(root: Path, path: str) -> str:
+    return " and ".join(str(c) for c in _candidates(root, path))
 
 
 def _open_image(path: Path, source: str):
     """Read an image fully (so no file handle stays open) and return it unconverted."""
     try:
         with Image.open(path) as img:
-            img.load()
-            return img
+            img.load()  # an animation's first frame
+            return _eight_bit(img)
     except FileNotFoundError:
         raise OodError(f"image {path} of {source} not found") from None
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's ways of saying truncated or not an image
         raise OodError(f"image {path} of {source} cannot be read ({_reason(exc)}); fix or remove it") from None
+
+
+def _eight_bit(img):
+    """High-bit-depth images (16-bit PNG and TIFF open as 'I;16' or 'I', float TIFF as 'F')
+    brought to 8 bits by their real range: PIL's RGB conversion would clip them to white."""
+    if img.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+    else:  # 16-bit range (32-bit 'I' from a 16-bit file holds 0..65535)
+        arr = arr / (65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0) * 255.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
 
 
 def _reason(exc: BaseException) -> str:
@@ -134,6 +160,34 @@ def torchvision_source(arg: str, root: Path, is_ood: bool) -> ImageDataset:
 # --- folder -------------------------------------------------------------------------------
 
 
+def image_suffixes() -> frozenset[str]:
+    """Every file suffix PIL can open (GIF, TIFF, WebP, ...), not a fixed list."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def _walk_images(folder: Path, suffixes, seen: set[str]) -> list[Path]:
+    """Images under ``folder`` in sorted order, recursing into sub-folders (as ImageFolder
+    does). Links are followed, but a folder in ``seen`` (the top folder and every class
+    folder, so a link loop or a link into another class) or already visited is not entered,
+    and no file is listed twice."""
+    out: list[Path] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            real = os.path.realpath(entry)
+            if real not in seen:
+                seen.add(real)
+                out += _walk_images(entry, suffixes, seen)
+        elif entry.is_file() and entry.suffix.lower() in suffixes:
+            target = os.path.realpath(entry)
+            if target not in seen:
+                seen.add(target)
+                out.append(entry)
+    return out
+
+
 class FolderDataset(ImageDataset):
     def __init__(self, name: str, files: list[Path], labels: np.ndarray, class_names):
         self.name = name
@@ -159,23 +213,29 @@ def folder_source(arg: str, root: Path, is_ood: bool) -> ImageDataset:
     images but no sub-folders is read as one unlabelled set, which suits OOD sets."""
     path = _resolve(root, arg)
     if not path.is_dir():
-        raise OodError(f"image folder {path} not found; put the images there or {FIX_HINT}")
-    if any(p.is_dir() for p in path.iterdir()):
-        from torchvision.datasets import ImageFolder
-
-        try:
-            ds = ImageFolder(str(path), allow_empty=True)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise OodError(f"no images found in {path}: {str(e).splitlines()[0]}") from None
-        files = [Path(f) for f, _ in ds.samples]
-        labels = np.asarray(ds.targets, dtype=np.int64)
-        classes = list(ds.classes)
+        raise OodError(f"image folder {arg} not found (looked in {_looked(root, arg)}); put the images there or {FIX_HINT}")
+    suffixes = image_suffixes()
+    top = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if subdirs:
+        if top:  # ImageFolder would drop them without a word
+            raise OodError(f"image folder {path} holds {len(top)} image(s) (e.g. {top[0].name}) beside class "
+                           f"sub-folders ({subdirs[0].name}, ...); move them into a class folder or give the "
+                           "sub-folders as sources of their own")
+        files, labels, classes = [], [], []
+        seen = {os.path.realpath(p) for p in (path, *subdirs)}
+        for label, sub in enumerate(subdirs):
+            classes.append(sub.name)
+            for f in _walk_images(sub, suffixes, seen):
+                files.append(f)
+                labels.append(label)
+        labels = np.asarray(labels, dtype=np.int64)
     else:
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = top
         labels = np.full(len(files), -1, np.int64)
         classes = None
     if not files:
-        raise OodError(f"no images found in {path}")
+        raise OodError(f"no images found in {path} (image types read: {', '.join(sorted(suffixes))})")
     if is_ood:
         labels, classes = np.full(len(files), -1, np.int64), None
     return FolderDataset(f"folder:{arg}", files, labels, classes)
