@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from contextlib import nullcontext
 from pathlib import Path
 
 from oodcli.backbones.base import get_spec
+from oodcli.backbones.spec import parse_preprocess
 from oodcli.data.base import SplitDef, data_root as resolve_root, open_source, role_from_name
 from oodcli.data.benchmarks import ROLES, get_benchmark
 from oodcli.errors import OodError, UsageError
@@ -89,6 +91,7 @@ def extract_splits(
     shard: str | None = None,
     featmap_pool: int | None = None,
     perturb: list[str] | None = None,
+    preprocess: str | None = None,
 ) -> list[ExtractResult]:
     """Extract several splits with one lazily built backbone.
 
@@ -100,10 +103,22 @@ def extract_splits(
     ``--perturb`` strings (``odin:temperature=1000,epsilon=0.0014``, ``mahalanobis:epsilon=...``;
     see ``oodcli.perturb``). A Mahalanobis perturbation fits on the train split, which must be
     in the store already or among these splits (it is then extracted first).
+
+    The images are normalised as the checkpoint's training set was: models trained on a
+    benchmark's data (``cifar_resnet*``) take that benchmark's mean and std (``--benchmark``,
+    else the store's); ``preprocess`` (``KEY=VALUE,...``, see ``parse_preprocess``) overrides
+    any of resize, crop, mean, std and interpolation.
     """
     spec = get_spec(model)
     spec.weights_identity(weights)
     spec = spec.for_weights(weights)
+    trained_on = benchmark
+    if trained_on is None and Path(store).exists():
+        with open_store(Path(store), "r") as existing:
+            trained_on = existing.attrs.get("benchmark")
+    spec = spec.for_data(trained_on)
+    if preprocess is not None:
+        spec = dataclasses.replace(spec, preprocess=parse_preprocess(preprocess, spec.preprocess))
     layer_names = check_layers(spec, layers)
     pool = check_featmap_pool(layer_names, featmap_pool)
     perturbs = parse_perturbations(perturb)

@@ -177,6 +177,12 @@ def extract(
         "odin[:temperature=1000,epsilon=0.0014] -> logits@odin; mahalanobis[:epsilon=0.0014,train=train] -> "
         "penultimate@mahalanobis (needs the train split's penultimate features)."
     ),
+    preprocess: Optional[str] = typer.Option(
+        None, "--preprocess", help="Override the model's preprocessing: KEY=VALUE,... with keys resize, crop "
+        "(pixels), mean, std (three numbers separated by '/') and interpolation (bilinear|bicubic), e.g. "
+        "mean=0.507/0.487/0.441,std=0.267/0.256/0.276,crop=32. Default: the model's; cifar_resnet* models take "
+        "the mean/std of the benchmark they were trained on (cifar10, cifar100). Recorded in the fingerprint."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     list_models: bool = typer.Option(
         False, "--list-models", callback=_list_models, is_eager=True, help="List the backbones and exit."
@@ -221,6 +227,7 @@ def extract(
         shard=shard,
         featmap_pool=featmap_pool,
         perturb=perturb,
+        preprocess=preprocess,
     )
     if as_json:
         out.print_json(json.dumps([r.as_dict() for r in results]))

@@ -85,12 +85,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 def model_identity(spec: BackboneSpec, weights: str | None) -> dict:
-    """What makes two feature arrays comparable: same network, same parameters, same input."""
-    return {
+    """What makes two feature arrays comparable: same network, same parameters, same input.
+    The preprocessing is the one used (the benchmark's normalisation, ``--preprocess``); the
+    activation is a key only when it is QuickGELU (CLIP in OpenAI's format or a ``-quickgelu``
+    architecture), so stores of GELU networks keep their fingerprints."""
+    identity = {
         "backbone": spec.name,
         "weights": spec.weights_identity(weights),
         "preprocess": spec.preprocess.describe(),
     }
+    if spec.activation == "quick_gelu":
+        identity["activation"] = spec.activation
+    return identity
 
 
 def weights_source(weights: str | None) -> str | None:
@@ -395,6 +401,7 @@ def extract_split(
                     parts=parts,
                     model_id=this_model,
                     weights_source=weights_source(weights),
+                    activation=spec.activation,
                     layers=list(layers),
                     perturbed=perturbed,
                     layer_shapes={k: list(v) for k, v in shapes.items()},

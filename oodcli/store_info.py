@@ -41,6 +41,7 @@ def describe_store(store: Store) -> dict:
                 "rows_done": battrs.get("rows_done"),
                 "weights": parts.get("weights"),
                 "preprocess": parts.get("preprocess"),
+                "activation": parts.get("activation") or battrs.get("activation"),
                 "fingerprint": battrs.get("fingerprint"),
                 "nonfinite_rows": battrs.get("nonfinite_rows", 0),
                 "layers": {layer: _array_info(store, f"{bnode}/{layer}") for layer in store.children(bnode)},
@@ -60,6 +61,15 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _preprocess_text(p: dict) -> str:
+    """The preprocessing as ``--preprocess`` spells it."""
+    def triple(values) -> str:
+        return "/".join(f"{float(v):g}" for v in values)
+
+    return (f"resize={p.get('resize')},crop={p.get('crop')},mean={triple(p.get('mean', ()))},"
+            f"std={triple(p.get('std', ()))},interpolation={p.get('interpolation')}")
+
+
 def render_tree(info: dict):
     from rich.tree import Tree
 
@@ -75,6 +85,10 @@ def render_tree(info: dict):
             state = "[green]complete[/green]" if b["complete"] else f"[yellow]partial: {b['rows_done']} rows[/yellow]"
             bad = f", [red]{b['nonfinite_rows']} non-finite rows[/red]" if b["nonfinite_rows"] else ""
             bnode = node.add(f"{backbone}  {state}{bad}  [dim]weights {b['weights']}[/dim]")
+            if b.get("activation"):
+                bnode.add(f"[dim]activation {b['activation']}[/dim]")
+            if b.get("preprocess"):
+                bnode.add(f"[dim]preprocess {_preprocess_text(b['preprocess'])}[/dim]")
             for layer, a in b["layers"].items():
                 bnode.add(f"{layer}  {tuple(a['shape'])} {a['dtype']}  {_size(a['bytes'])}")
     for split in info.get("half_made_splits", []):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from oodcli.backbones.modules import Backbone, load_state_dict_into, read_state_dict
 from oodcli.backbones.registry import CLIP_224  # noqa: F401  (the specs are declared there)
 from oodcli.backbones.registry import CLIP_TINY as TINY
+from oodcli.backbones.registry import clip_activation, torchscript_archive
 from oodcli.errors import OodError, UsageError
 
 TINY_CFG = dict(
@@ -74,6 +75,11 @@ def build_real(arch: str, crop: int, weights: str | None) -> Backbone:
     pretrained = None if weights in (None, "random") else weights
     if pretrained is None:
         torch.manual_seed(0)
+    if pretrained is not None and Path(pretrained).is_file():  # a weights file: its format names the activation
+        quick_gelu = clip_activation(arch, pretrained) == "quick_gelu"
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu)
+        load_state_dict_into(model, read_clip_state(pretrained), pretrained)
+        return ClipBackbone(model, open_clip.get_tokenizer(arch), crop)
     # OpenAI's weights were trained with QuickGELU; the plain config would silently use GELU
     quick_gelu = bool(pretrained and open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu"))
     try:
@@ -90,10 +96,30 @@ def build_tiny(weights: str | None) -> Backbone:
     import open_clip
 
     torch.manual_seed(0)
-    model = open_clip.CLIP(**TINY_CFG)
+    quick_gelu = weights not in (None, "random") and clip_activation("tiny", weights) == "quick_gelu"
+    model = open_clip.CLIP(**TINY_CFG, quick_gelu=quick_gelu)
     if weights not in (None, "random"):
-        load_state_dict_into(model, read_state_dict(weights), weights)
+        load_state_dict_into(model, read_clip_state(weights), weights)
     return ClipBackbone(model, open_clip.get_tokenizer("ViT-B-16"), TINY.crop)
+
+
+#: entries of OpenAI's TorchScript state_dict that are settings, not parameters
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def read_clip_state(path: str) -> dict[str, torch.Tensor]:
+    """A CLIP weights file as an open_clip state_dict: a TorchScript archive (OpenAI's format)
+    or a state_dict, without OpenAI's setting entries; OpenAI's half-precision tensors are
+    cast on loading."""
+    if torchscript_archive(path):
+        try:
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except RuntimeError as e:
+            raise OodError(f"cannot load TorchScript archive {path}: {str(e).splitlines()[0]}") from None
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    else:
+        state = read_state_dict(path)
+    return {k: v for k, v in state.items() if k not in OPENAI_EXTRA_KEYS}
 
 
 # ---- the text half alone -----------------------------------------------------------------
@@ -191,8 +217,9 @@ def text_tower_tiny(weights: str | None) -> TextTower:
     if weights in (None, "random"):
         model = build_tiny("random").model
         return TextTower(model, tokenizer, float(model.logit_scale.detach().exp()))
-    state = read_state_dict(weights)
-    text = _text_only(TINY_CFG["embed_dim"], TINY_CFG["text_cfg"], False, state, weights)
+    state = read_clip_state(weights)
+    quick_gelu = clip_activation("tiny", weights) == "quick_gelu"
+    text = _text_only(TINY_CFG["embed_dim"], TINY_CFG["text_cfg"], quick_gelu, state, weights)
     return TextTower(text, tokenizer, _logit_scale(state, weights))
 
 
@@ -208,7 +235,7 @@ def text_tower_real(arch: str, weights: str | None) -> TextTower:
     if cfg is None:
         raise OodError(f"open_clip has no model configuration '{arch}'")
     if Path(weights).exists():
-        state, quick_gelu = read_state_dict(weights), bool(cfg.get("quick_gelu", False))
+        state, quick_gelu = read_clip_state(weights), clip_activation(arch, weights) == "quick_gelu"
     else:
         pretrained = open_clip.get_pretrained_cfg(arch, weights)
         if not pretrained:

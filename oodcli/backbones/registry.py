@@ -27,6 +27,15 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_224 = Preprocess(resize=224, crop=224, mean=_CLIP_MEAN, std=_CLIP_STD, interpolation="bicubic")
 CLIP_TINY = Preprocess(resize=32, crop=32, mean=_CLIP_MEAN, std=_CLIP_STD, interpolation="bicubic")
 
+#: mean and std of each benchmark's ID train set, as OpenOOD normalises the checkpoints it trains
+#: on it (its preprocessors' ``normalization_dict``); specs with ``follows_data`` take them
+DATASET_NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet200": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
 # ---- torchvision ImageNet classifiers (oodcli.backbones.torchvision_models) ----------------
 
 _CNN_LAYERS = ("logits", "penultimate", "early", "featmap")  # featmap: last stage before global pooling
@@ -96,9 +105,10 @@ for _arch in ("cifar_resnet18", "cifar_resnet34"):
         description=f"CIFAR {_arch.split('_')[1]} (OpenOOD layout); needs --weights PATH to a state_dict",
         layers=_CNN_LAYERS,
         default_layers=("logits", "penultimate"),
-        preprocess=CIFAR,
+        preprocess=CIFAR,  # CIFAR-10's statistics; a benchmark with its own (cifar100) replaces them
         builder=Lazy("oodcli.backbones.cifar_resnet:build", _arch),
         needs_weights_file=True,
+        follows_data=True,
     ))
 
 register(BackboneSpec(
@@ -110,6 +120,7 @@ register(BackboneSpec(
     preprocess=CIFAR,
     builder=Lazy("oodcli.backbones.cifar_resnet:build", "cifar_resnet18"),
     default_weights="random",
+    follows_data=True,
 ))
 
 # ---- DINOv2 (oodcli.backbones.dinov2) -------------------------------------------------------
@@ -141,19 +152,106 @@ register(BackboneSpec(
 
 # ---- CLIP (oodcli.backbones.clip) ---------------------------------------------------------
 
-_CLIP_LAYERS = ("image_embeds", "patch_tokens", "penultimate")
+_CLIP_LAYERS = ("image_embeds", "patch_tokens", "patch_values", "penultimate")
 
-register(BackboneSpec(
-    name="clip-vit-b-16",
-    family="clip",
-    description="CLIP ViT-B/16 image encoder (open_clip); text prototypes for MCM/GL-MCM; no logits",
-    layers=_CLIP_LAYERS,
-    default_layers=("image_embeds",),
-    preprocess=CLIP_224,
-    builder=Lazy("oodcli.backbones.clip:build_real", "ViT-B-16", CLIP_224.crop),
-    text_builder=Lazy("oodcli.backbones.clip:text_tower_real", "ViT-B-16"),
-    default_weights="openai",
-))
+
+
+def clip_activation(arch: str, weights: str | None) -> str:
+    """The activation a CLIP network runs: "quick_gelu" for a ``-quickgelu`` architecture, for
+    OpenAI's weights (the ``openai`` tag, or a file in OpenAI's format: see
+    ``openai_checkpoint``), else "gelu" (other open_clip tags that were trained with QuickGELU
+    are set by open_clip's own table when the network is built). No torch is imported."""
+    if arch.endswith("-quickgelu") or weights == "openai":
+        return "quick_gelu"
+    if weights not in (None, "random") and Path(weights).is_file() and openai_checkpoint(weights):
+        return "quick_gelu"
+    return "gelu"
+
+
+def openai_checkpoint(path: str | Path) -> bool:
+    """Whether a weights file is in OpenAI's CLIP format, which was trained with QuickGELU: a
+    TorchScript archive (what OpenAI distributes, and what ``open_clip.load_openai_model``
+    loads), or a state_dict saved from one, which keeps its ``input_resolution``,
+    ``context_length`` and ``vocab_size`` entries (open_clip's own state_dicts do not have
+    them). Read from the archive's listing and its pickle, without torch or running its code."""
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                import struct
+
+                (size,) = struct.unpack("<Q", f.read(8))
+                keys = set(json.loads(f.read(size)))
+        except Exception:
+            return False
+        return {"input_resolution", "context_length", "vocab_size"} <= keys
+    if not zipfile.is_zipfile(path):
+        return False
+    if torchscript_archive(path):
+        return True
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        data = next((n for n in names if n.endswith("/data.pkl")), None)
+        if data is None:
+            return False
+
+        class Keys(pickle.Unpickler):  # builds nothing: tensors become None, classes a stub
+            def find_class(self, module, name):
+                if name in ("OrderedDict",) and module == "collections":
+                    import collections
+
+                    return collections.OrderedDict
+                return lambda *a, **k: None
+
+            def persistent_load(self, pid):
+                return None
+
+        try:
+            state = Keys(z.open(data)).load()
+        except Exception:
+            return False
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    keys = {str(k).removeprefix("module.") for k in state} if isinstance(state, dict) else set()
+    return {"input_resolution", "context_length", "vocab_size"} <= keys
+
+
+def torchscript_archive(path: str | Path) -> bool:
+    """Whether a file is a TorchScript archive (its zip holds the scripted code and constants)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def adapt_clip(arch: str):
+    def adapt(spec: BackboneSpec, weights: str | None) -> BackboneSpec:
+        return dataclasses.replace(spec, activation=clip_activation(arch, weights if weights is not None
+                                                                     else spec.default_weights))
+    return adapt
+
+
+for _name, _arch in (("clip-vit-b-16", "ViT-B-16"), ("clip-vit-b-16-quickgelu", "ViT-B-16-quickgelu")):
+    register(BackboneSpec(
+        name=_name,
+        family="clip",
+        description=f"CLIP ViT-B/16 image encoder (open_clip {_arch}"
+                    + (", QuickGELU for any weights" if "quickgelu" in _arch else "")
+                    + "); text prototypes for MCM/GL-MCM; no logits",
+        layers=_CLIP_LAYERS,
+        default_layers=("image_embeds",),
+        preprocess=CLIP_224,
+        builder=Lazy("oodcli.backbones.clip:build_real", _arch, CLIP_224.crop),
+        text_builder=Lazy("oodcli.backbones.clip:text_tower_real", _arch),
+        default_weights="openai",
+        adapt=adapt_clip(_arch),
+    ))
 
 register(BackboneSpec(
     name="clip-tiny",
@@ -165,6 +263,7 @@ register(BackboneSpec(
     builder=Lazy("oodcli.backbones.clip:build_tiny"),
     text_builder=Lazy("oodcli.backbones.clip:text_tower_tiny"),
     default_weights="random",
+    adapt=adapt_clip("tiny"),
 ))
 
 # ---- the digits CNN (oodcli.backbones.digits_cnn) ------------------------------------------

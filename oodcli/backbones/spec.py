@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,58 @@ class Preprocess:
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
+
+
+PREPROCESS_KEYS = ("resize", "crop", "mean", "std", "interpolation")
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def parse_preprocess(text: str, base: Preprocess, option: str = "--preprocess") -> Preprocess:
+    """``KEY=VALUE,...`` applied over ``base``: resize, crop (pixels), mean, std (three numbers
+    separated by '/' or ';', so a value never contains the list's comma) and interpolation
+    (bilinear or bicubic). E.g. ``mean=0.507/0.487/0.441,std=0.267/0.256/0.276,crop=32``.
+    Any bad key or value is a one-line UsageError naming it."""
+    changes: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or not key:
+            raise UsageError(f"{option} '{item}' is not KEY=VALUE; keys: {', '.join(PREPROCESS_KEYS)} "
+                             "(e.g. mean=0.507/0.487/0.441,std=0.267/0.256/0.276,crop=32)")
+        if key not in PREPROCESS_KEYS:
+            raise UsageError(f"{option}: unknown key '{key}'; use {', '.join(PREPROCESS_KEYS)}")
+        if key in changes:
+            raise UsageError(f"{option}: '{key}' given twice")
+        if key in ("resize", "crop"):
+            try:
+                changes[key] = int(value)
+            except ValueError:
+                changes[key] = 0
+            if changes[key] < 1:
+                raise UsageError(f"{option}: {key}={value} is not a size in pixels (an integer >= 1)")
+        elif key in ("mean", "std"):
+            numbers = value.replace(";", "/").split("/")
+            try:
+                triple = tuple(float(x) for x in numbers)
+            except ValueError:
+                triple = ()
+            if len(triple) != 3 or not all(math.isfinite(x) for x in triple) or \
+                    (key == "std" and not all(x > 0 for x in triple)):
+                kind = "positive numbers" if key == "std" else "numbers"
+                raise UsageError(f"{option}: {key}={value} is not three {kind} separated by '/' "
+                                 f"(e.g. {key}=0.5/0.5/0.5)")
+            changes[key] = triple
+        else:
+            if value not in INTERPOLATIONS:
+                raise UsageError(f"{option}: interpolation={value}; use {' or '.join(INTERPOLATIONS)}")
+            changes[key] = value
+    if not changes:
+        raise UsageError(f"{option} is empty; give KEY=VALUE,... with keys {', '.join(PREPROCESS_KEYS)}")
+    out = dataclasses.replace(base, **changes)
+    if out.crop > out.resize:
+        raise UsageError(f"{option}: crop {out.crop} is larger than resize {out.resize}")
+    return out
 
 
 def _to_rgb(img):
@@ -96,6 +149,12 @@ class BackboneSpec:
     adapt: Callable[["BackboneSpec", str | None], "BackboneSpec"] | None = field(default=None, repr=False, compare=False)
     #: weights -> the text half alone (CLIP): prompts are encoded without building the image encoder
     text_builder: Callable[[str | None], Any] | None = field(default=None, repr=False, compare=False)
+    #: True: the weights are trained on a benchmark's ID data (OpenOOD's checkpoints), so the
+    #: normalisation is that data set's mean and std (``for_data``), not one fixed for the family
+    follows_data: bool = False
+    #: the activation the network runs where weights decide it (CLIP: "gelu" or "quick_gelu");
+    #: set by ``for_weights``; recorded in the fingerprint when it is "quick_gelu"
+    activation: str | None = None
 
     def weights_identity(self, weights: str | None) -> str:
         """A stable string naming the parameters; a file is named by its content hash."""
@@ -116,6 +175,19 @@ class BackboneSpec:
     def for_weights(self, weights: str | None) -> "BackboneSpec":
         """This spec as it applies to ``weights`` (APEX/PALM models take their base network's preprocessing)."""
         return self.adapt(self, weights) if self.adapt is not None else self
+
+    def for_data(self, benchmark: str | None) -> "BackboneSpec":
+        """This spec with the normalisation of the data set its weights were trained on, for
+        the families that follow it (``follows_data``); others, and benchmarks without
+        known statistics, are returned unchanged."""
+        if not self.follows_data or benchmark is None:
+            return self
+        from oodcli.backbones.registry import DATASET_NORMALIZATION
+
+        stats = DATASET_NORMALIZATION.get(benchmark)
+        if stats is None:
+            return self
+        return dataclasses.replace(self, preprocess=dataclasses.replace(self.preprocess, mean=stats[0], std=stats[1]))
 
     def build(self, weights: str | None = None):
         """The network (a ``Backbone``); this is where torch is imported."""

@@ -95,16 +95,25 @@ def resolve_weights(store: Store, backbone: str, split: str, weights: str | None
             f"weights {weights or spec.default_weights} ({identity}) are not the ones the store's '{backbone}' "
             f"features came from ({parts.get('weights')}); pass --weights with that checkpoint"
         )
-    if parts.get("preprocess") != json.loads(json.dumps(spec.preprocess.describe())):  # attrs hold lists, not tuples
-        raise OodError(f"'{backbone}' preprocesses images differently from when the store was extracted; "
-                       "re-extract with this oodcli")
+    if not isinstance(parts.get("preprocess"), dict):
+        raise OodError(f"the store's '{backbone}' features do not record their preprocessing; "
+                       "re-extract them with this oodcli")
     return weights
 
 
-def _build(backbone: str, weights: str | None, device: torch.device):
+def _build(backbone: str, weights: str | None, device: torch.device, recorded: dict | None = None):
+    """The network, and its spec with the preprocessing the store's features were made with
+    (``recorded``: the benchmark's normalisation or ``--preprocess``), so images are read again
+    exactly as they were extracted."""
+    import dataclasses
+
     from oodcli.backbones.base import get_spec
+    from oodcli.backbones.spec import Preprocess
 
     spec = get_spec(backbone).for_weights(weights)
+    if recorded:
+        spec = dataclasses.replace(spec, preprocess=Preprocess(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}))
     return spec, spec.build(weights).to(device).eval()
 
 
@@ -287,7 +296,8 @@ def _make_prototypes(store, key, weights, samples, seed, device_name, batch_size
         candidates = val_features(store, backbone, hp["val_split"], samples, seed, key["model_id"])
     else:
         device = resolve_device(device_name)
-        spec, net = _build(backbone, weights, device)
+        recorded = store.node_attrs(features_node(train_split, backbone)).get("parts", {}).get("preprocess")
+        spec, net = _build(backbone, weights, device, recorded)
         if kind == "noise":
             candidates = noise_features(net, spec, samples, seed, batch_size, device)
         else:
