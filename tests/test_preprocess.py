@@ -87,6 +87,15 @@ def test_cifar100_checkpoint_is_normalised_with_cifar100_statistics(tmp_path, ca
     code, out, err = run(capsys, "store", "info", store)
     assert code == 0 and "mean=0.5071/0.4865/0.4409" in out
 
+    # a split added with --data is normalised as the store's benchmark is
+    code, out, err = run(capsys, "-q", "extract", "--model", "cifar_resnet18", "--weights", weights, "--data",
+                         f"imglist:{root}/benchmark_imglist/cifar100/test_cifar100.txt@{root}/images_classic",
+                         "--split", "ood/far/again", "--store", store, "--dtype", "float32", "--device", "cpu")
+    assert code == 0, err
+    with open_store(store, "r") as st:
+        again = st.read("splits/ood/far/again/cifar_resnet18/logits")
+    np.testing.assert_allclose(again, got, atol=1e-5)
+
 
 def test_preprocess_overrides_and_changes_the_fingerprint(tmp_path, capsys):
     root, files = cifar100_root(tmp_path / "data")
