@@ -2,9 +2,9 @@
 
 Times one image at a time through ``oodcli.synth.synood.synthesize_one`` (prompt encoding,
 the strength-0.6 denoising loop of 20 scheduled steps = 12 U-Net passes with classifier-free
-guidance, VAE decode, the classifier's energy loss), with ``--refine 0`` (plain inpainting)
-and ``--refine 3`` (the paper's setting: 3 skip-gradient updates, so 4 denoising loops and
-3 backward passes through the VAE decoder and the classifier).
+guidance, VAE decode, the classifier's energy loss), with ``--iterations 1`` (plain inpainting)
+and ``--iterations 3`` (the paper's setting: 3 denoising loops with 2 skip-gradient updates
+between them, so 2 backward passes through the VAE decoder and the classifier).
 
 ``--size tiny``: the digits demo's pipeline (random init, or a trained one with
 ``--pipeline DIR``) at 32x32 with the digits CNN shape. ``--size sd2``: random-initialised
@@ -97,11 +97,11 @@ def sd2(image_size: int = 512):
 
 
 def skip_vs_exact(inp: Inpainter, energy: EnergyLoss, image, seeds) -> list[float]:
-    """cos(dL/dz_0, dL/d eps), the second by autograd through every U-Net step (eq. 8)."""
+    """cos(dL/du, dL/d eps) with u = z_0 / scaling_factor, the second by autograd through every U-Net step (eq. 8)."""
     out = []
     for seed in seeds:
         prep = inp.prepare(image, "leaf, railing", seed)
-        skip, _ = skip_gradient(inp, energy, inp.denoise(prep, prep.eps))
+        skip, *_ = skip_gradient(inp, energy, inp.denoise(prep, prep.eps))
         eps = prep.eps.clone().requires_grad_(True)
         with torch.enable_grad():
             loss = energy(inp.decode(inp.denoise(prep, eps, grad=True))).sum()
@@ -132,7 +132,7 @@ def main() -> None:
     net = net.to(dev).eval().requires_grad_(False)
     log(f"built {args.size} pipeline in {time.perf_counter() - t0:.1f} s")
     energy = EnergyLoss(net, pre)
-    inp = Inpainter(pipe, 0.6, args.steps, 7.5, height=size, width=size)
+    inp = Inpainter(pipe, 0.6, args.steps, 8.0, height=size, width=size)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
     def sync():
@@ -140,19 +140,19 @@ def main() -> None:
             torch.cuda.synchronize()
 
     results = {}
-    for refine in (0, 3):
-        synthesize_one(inp, energy, image, "bamboo, leaf, railing", 0, refine=refine)  # warm-up
+    for passes in (1, 3):
+        synthesize_one(inp, energy, image, "bamboo, leaf, railing", 0, iterations=passes)  # warm-up
         sync()
         times, drops = [], []
         for k in range(args.images):
             t = time.perf_counter()
-            r = synthesize_one(inp, energy, image, "bamboo, leaf, railing", k + 1, refine=refine)
+            r = synthesize_one(inp, energy, image, "bamboo, leaf, railing", k + 1, iterations=passes)
             sync()
             times.append(time.perf_counter() - t)
             drops.append(r.losses[0] - r.losses[-1])
-        results[f"refine_{refine}"] = {"seconds_per_image": float(np.median(times)), "times": times,
+        results[f"iterations_{passes}"] = {"seconds_per_image": float(np.median(times)), "times": times,
                                       "energy_loss_drop": drops}
-        log(f"refine {refine}: {np.median(times):.3f} s per image")
+        log(f"iterations {passes}: {np.median(times):.3f} s per image")
     cos = skip_vs_exact(inp, energy, image, range(3)) if args.size == "tiny" else None
     if dev.type == "cuda":
         results["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
@@ -167,16 +167,16 @@ def main() -> None:
         "size": args.size,
         "image_size": size,
         "pipeline": args.pipeline or "random init",
-        "settings": {"strength": 0.6, "steps": args.steps, "guidance": 7.5, "step_size": 10.0},
+        "settings": {"strength": 0.6, "steps": args.steps, "guidance": 8.0, "step_size": 10.0},
     }
-    r0, r3 = results["refine_0"]["seconds_per_image"], results["refine_3"]["seconds_per_image"]
+    r0, r3 = results["iterations_1"]["seconds_per_image"], results["iterations_3"]["seconds_per_image"]
     print(f"SynOOD synthesis, {args.size} pipeline at {size}x{size} on {meta['device']} "
-          f"(strength 0.6, {args.steps} steps, CFG 7.5):")
-    print(f"  plain inpainting (--refine 0): {r0:8.3f} s/image")
-    print(f"  SynOOD (--refine 3):           {r3:8.3f} s/image  ({r3 / r0:.2f}x)")
+          f"(strength 0.6, {args.steps} steps, CFG 8):")
+    print(f"  plain inpainting (--iterations 1): {r0:8.3f} s/image")
+    print(f"  SynOOD (--iterations 3):           {r3:8.3f} s/image  ({r3 / r0:.2f}x)")
     if cos is not None:
         results["cos_skip_vs_exact_gradient"] = cos
-        print(f"  cos(skip gradient dL/dz0, exact dL/d eps): {', '.join(f'{c:.3f}' for c in cos)}")
+        print(f"  cos(skip gradient dL/du, exact dL/d eps): {', '.join(f'{c:.3f}' for c in cos)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, **results}, indent=2))
     print(f"saved {out} (machine load average {load:.1f})")

@@ -1158,11 +1158,13 @@ def synthesize_synood(
     ),
     strength: float = typer.Option(0.6, "--strength", help="Inpainting strength (eq. 4)."),
     steps: int = typer.Option(20, "--steps", help="Denoising steps of the full schedule."),
-    refine: int = typer.Option(3, "--refine", help="Noise refinement iterations (eq. 10); 0 = plain inpainting."),
-    step_size: float = typer.Option(10.0, "--step-size", help="r * rho of eq. 10."),
-    m_out: float = typer.Option(-7.0, "--m-out", help="Energy margin m_out of eq. 7 (Liu et al.; no effect on the gradient)."),
+    iterations: int = typer.Option(3, "--iterations", help="Inpainting passes in total (the paper's 3), the noise refined (eq. 10) between them; 1 = plain inpainting."),
+    step_size: float = typer.Option(10.0, "--step-size", help="r * rho of eq. 10 (gradient w.r.t. the decoder's latent z_0 / scaling_factor, as the authors)."),
+    loss: str = typer.Option("authors", "--loss", help="authors: (m_out - (mean g - logsumexp g))^2, m_out -5; energy-hinge: Liu et al.'s max(0, m_out - E)^2, m_out -7. Both push towards OOD."),
+    m_out: Optional[float] = typer.Option(None, "--m-out", help="OOD threshold m_out of eq. 7 (default: the --loss's)."),
     tau: float = typer.Option(1.0, "--tau", help="Temperature of eq. 7."),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    guidance: float = typer.Option(8.0, "--guidance", help="Classifier-free guidance scale (the authors' 8)."),
+    prompt_template: str = typer.Option("A photo only remain {labels}.", "--prompt-template", help="Inpainting prompt around the context labels (the authors'); '{labels}' = the labels alone."),
     mode: str = typer.Option("inpaint", "--mode", help="inpaint (SynOOD) or neg-image (text-to-image from --prompt-words, no refinement)."),
     prompt_words: Optional[Path] = typer.Option(None, "--prompt-words", help="neg-image: one word per line."),
     seed: int = typer.Option(0, "--seed"),
@@ -1183,7 +1185,8 @@ def synthesize_synood(
     from oodcli.synth.synood import synthesize_synood as run
 
     settings = Settings(mode=mode, from_split=from_split, per_class=per_class, strength=strength, steps=steps,
-                        guidance=guidance, refine=refine, step_size=step_size, m_out=m_out, tau=tau, seed=seed)
+                        guidance=guidance, iterations=iterations, step_size=step_size, loss=loss, m_out=m_out, tau=tau,
+                        prompt_template=prompt_template, seed=seed)
     bar = _progress()
     task = []
 
@@ -1205,6 +1208,8 @@ def synthesize_synood(
         return
     loss = (f"; energy loss mean {result['energy_loss_before_mean']:.3f} -> {result['energy_loss_after_mean']:.3f} "
             f"(lower for {result['lowered']} of {result['manifest_rows']})" if "manifest_rows" in result else "")
+    if "energy_before_mean" in result:
+        loss += f", energy E {result['energy_before_mean']:.3f} -> {result['energy_after_mean']:.3f}"
     out.print(f"{result['out_dir']}: {result['written']} images written, {result['skipped']} already there, "
               f"{result['images']} in all{loss} ({result['seconds']:.1f} s)", markup=False)
 

@@ -64,7 +64,7 @@ def test_refinement_off_equals_the_plain_pipeline_call(pipe, strength):
     img = _image()
     ref = pipe("bamboo, leaf, railing", image=img, mask_image=Image.new("L", (32, 32), 255), strength=strength,
                num_inference_steps=20, generator=torch.Generator().manual_seed(7), output_type="pt").images
-    ours = synthesize_one(Inpainter(pipe, strength, 20, 7.5), None, img, "bamboo, leaf, railing", 7, refine=0)
+    ours = synthesize_one(Inpainter(pipe, strength, 20, 7.5), None, img, "bamboo, leaf, railing", 7, iterations=1)
     ours_pt = torch.from_numpy(np.asarray(ours.image, dtype=np.float32) / 255).permute(2, 0, 1)
     ref_u8 = (ref[0] * 255).round() / 255  # the PIL image is the pipeline's output rounded to 8 bits
     assert torch.allclose(ours_pt, ref_u8, atol=1e-6)
@@ -85,40 +85,88 @@ def test_preprocess_tensor_equals_the_backbone_transform():
     assert (ours - ref).abs().mean() < 0.02  # PIL's and torch's antialiased resize differ by rounding only
 
 
-def test_skip_gradient_is_the_autograd_gradient_wrt_z0(pipe):
+def test_skip_gradient_is_the_autograd_gradient_in_the_decoders_latent_scale(pipe):
     probe = Probe().eval().requires_grad_(False)
     m_out, tau, step = -3.0, 2.0, 0.5
-    energy = EnergyLoss(probe, PROBE_PRE, m_out=m_out, tau=tau)
+    energy = EnergyLoss(probe, PROBE_PRE, m_out=m_out, tau=tau, loss="energy-hinge")
     inp = Inpainter(pipe, 0.6, 10, 7.5)
     img = _image(1)
     prep = inp.prepare(img, "leaf", 11)
     z0 = inp.denoise(prep, prep.eps)
-    # reference, written out independently: L = m_out - tau * log sum exp(g(x)/tau), x = h(z0)
-    z = z0.clone().requires_grad_(True)
-    x = pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample
+    # reference, written out independently: L = max(0, m_out - E)^2, E = -tau * log sum exp(g(x)/tau),
+    # x = h(u), differentiated w.r.t. u = z0 / scaling_factor (the authors' latent scale)
+    u = (z0 / pipe.vae.config.scaling_factor).clone().requires_grad_(True)
+    x = pipe.vae.decode(u).sample
     x01 = (x / 2 + 0.5).clamp(0, 1)
     logits = probe((x01 - 0.5) / 0.5)
-    loss = m_out - tau * torch.log(torch.exp(logits / tau).sum(dim=1))
-    (ref,) = torch.autograd.grad(loss.sum(), z)
-    grad, l0 = skip_gradient(inp, energy, z0)
+    e = -tau * torch.log(torch.exp(logits / tau).sum(dim=1))
+    loss = torch.clamp(m_out - e, min=0) ** 2
+    (ref,) = torch.autograd.grad(loss.sum(), u)
+    grad, l0, e0 = skip_gradient(inp, energy, z0)
     assert ref.abs().max() > 1e-4  # a real gradient, not zeros
     assert torch.allclose(grad, ref, rtol=1e-4, atol=1e-7)
-    assert torch.allclose(l0, loss.detach(), atol=1e-5)
-    # the update applied by one refinement is epsilon - step * dL/dz0 (eq. 10 with r*rho = step)
-    out = synthesize_one(inp, energy, img, "leaf", 11, refine=1, step_size=step)
+    assert torch.allclose(l0, loss.detach(), atol=1e-5) and torch.allclose(e0, e.detach(), atol=1e-5)
+    # the update between two passes is epsilon - step * dL/du (eq. 10 with r*rho = step):
+    # scaling_factor times dL/dz0, not dL/dz0 itself
+    out = synthesize_one(inp, energy, img, "leaf", 11, iterations=2, step_size=step)
     assert torch.allclose((prep.eps - out.eps) / step, ref, rtol=1e-4, atol=1e-6)
+    z = z0.clone().requires_grad_(True)
+    (dz,) = torch.autograd.grad(energy(inp.decode(z)).sum(), z)
+    assert torch.allclose(dz * pipe.vae.config.scaling_factor, ref, rtol=1e-3, atol=1e-6)
     assert out.losses[0] == pytest.approx(float(loss.detach()[0]), abs=1e-5)
 
 
-def test_one_small_refinement_step_lowers_the_energy_loss(pipe):
+def test_iterations_are_inpainting_passes_in_total(pipe, monkeypatch):
     probe = Probe().eval().requires_grad_(False)
-    energy = EnergyLoss(probe, PROBE_PRE)
+    inp = Inpainter(pipe, 0.6, 4, 7.5)
+    calls = []
+    real = inp.denoise
+    monkeypatch.setattr(inp, "denoise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = synthesize_one(inp, EnergyLoss(probe, PROBE_PRE), _image(0), "leaf", 0, iterations=3, step_size=0.5)
+    assert len(calls) == 3 and len(out.losses) == len(out.energies) == 3  # 3 passes, 2 updates between them
+
+
+def _authors_loss(logits, m_out=-5.0):
+    return (m_out - (logits.mean(dim=1) - torch.logsumexp(logits, dim=1))) ** 2
+
+
+def test_authors_loss_is_their_formula_and_its_default_margin():
+    logits = torch.tensor([[9.0, 0.0, -1.0, 2.0, 0.5, 0.0]])
+    loss = EnergyLoss(Probe(), PROBE_PRE)  # the default
+    assert loss.loss == "authors" and loss.m_out == -5.0
+    assert torch.allclose(loss.from_logits(logits), _authors_loss(logits))
+    assert EnergyLoss(Probe(), PROBE_PRE, loss="energy-hinge").m_out == -7.0
+    assert Settings().check().m_out == -5.0 and Settings(loss="energy-hinge").check().m_out == -7.0
+    assert Settings().guidance == 8.0 and Settings().prompt(["leaf", "sky"]) == "A photo only remain leaf, sky."
+    with pytest.raises(Exception, match="--loss"):
+        Settings(loss="linear").check()
+
+
+@pytest.mark.parametrize("loss", ["authors", "energy-hinge"])
+def test_one_refinement_step_raises_the_energy_of_a_confident_image(pipe, loss):
+    """Towards OOD: the energy E = -logsumexp(g) of a confident image goes up after one update,
+    and with the authors' loss s = mean g - logsumexp g (-CE to the uniform softmax) too (the
+    earlier linear loss m_out - logsumexp(g) lowered E); m_out changes the result."""
+    probe = Probe().eval().requires_grad_(False)
+    with torch.no_grad():  # confident: E about -20, s about -16
+        probe.fc.weight.mul_(4)
+        probe.fc.bias.mul_(4)
     inp = Inpainter(pipe, 0.6, 10, 7.5)
-    lowered = []
     for seed in range(3):
-        out = synthesize_one(inp, energy, _image(seed), "leaf", seed, refine=1, step_size=0.5)
-        lowered.append(out.losses[1] < out.losses[0])
-    assert all(lowered)
+        out = synthesize_one(inp, EnergyLoss(probe, PROBE_PRE, loss=loss), _image(seed), "leaf", seed,
+                             iterations=2, step_size=10.0)
+        assert out.energies[1] > out.energies[0] + 0.5 and out.losses[1] < out.losses[0]
+        if loss == "authors":
+            logits = [probe((torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)[None] - 0.5) / 0.5)
+                      for im in (synthesize_one(inp, None, _image(seed), "leaf", seed, 1).image, out.image)]
+            s = [float(z.mean() - torch.logsumexp(z, 1)) for z in logits]
+            assert s[1] > s[0]
+    # m_out matters: a threshold the image is already past stops (hinge) or reverses (authors) the push
+    a = synthesize_one(inp, EnergyLoss(probe, PROBE_PRE, loss=loss), _image(0), "leaf", 0, 2, 10.0)
+    b = synthesize_one(inp, EnergyLoss(probe, PROBE_PRE, loss=loss, m_out=-40.0), _image(0), "leaf", 0, 2, 10.0)
+    assert b.energies[1] < a.energies[1]
+    if loss == "energy-hinge":
+        assert b.losses[0] == 0 and torch.equal(b.eps, inp.prepare(_image(0), "leaf", 0).eps)
 
 
 # ---- the run folder ----------------------------------------------------------------------------
@@ -146,7 +194,7 @@ def _labels_file(path, ids, extra=()):
     return path
 
 
-FAST = Settings(per_class=1, strength=0.5, steps=4, refine=1, step_size=10.0)
+FAST = Settings(per_class=1, strength=0.5, steps=4, iterations=2, step_size=10.0)
 
 
 def test_resume_skips_finished_images(digits_store, pipe_dir, tmp_path, monkeypatch):
@@ -176,11 +224,11 @@ def test_resume_skips_finished_images(digits_store, pipe_dir, tmp_path, monkeypa
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted(r["file"] for r in rows) == sorted(p.name for p in out.glob("*.png"))
     assert len({r["source_class"] for r in rows}) == n_classes
-    assert all(r["prompt"] == ", ".join(r["context_labels"]) and r["source_id"] in set(ids[:60].tolist()) for r in rows)
-    assert all(len(r["energy_losses"]) == 2 for r in rows)
+    assert all(r["prompt"] == f"A photo only remain {', '.join(r['context_labels'])}." and r["source_id"] in set(ids[:60].tolist()) for r in rows)
+    assert all(len(r["energy_losses"]) == len(r["energies"]) == 2 for r in rows)
     record = json.loads((out / synood.RUN_FILE).read_text())
     assert record["context_labels"]["made_by"] == {"provider": "clip-zero-shot"}
-    assert record["settings"]["refine"] == 1 and record["pipeline"].startswith("dir:tiny_inpaint")
+    assert record["settings"]["iterations"] == 2 and record["settings"]["m_out"] == -5.0 and record["pipeline"].startswith("dir:tiny_inpaint")
     # a third run does nothing
     again = synood.synthesize_synood(out, **kw)
     assert again["written"] == 0 and len(calls) == n_classes
@@ -189,7 +237,7 @@ def test_resume_skips_finished_images(digits_store, pipe_dir, tmp_path, monkeypa
 def _cli(store, out, pipe_dir, ctx, *more):
     return ("synthesize", "synood", "--store", store, "--out-dir", out, "--pipeline", pipe_dir, "--classifier",
             "digits_cnn-tiny", "--context-labels", ctx, "--per-class", 1, "--strength", 0.5, "--steps", 2,
-            "--refine", 0, "--device", "cpu", *more)
+            "--iterations", 1, "--device", "cpu", *more)
 
 
 def test_cli_writes_images_and_refuses_another_runs_folder(digits_store, pipe_dir, tmp_path, capsys):
@@ -269,4 +317,4 @@ def test_neg_image_mode_is_text_to_image_from_word_prompts(pipe_dir, tmp_path):
     assert sorted(r["prompt"] for r in rows) == ["teapot", "teapot", "volcano", "volcano"]
     assert all(r["source_id"] is None and len(r["energy_losses"]) == 1 for r in rows)
     record = json.loads((out / synood.RUN_FILE).read_text())["settings"]
-    assert record["strength"] == 1.0 and record["refine"] == 0
+    assert record["strength"] == 1.0 and record["iterations"] == 1

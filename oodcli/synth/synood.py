@@ -8,22 +8,33 @@ the energy loss of a classifier g on the synthesized image (eq. 7-10).
 
 Reading of the paper where it is open:
 
-* Loss (eq. 7): ``L = m_out - tau * logsumexp(g(x_syn) / tau)`` = m_out + E(x_syn), with
-  E the Energy score of Liu et al. Minimising L lowers the energy, pulling the repainted
-  image towards the ID side of g's boundary: that is what makes the OOD images
-  "near-boundary". ``m_out`` is a constant and does not change the gradient; it defaults to
-  -7, the OOD margin of Liu et al.'s energy fine-tuning (m_in = -25, m_out = -7), so that
-  L < 0 reads "g already rates it ID-like past the OOD margin". ``tau`` = 1 as in the
-  Energy score (the paper gives no value).
+* Loss (eq. 7): the paper writes ``L = m_out - tau * logsumexp(g(x_syn) / tau)``, linear;
+  descending that raises logsumexp, i.e. makes the image *more* ID-like, and leaves m_out
+  without effect, against the paper's own narrative (the subject is replaced, the image
+  "shifts away from the core theme") and its description of m_out as "the OOD threshold ...
+  as used in [3]" (Liu et al.'s energy hinge). Two readings that push towards OOD:
+  ``loss="authors"`` (the default, because it made the paper's numbers: the authors'
+  ``--method energy``): s = mean_i g_i - logsumexp(g), which is -CE(uniform, softmax g),
+  and L = (m_out - s)^2 with m_out = -5; for C classes s <= -log C (-6.9 for ImageNet), so
+  descent flattens the softmax (raises the energy) and m_out sets the pull's strength.
+  ``loss="energy-hinge"``: Liu et al.'s OOD term, L = max(0, m_out - E(x))^2 with
+  E = -tau * logsumexp(g / tau) and Liu's m_out = -7: a confident image (E << m_out) has its
+  energy raised until it reaches the OOD threshold m_out, then no more. ``tau`` = 1 (the
+  authors use none; with tau != 1, s = mean g - tau * logsumexp(g / tau)). The manifest keeps
+  the loss and E before (plain inpainting) and after (the saved image) per image.
 * Skip gradient (eq. 9-10): we take the gradient of L with respect to the final denoised
-  latent z_0 (through the VAE decoder h, the differentiable torch version of g's
-  preprocessing and g itself) and let it stand in for the gradient with respect to
-  epsilon: the U-Net chain's Jacobian dz_0/d epsilon is skipped, i.e. treated as rho * I.
-  The update is ``epsilon := epsilon - r*rho * dL/dz_0`` with r*rho = 10 (``step_size``,
-  sec. 4.1). Each of the ``refine`` = 3 iterations re-runs the whole inpainting from the
-  current epsilon; the saved image is made from the last refined epsilon. "Energy loss
-  before" is that of the plain inpainting (iteration 0), "after" that of the saved image
-  (both on the decoded float image, before the 8-bit PNG rounding).
+  latent in the decoder's scale, u = z_0 / scaling_factor (through the VAE decoder h, the
+  differentiable torch version of g's preprocessing and g itself), as the authors do, and let
+  it stand in for the gradient with respect to epsilon: the U-Net chain's Jacobian is
+  skipped, i.e. treated as rho * I. The update is ``epsilon := epsilon - r*rho * dL/du`` with
+  r*rho = 10 (``step_size``, sec. 4.1); dL/dz_0 would be 1/scaling_factor (5.5x for SD2)
+  larger. The authors' script averages the loss over its batch of 2, which halves each
+  image's step; ``step_size=5`` reproduces their per-image update exactly.
+* Passes (sec. 4.1, "the inpainting process iterates 3 times"): ``iterations`` = 3
+  inpaintings in total, each from the current epsilon, with 2 noise updates between them;
+  the saved image is that of the last pass (as in the authors' loop, whose third gradient is
+  never used). "Energy loss before" is that of the plain inpainting (pass 1), "after" that of
+  the saved image (both on the decoded float image, before the 8-bit PNG rounding).
 * The loop below is the inpainting pipeline's own ``__call__`` taken apart (its
   encode_prompt, prepare_latents, prepare_mask_latents, get_timesteps, scheduler.step,
   vae, image processor), because the pipeline's ``latents=`` argument is taken as
@@ -33,10 +44,11 @@ Reading of the paper where it is open:
   masked-image posterior sample).
 * Does the skip gradient descend? On the trained digits pipeline the cosine between dL/dz_0
   and the exact dL/d epsilon (autograd through all U-Net steps) was 0.86-0.89
-  (benchmarks/synood_synthesis.py), and with r*rho = 10 the first update lowered L for 17
-  of 18 demo images, all three for 16 (mean L -10.2, -11.8, -12.9, -13.6): a step that large
-  can overshoot where the exact Jacobian is far from rho * I, so L is not always monotone.
-* Classifier-free guidance 7.5 (the pipeline's default; the paper does not say).
+  (benchmarks/synood_synthesis.py, measured with the earlier linear loss); a large step can
+  overshoot where the exact Jacobian is far from rho * I, so L is not always monotone.
+* Classifier-free guidance 8 (the authors' default; the paper does not say). Prompt: the
+  authors' "A photo only remain {labels}." with the context labels cut to 73 characters
+  (``prompt_template``; "{labels}" gives the bare labels).
 """
 
 from __future__ import annotations
@@ -67,11 +79,13 @@ class Settings:
     per_class: int = 1
     strength: float = 0.6
     steps: int = 20
-    guidance: float = 7.5
-    refine: int = 3
+    guidance: float = 8.0  # the authors' default
+    iterations: int = 3  # inpainting passes in total ("iterates 3 times"): 2 noise updates
     step_size: float = 10.0  # r * rho of eq. 10
-    m_out: float = -7.0
+    loss: str = "authors"  # or "energy-hinge"
+    m_out: float | None = None  # None: the loss's default (authors -5, energy-hinge -7)
     tau: float = 1.0
+    prompt_template: str = "A photo only remain {labels}."  # the authors'; "{labels}" = the labels alone
     seed: int = 0
 
     def check(self) -> "Settings":
@@ -83,11 +97,20 @@ class Settings:
             raise UsageError(f"--steps {self.steps} at --strength {self.strength} leaves no denoising step")
         if self.per_class < 1:
             raise UsageError("--per-class must be at least 1")
-        if self.refine < 0:
-            raise UsageError("--refine must be 0 or more")
+        if self.iterations < 1:
+            raise UsageError("--iterations must be at least 1 (1 = plain inpainting)")
         if self.tau <= 0:
             raise UsageError("--tau must be positive")
-        return self
+        if self.loss not in LOSSES:
+            raise UsageError(f"unknown --loss '{self.loss}'; use {' or '.join(LOSSES)}")
+        if self.prompt_template.count("{labels}") != 1:
+            raise UsageError("--prompt-template needs exactly one '{labels}'")
+        return self if self.m_out is not None else replace(self, m_out=M_OUT[self.loss])
+
+    def prompt(self, labels: list[str]) -> str:
+        """The inpainting prompt: the template around the comma-joined labels, cut to 73
+        characters as the authors cut theirs; empty without labels (unconditional inpainting)."""
+        return self.prompt_template.replace("{labels}", ", ".join(labels)[:73]) if labels else ""
 
 
 # ---- the differentiable pieces ------------------------------------------------------------------
@@ -114,20 +137,44 @@ def preprocess_tensor(x01, pre):
     return (x - mean) / std
 
 
-class EnergyLoss:
-    """Eq. 7 on a decoded image in the pipeline's [-1, 1] range: one loss per image."""
+LOSSES = ("authors", "energy-hinge")
+M_OUT = {"authors": -5.0, "energy-hinge": -7.0}  # each loss's m_out default
 
-    def __init__(self, net, preprocess, m_out: float = -7.0, tau: float = 1.0):
-        self.net, self.pre, self.m_out, self.tau = net, preprocess, m_out, tau
+
+class EnergyLoss:
+    """Eq. 7 on a decoded image in the pipeline's [-1, 1] range: one loss per image.
+
+    ``authors`` (default): the authors' ``--method energy``, L = (m_out - s)^2 with
+    s = mean_i g_i - tau * logsumexp(g / tau) (= -CE(uniform, softmax g) at tau = 1), m_out = -5.
+    ``energy-hinge``: Liu et al.'s OOD hinge, L = max(0, m_out - E)^2 with E = -tau * logsumexp(g / tau),
+    m_out = -7. Both raise a confident image's energy (flatter softmax) towards the threshold m_out."""
+
+    def __init__(self, net, preprocess, m_out: float | None = None, tau: float = 1.0, loss: str = "authors"):
+        if loss not in LOSSES:
+            raise UsageError(f"unknown --loss '{loss}'; use {' or '.join(LOSSES)}")
+        self.net, self.pre, self.tau, self.loss = net, preprocess, tau, loss
+        self.m_out = M_OUT[loss] if m_out is None else m_out
 
     def logits(self, x):
         x01 = (x.float() / 2 + 0.5).clamp(0, 1)  # what the pipeline's postprocess keeps
         return self.net.forward_layers(preprocess_tensor(x01, self.pre), ("logits",))["logits"]
 
-    def __call__(self, x):
+    def energy(self, logits):
+        """E(x) = -tau * logsumexp(g / tau): low for ID, high for OOD (Liu et al.)."""
         import torch
 
-        return self.m_out - self.tau * torch.logsumexp(self.logits(x) / self.tau, dim=1)
+        return -self.tau * torch.logsumexp(logits / self.tau, dim=1)
+
+    def from_logits(self, logits):
+        import torch
+
+        energy = self.energy(logits)
+        if self.loss == "authors":
+            return (self.m_out - (logits.mean(dim=1) + energy)) ** 2
+        return torch.relu(self.m_out - energy) ** 2
+
+    def __call__(self, x):
+        return self.from_logits(self.logits(x))
 
 
 @dataclass
@@ -147,7 +194,7 @@ class Inpainter:
     """StableDiffusionInpaintPipeline's ``__call__`` with the all-ones mask, split so that
     the initial noise can be chosen (eq. 4) and the final latent z_0 is reachable (eq. 6)."""
 
-    def __init__(self, pipe, strength: float = 0.6, steps: int = 20, guidance: float = 7.5,
+    def __init__(self, pipe, strength: float = 0.6, steps: int = 20, guidance: float = 8.0,
                  height: int | None = None, width: int | None = None):
         self.pipe, self.strength, self.steps, self.guidance = pipe, strength, steps, guidance
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -227,42 +274,51 @@ class Inpainter:
 
 
 def skip_gradient(inpainter: Inpainter, energy: EnergyLoss, z0):
-    """(dL/dz_0, L): eq. 9's stand-in for dL/d epsilon, through h and g only."""
+    """(dL/du, L, E) with u = z_0 / scaling_factor, the latent the VAE decoder reads: eq. 9's
+    stand-in for dL/d epsilon, through h and g only, in the authors' scale (they divide the
+    latents by the scaling factor and differentiate there; dL/dz_0 would be 1/0.18215 = 5.5x larger
+    for SD2 at the same r*rho)."""
     import torch
 
-    z = z0.detach().requires_grad_(True)
+    u = (z0 / inpainter.scaling).detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = energy(inpainter.decode(z))
-        (grad,) = torch.autograd.grad(loss.sum(), z)
-    return grad, loss.detach()
+        logits = energy.logits(inpainter.pipe.vae.decode(u, return_dict=False)[0])
+        loss = energy.from_logits(logits)
+        (grad,) = torch.autograd.grad(loss.sum(), u)
+    return grad, loss.detach(), energy.energy(logits.detach())
 
 
 @dataclass
 class Synthesized:
     image: object  # PIL
-    losses: list[float] = field(default_factory=list)  # loss at each iteration, [0] = plain inpainting
-    eps: object = None  # the final (refined) noise
+    losses: list[float] = field(default_factory=list)  # loss of each inpainting pass, [0] = plain inpainting
+    eps: object = None  # the noise of the last pass
+    energies: list[float] = field(default_factory=list)  # E(x) = -tau * logsumexp(g / tau) of each pass
 
 
 def synthesize_one(inpainter: Inpainter, energy: EnergyLoss | None, image, prompt: str, seed: int,
-                   refine: int = 3, step_size: float = 10.0) -> Synthesized:
-    """One SynOOD image: ``refine`` noise updates (eq. 10), then the image from the last epsilon."""
+                   iterations: int = 3, step_size: float = 10.0) -> Synthesized:
+    """One SynOOD image: ``iterations`` inpainting passes, the noise updated (eq. 10) between
+    them (so iterations - 1 updates); the image of the last pass is kept, as in the authors' loop."""
     import torch
 
     prep = inpainter.prepare(image, prompt, seed)
-    eps, losses = prep.eps, []
-    for k in range(refine + 1):
+    eps, losses, energies = prep.eps, [], []
+    for k in range(iterations):
         z0 = inpainter.denoise(prep, eps)
-        if k == refine:
+        if k == iterations - 1:
             with torch.no_grad():
                 x = inpainter.decode(z0)
                 if energy is not None:
-                    losses.append(float(energy(x)[0]))
-            return Synthesized(inpainter.to_pil(x), losses, eps)
-        grad, loss = skip_gradient(inpainter, energy, z0)
+                    logits = energy.logits(x)
+                    losses.append(float(energy.from_logits(logits)[0]))
+                    energies.append(float(energy.energy(logits)[0]))
+            return Synthesized(inpainter.to_pil(x), losses, eps, energies)
+        grad, loss, e = skip_gradient(inpainter, energy, z0)
         losses.append(float(loss[0]))
+        energies.append(float(e[0]))
         eps = (eps - step_size * grad).to(eps.dtype)
-    raise AssertionError("unreachable")
+    raise UsageError("--iterations must be at least 1")
 
 
 # ---- inputs: the split's images and their context labels -----------------------------------------
@@ -363,7 +419,7 @@ def _split_items(store_path: Path, settings: Settings, context: dict[int, list[s
         sid, c = int(ids[r]), int(labels[r])
         words = (context or {}).get(sid, [])
         items.append(Item(file=f"synood_c{c}_id{sid}.png", seed=settings.seed * 1_000_003 + sid,
-                          prompt=", ".join(words), labels=words, source_row=int(r), source_id=sid, source_class=c))
+                          prompt=settings.prompt(words), labels=words, source_row=int(r), source_id=sid, source_class=c))
     return items, data, {"path": str(Path(store_path).resolve()), "split": split, "source": attrs["source"],
                          "data": attrs.get("data")}
 
@@ -485,7 +541,7 @@ def synthesize_synood(
 
     settings = settings.check()
     if settings.mode == "neg-image":  # Table 4's "Neg Image": plain text-to-image, nothing refined
-        settings = replace(settings, strength=1.0, refine=0)
+        settings = replace(settings, strength=1.0, iterations=1)
     check_device(device)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -547,22 +603,22 @@ def _run(todo, data, out_dir, settings, pipeline, spec, weights, device, summary
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     net = spec.build(weights).to(dev).eval().requires_grad_(False)
-    energy = EnergyLoss(net, spec.preprocess, settings.m_out, settings.tau)
+    energy = EnergyLoss(net, spec.preprocess, settings.m_out, settings.tau, settings.loss)
     inpainter = Inpainter(pipe, settings.strength, settings.steps, settings.guidance)
-    refine = settings.refine
     if progress:
         progress(summary["skipped"], total)
     blank = Image.new("RGB", (inpainter.width, inpainter.height))
     for it in todo:
         image = data.load(it.source_id) if data is not None else blank
-        result = synthesize_one(inpainter, energy, image, it.prompt, it.seed, refine, settings.step_size)
+        result = synthesize_one(inpainter, energy, image, it.prompt, it.seed, settings.iterations, settings.step_size)
         atomic_write(out_dir / it.file, lambda tmp: result.image.save(tmp, format="PNG"))
         _append_line(out_dir / MANIFEST, {
             "file": it.file, "source_split": settings.from_split if data is not None else None,
             "source_id": it.source_id, "source_row": it.source_row, "source_class": it.source_class,
             "context_labels": it.labels, "prompt": it.prompt, "seed": it.seed,
             "energy_loss_before": result.losses[0], "energy_loss_after": result.losses[-1],
-            "energy_losses": result.losses,
+            "energy_losses": result.losses, "energy_before": result.energies[0], "energy_after": result.energies[-1],
+            "energies": result.energies,
         })
         summary["written"] += 1
         if progress:
@@ -576,5 +632,8 @@ def _loss_means(out_dir: Path) -> dict:
         return {}
     before = [r["energy_loss_before"] for r in rows]
     after = [r["energy_loss_after"] for r in rows]
-    return {"energy_loss_before_mean": float(np.mean(before)), "energy_loss_after_mean": float(np.mean(after)),
+    energy = [(r.get("energy_before"), r.get("energy_after")) for r in rows if r.get("energy_before") is not None]
+    means = {"energy_before_mean": float(np.mean([b for b, _ in energy])),
+             "energy_after_mean": float(np.mean([a for _, a in energy]))} if energy else {}
+    return {**means, "energy_loss_before_mean": float(np.mean(before)), "energy_loss_after_mean": float(np.mean(after)),
             "lowered": int(sum(a < b for a, b in zip(after, before))), "manifest_rows": len(rows)}
