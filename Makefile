@@ -37,7 +37,7 @@ demo: venv $(CKPT) $(CLIP_CKPT) $(INPAINT)
 	$(PY) -m oodcli synthesize grood --store $(STORE) --model digits_cnn && $(PY) -m oodcli index --store $(STORE) --source grads/grood/train && $(PY) -m oodcli score grood,grood-distance,grood-gradnorm,grood-classgrad --store $(STORE) --backbone digits_cnn
 	OODCLI="$(PY) -m oodcli" sh recipes/apex-digits.sh $(STORE)
 	$(PY) -m oodcli report --store $(STORE)
-	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --benchmark digits --layers image_embeds,patch_tokens --store $(CLIP_STORE) --overwrite
+	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --benchmark digits --layers image_embeds,patch_values --store $(CLIP_STORE) --overwrite
 	$(PY) -m oodcli score mcm,gl-mcm,r-mcm --store $(CLIP_STORE)
 	$(PY) -m oodcli -q train coop --store $(CLIP_STORE) --shots 16 --epochs 20 --out stores/digits-coop.safetensors
 	$(PY) -m oodcli -q train negprompt --store $(CLIP_STORE) --positive stores/digits-coop.safetensors --out stores/digits-negprompt.safetensors

@@ -58,14 +58,14 @@ def make_store(path: Path, rows: int) -> None:
         st.set_attrs("splits/test", role="id", n=rows)
         node = f"splits/test/{BACKBONE}"
         st.create_array(f"{node}/image_embeds", (rows, DIM), np.float16, chunk_rows=CHUNK)
-        st.create_array(f"{node}/patch_tokens", (rows, PATCHES, DIM), np.float16, chunk_rows=CHUNK)
+        st.create_array(f"{node}/patch_values", (rows, PATCHES, DIM), np.float16, chunk_rows=CHUNK)
         for start in range(0, rows, CHUNK):
             n = min(CHUNK, rows - start)
             st.write_rows(f"{node}/image_embeds", start, _unit(rng.standard_normal((n, DIM), np.float32)).astype(np.float16))
             tokens = _unit(rng.standard_normal((n, PATCHES, DIM), np.float32)).astype(np.float16)
-            st.write_rows(f"{node}/patch_tokens", start, tokens)
+            st.write_rows(f"{node}/patch_values", start, tokens)
         st.set_attrs(node, complete=True, rows_done=rows, model_id="bench", weights_source="openai",
-                     parts={"weights": identity}, layer_shapes={"image_embeds": [DIM], "patch_tokens": [PATCHES, DIM]})
+                     parts={"weights": identity}, layer_shapes={"image_embeds": [DIM], "patch_values": [PATCHES, DIM]})
         name, names = text.label_set(st)
         for templates, template_list in (("photo", ["a photo of a {}."]), ("The nice {}.", ["The nice {}."])):
             key = {"weights": identity, "names": digest(names), "templates": template_list}

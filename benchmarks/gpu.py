@@ -130,7 +130,7 @@ def trainers(work: Path) -> dict:
                                     "--no-flip", "--device", DEVICE, "--json")
     clip = work / "digits_clip.zarr"
     out["extract clip-tiny"] = oodcli("extract", "--model", "clip-tiny", "--benchmark", "digits",
-                                      "--layers", "image_embeds,patch_tokens", "--store", str(clip), "--device", DEVICE)
+                                      "--layers", "image_embeds,patch_values", "--store", str(clip), "--device", DEVICE)
     coop = str(work / "coop.safetensors")
     out["coop"] = oodcli("train", "coop", "--store", str(clip), "--shots", "16", "--epochs", "3", "--out", coop, "--json")
     out["locoop"] = oodcli("train", "locoop", "--store", str(clip), "--shots", "16", "--epochs", "3", "--top-k", "2",
@@ -150,7 +150,7 @@ def synood(work: Path) -> dict:
         out["classifier (cpu only)"] = oodcli("train", "classifier", "--out", str(cnn), "--epochs", "10")
     if not clip.exists():
         out["extract clip-tiny"] = oodcli("extract", "--model", "clip-tiny", "--benchmark", "digits",
-                                          "--layers", "image_embeds,patch_tokens", "--store", str(clip), "--device", DEVICE)
+                                          "--layers", "image_embeds,patch_values", "--store", str(clip), "--device", DEVICE)
     pipe, images = work / "inpaint", work / "synood"
     out["train diffusion (cpu only)"] = oodcli("train", "diffusion", "--out", str(pipe), "--steps", "40")
     context = work / "context.jsonl"

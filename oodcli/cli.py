@@ -751,7 +751,7 @@ def train_clip(
     """Train the tiny CLIP of the offline demo contrastively on images and class-name captions.
 
     Example:  oodcli train clip --out stores/clip_tiny.safetensors && oodcli extract --model clip-tiny
-    --weights stores/clip_tiny.safetensors --benchmark digits --layers image_embeds,patch_tokens --store stores/digits_clip.zarr
+    --weights stores/clip_tiny.safetensors --benchmark digits --layers image_embeds,patch_values --store stores/digits_clip.zarr
     """
     from oodcli.train.clip import train_clip as run
 
@@ -833,6 +833,10 @@ def _prompt_trainer(method: str):
         lam: float = typer.Option(0.25, "--lambda", help="LoCoOp: weight of the entropy term.", hidden=method != "locoop"),
         top_k: int = typer.Option(200, "--top-k", help="LoCoOp: a patch is ID-irrelevant when its label is not in its top-K classes.",
                                    hidden=method != "locoop"),
+        local_layer: str = typer.Option("patch_values", "--local-layer",
+                                        help="LoCoOp: the patch features, 'patch_values' (the last block's value path, as "
+                                             "LoCoOp's code) or 'patch_tokens' (final-layer tokens).",
+                                        hidden=method != "locoop"),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         from oodcli.train.prompts import train_prompts
@@ -842,7 +846,7 @@ def _prompt_trainer(method: str):
             method, store_path, out_path, backbone=backbone, split=split, shots=shots, epochs=epochs,
             batch_size=batch_size, lr=lr, n_ctx=n_ctx, ctx_init=ctx_init, temperature=temperature,
             train_classes=train_classes, train_class_fraction=fraction, labels=labels, seed=seed,
-            locoop_lambda=lam, locoop_top_k=top_k, log=log,
+            locoop_lambda=lam, locoop_top_k=top_k, local_layer=local_layer, log=log,
         )
         _print_prompt_result(result, as_json)
 
@@ -857,7 +861,7 @@ train_app.command(
 )(_prompt_trainer("coop"))
 train_app.command(
     "locoop",
-    help="Learn LoCoOp prompts: CoOp plus entropy maximisation on ID-irrelevant patches (needs patch_tokens).\n\n"
+    help="Learn LoCoOp prompts: CoOp plus entropy maximisation on ID-irrelevant patches (needs patch_values).\n\n"
     "Example:  oodcli train locoop --store stores/digits_clip.zarr --shots 16 --top-k 2 --out locoop.safetensors",
 )(_prompt_trainer("locoop"))
 
@@ -906,7 +910,7 @@ def train_negprompt(
 
 @train_app.command("iim")
 def train_iim(
-    store_path: Path = typer.Option(..., "--store", "-s", help="Store with the CLIP patch_tokens of the ID train split."),
+    store_path: Path = typer.Option(..., "--store", "-s", help="Store with the CLIP patch_values of the ID train split."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Prompt file to write (local + OOD prototype prompts)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP backbone in the store (default: the only one)."),
     split: str = typer.Option("train", "--split", help="ID split to draw the few shots from."),
@@ -927,13 +931,16 @@ def train_iim(
     denominators: str = typer.Option("official", "--denominators",
                                      help="L_pos/L_neg denominators: 'official' (the authors' code, their published numbers) "
                                           "or 'paper' (eq. 8-9 as printed)."),
+    local_layer: str = typer.Option("patch_values", "--local-layer",
+                                    help="The patch features: 'patch_values' (the last block's value path, as the official "
+                                         "code) or 'patch_tokens' (final-layer tokens)."),
     train_classes: Optional[str] = typer.Option(None, "--train-classes", help="Train on classes FIRST-LAST only."),
     fraction: Optional[float] = typer.Option(None, "--train-class-fraction", help="Train on the first share of classes."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Class names file (one per line); default: the store's benchmark."),
     seed: int = typer.Option(0, "--seed", help="Seed of the few-shot draw and the initialisation."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Learn IIM's local prompts and OOD prototype prompts from mined patches (needs patch_tokens).
+    """Learn IIM's local prompts and OOD prototype prompts from mined patches (needs patch_values).
 
     Example:  oodcli train iim --store stores/digits_clip.zarr --shots 16 --k 4 --out iim.safetensors
     && oodcli score s-mcm,s-mcm-star --store stores/digits_clip.zarr -p s-mcm.prompts=iim.safetensors
@@ -945,7 +952,8 @@ def train_iim(
     result = run(
         store_path, out_path, backbone=backbone, split=split, shots=shots, epochs=epochs, batch_size=batch_size,
         lr=lr, n_ctx=n_ctx, ctx_init=ctx_init, k=k, ood_prompts=ood_prompts, lambda_neg=lambda_neg,
-        lambda_div=lambda_div, temperature=temperature, csc=csc, denominators=denominators, train_classes=train_classes,
+        lambda_div=lambda_div, temperature=temperature, csc=csc, denominators=denominators, local_layer=local_layer,
+        train_classes=train_classes,
         train_class_fraction=fraction, labels=labels, seed=seed, log=log,
     )
     _print_prompt_result(result, as_json)

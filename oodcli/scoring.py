@@ -33,6 +33,7 @@ import numpy as np
 from oodcli.data.base import role_from_name
 from oodcli.errors import OodError, UsageError
 from oodcli.scorers.base import (
+    OLDER_LAYERS,
     Progress,
     Scorer,
     no_progress,
@@ -268,7 +269,12 @@ def _applies(store: Store, scorer: Scorer, backbone: str, id_split: str, train_s
     (GROOD's synthesize, APEX's prototypes). Missing OOD splits do not count here: they are a
     reason to skip, with the command that makes them, not a reason to leave the method out."""
     needed = [id_split] + ([train_split] if scorer.needs_fit else [])
-    if not all(store.is_array(f"{features_node(s, backbone)}/{layer}") for s in needed for layer in scorer.layers):
+
+    def has(split: str, layer: str) -> bool:  # an older layer counts: the method is planned, skipped with how to remake it
+        node = features_node(split, backbone)
+        return any(store.is_array(f"{node}/{name}") for name in (layer, OLDER_LAYERS.get(layer)) if name)
+
+    if not all(has(s, layer) for s in needed for layer in scorer.layers):
         return False
     if scorer.uses_head and not store.is_array(f"backbones/{backbone}/head/weight"):
         return False
@@ -288,7 +294,7 @@ def _check_on(store: Store, scorer: Scorer, backbone: str, splits: list[str], tr
         if store.exists(split_node(split)) and not store.exists(node):
             raise OodError(f"split '{split}' has no '{backbone}' features; make them with: "
                            f"{extract_command(store, backbone, split, scorer.layers, [train_split, splits[0]])}")
-        check_features(store, backbone, split, scorer.layers)
+        check_features(store, backbone, split, scorer.layers, scorer.name)
     if scorer.needs_fit:
         key = ("train", backbone, train_split, scorer.layers[0], scorer.min_train_classes)
         if key not in memo:

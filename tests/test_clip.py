@@ -85,7 +85,7 @@ def clip_store(tmp_path_factory):
     weights, store = root / "tiny.safetensors", root / "digits_clip.zarr"
     _save_tiny(weights, seed=1)
     args = ["-q", "extract", "--model", "clip-tiny", "--weights", weights, "--benchmark", "digits",
-            "--layers", "image_embeds,patch_tokens", "--dtype", "float32", "--store", store]
+            "--layers", "image_embeds,patch_tokens,patch_values", "--dtype", "float32", "--store", store]
     for split in SPLITS:
         args += ["--split", split]
     assert main([str(a) for a in args]) == 0
@@ -141,21 +141,42 @@ def _unit(x):
 # ---- the scores against references written from the formulas (eqs. 2-4 of IIM) -----------
 
 
+def _zero_shot_reference(weights, store, split, layer):
+    """(MCM, GL-MCM, R-MCM*) of one split from the formulas, the local terms on ``layer``."""
+    t = _prototypes(weights)
+    v, patches = _features(store, split, "image_embeds"), _features(store, split, layer)
+    mcm, gl, rmcm = [], [], []
+    for i in range(len(v)):
+        s_mcm = max(_softmax(_unit(v[i]) @ t.T / 1.0))
+        local = np.array([_softmax(_unit(p) @ t.T / 1.0) for p in patches[i]])  # [P, C]
+        mcm.append(s_mcm)
+        gl.append(s_mcm + local.max())
+        rmcm.append(s_mcm + np.sort(local.ravel())[::-1][:50].mean())
+    return mcm, gl, rmcm
+
+
 def test_mcm_gl_mcm_r_mcm_match_the_formulas(clip_store, scored):
     weights, store = clip_store
-    t = _prototypes(weights)
     for split in ("test", "ood/far/noise"):
-        v, patches = _features(store, split, "image_embeds"), _features(store, split, "patch_tokens")
-        mcm, gl, rmcm = [], [], []
-        for i in range(len(v)):
-            s_mcm = max(_softmax(_unit(v[i]) @ t.T / 1.0))
-            local = np.array([_softmax(_unit(p) @ t.T / 1.0) for p in patches[i]])  # [P, C]
-            mcm.append(s_mcm)
-            gl.append(s_mcm + local.max())
-            rmcm.append(s_mcm + np.sort(local.ravel())[::-1][:50].mean())
+        mcm, gl, rmcm = _zero_shot_reference(weights, store, split, "patch_values")  # the default local features
         np.testing.assert_allclose(_scores(store, "mcm", split), mcm, rtol=1e-5)
         np.testing.assert_allclose(_scores(store, "gl-mcm", split), gl, rtol=1e-5)
         np.testing.assert_allclose(_scores(store, "r-mcm", split), rmcm, rtol=1e-5)
+
+
+def test_local_layer_patch_tokens_reads_the_final_layer_tokens(capsys, tmp_path, clip_store, scored):
+    weights, store = clip_store
+    copy = _copy(store, tmp_path)
+    params = ["-p", "gl-mcm.local_layer=patch_tokens", "-p", "r-mcm.local_layer=patch_tokens"]
+    assert run(capsys, "-q", "score", "gl-mcm,r-mcm", "--store", copy, *params)[0] == 0
+    for split in ("test", "ood/far/noise"):
+        _, gl, rmcm = _zero_shot_reference(weights, copy, split, "patch_tokens")
+        np.testing.assert_allclose(_scores(copy, "gl-mcm", split), gl, rtol=1e-5)
+        np.testing.assert_allclose(_scores(copy, "r-mcm", split), rmcm, rtol=1e-5)
+        # the two readings are different numbers (the default reads patch_values)
+        assert np.abs(_scores(copy, "gl-mcm", split) - _scores(store, "gl-mcm", split)).max() > 1e-3
+    code, _, err = run(capsys, "score", "gl-mcm", "--store", copy, "-p", "gl-mcm.local_layer=cls")
+    assert code == 2 and one_line_error(err) and "patch_values, patch_tokens" in err
 
 
 def test_r_mcm_with_k_1_is_gl_mcm(capsys, clip_store, scored):
@@ -242,16 +263,50 @@ def test_text_prototypes_from_another_clip_are_refused(capsys, tmp_path, clip_st
     assert code == 1 and one_line_error(err) and "are gone" in err
 
 
-def test_gl_mcm_and_r_mcm_need_patch_tokens(capsys, tmp_path, clip_store):
+def test_gl_mcm_and_r_mcm_need_patch_values(capsys, tmp_path, clip_store):
     _, store = clip_store
-    copy = _copy(store, tmp_path)
-    with open_store(copy, "r+") as st:
-        for split in SPLITS:
-            st.delete(f"splits/{split}/clip-tiny/patch_tokens")
+    copy = _without_layers(store, tmp_path, ("patch_tokens", "patch_values"))
     for method in ("gl-mcm", "r-mcm"):
         code, _, err = run(capsys, "score", method, "--store", copy)
-        assert code == 1 and one_line_error(err) and "patch_tokens" in err
+        assert code == 1 and one_line_error(err) and "patch_values" in err
     assert run(capsys, "-q", "score", "mcm", "--store", copy)[0] == 0  # the global score still works
+
+
+def _without_layers(store, tmp_path, layers):
+    """A copy of the store extracted without ``layers`` (arrays and attributes), and no scores."""
+    copy = _copy(store, tmp_path)
+    with open_store(copy, "r+") as st:
+        if st.exists("scores"):
+            st.delete("scores")
+        for split in SPLITS:
+            node = f"splits/{split}/clip-tiny"
+            attrs = st.node_attrs(node)
+            for layer in layers:
+                st.delete(f"{node}/{layer}")
+            st.set_attrs(node, layers=[k for k in attrs["layers"] if k not in layers],
+                         layer_shapes={k: v for k, v in attrs["layer_shapes"].items() if k not in layers})
+    return copy
+
+
+def test_a_store_of_patch_tokens_only_is_told_how_to_re_extract(capsys, tmp_path, clip_store, scored):
+    _, store = clip_store
+    copy = _without_layers(store, tmp_path, ("patch_values",))  # as extracted before patch_values existed
+    for method in ("gl-mcm", "r-mcm"):
+        code, _, err = run(capsys, "score", method, "--store", copy)
+        assert code == 1 and one_line_error(err), err
+        assert "oodcli extract --model clip-tiny" in err and "patch_values" in err and "--overwrite" in err
+        assert f"-p {method}.local_layer=patch_tokens" in err
+        with open_store(copy) as st:
+            assert not st.exists(f"scores/{method}")  # never scored on the other layer
+    # what 'score all' asks for does not leave them out silently: they are skipped with that reason
+    from oodcli.scoring import score_methods
+
+    with open_store(copy, "r+") as st:
+        outcomes = {o.method: o for o in score_methods(st, ["mcm", "gl-mcm"], only_applicable=True)}
+    assert outcomes["mcm"].status == "written" and outcomes["gl-mcm"].status == "skipped"
+    assert "gl-mcm.local_layer=patch_tokens" in outcomes["gl-mcm"].reason
+    # the old reading, asked for by name, still scores the old store
+    assert run(capsys, "-q", "score", "gl-mcm", "--store", copy, "-p", "gl-mcm.local_layer=patch_tokens")[0] == 0
 
 
 def test_bad_parameters_are_usage_errors(capsys, clip_store):
@@ -267,11 +322,15 @@ def test_bad_parameters_are_usage_errors(capsys, clip_store):
 
 def test_vit_b_16_patch_tokens_are_196_by_512():
     model = get_spec("clip-vit-b-16").build("random")  # the real architecture, offline
-    assert model.layer_shapes == {"image_embeds": (512,), "patch_tokens": (196, 512), "penultimate": (512,)}
+    assert model.layer_shapes == {"image_embeds": (512,), "patch_tokens": (196, 512), "patch_values": (196, 512),
+                                  "penultimate": (512,)}
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = model(torch.zeros(1, 3, 224, 224), ("image_embeds", "patch_tokens"))
-    assert out["patch_tokens"].shape == (1, 196, 512)
-    torch.testing.assert_close(out["patch_tokens"].norm(dim=-1), torch.ones(1, 196))
+        out = model(x, ("image_embeds", "patch_tokens", "patch_values"))
+    for layer in ("patch_tokens", "patch_values"):
+        assert out[layer].shape == (1, 196, 512)
+        torch.testing.assert_close(out[layer].norm(dim=-1), torch.ones(1, 196))
+    torch.testing.assert_close(out["patch_values"][0], _value_path_by_hand(model.model.visual, x)[0], atol=1e-5, rtol=1e-4)
 
 
 def test_short_text_forward_equals_open_clips_encode_text(clip_store):
@@ -309,6 +368,93 @@ def test_patch_tokens_equal_the_models_head_on_each_token(clip_store):
             head = F.normalize(model.model.encode_image(x), dim=-1).double().numpy()
             swap.remove()
             np.testing.assert_allclose(stored[:, h], head, atol=1e-5)
+
+
+# ---- patch_values: the last block's value path (MaskCLIP style), as the local methods' code ----
+
+
+def _value_path_by_hand(visual, x):
+    """patch_values written out from the weights: the last block's input, then
+    v = x + out_proj(W_v ln_1(x) + b_v); v = v + mlp(ln_2(v)); ln_post(v) @ proj per patch."""
+    caught = {}
+    last = visual.transformer.resblocks[-1]
+    hook = last.register_forward_pre_hook(lambda m, args: caught.update(x=args[0]))
+    with torch.no_grad():
+        visual(x)
+    hook.remove()
+    h = caught["x"]  # [N, 1 + P, W], batch first
+
+    def layer_norm(t, ln):
+        return F.layer_norm(t, (t.shape[-1],), ln.weight, ln.bias, ln.eps)
+
+    def act(t):  # the block's activation, by its kind
+        return t * torch.sigmoid(1.702 * t) if type(last.mlp.gelu).__name__ == "QuickGELU" else F.gelu(t)
+
+    width = h.shape[-1]
+    w_v = last.attn.in_proj_weight[2 * width : 3 * width]
+    b_v = last.attn.in_proj_bias[2 * width : 3 * width]
+    with torch.no_grad():
+        y = layer_norm(h, last.ln_1) @ w_v.T + b_v
+        y = y @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
+        v = h + y
+        hidden = act(layer_norm(v, last.ln_2) @ last.mlp.c_fc.weight.T + last.mlp.c_fc.bias)
+        v = v + hidden @ last.mlp.c_proj.weight.T + last.mlp.c_proj.bias
+        out = layer_norm(v[:, 1:], visual.ln_post) @ visual.proj
+    return out / out.norm(dim=-1, keepdim=True)
+
+
+def test_patch_values_equal_a_hand_written_value_path(clip_store):
+    weights, store = clip_store
+    model = _model(weights)
+    from oodcli.data.digits import digits_part
+
+    data = digits_part("test", False)
+    x = torch.stack([get_spec("clip-tiny").preprocess.to_transform()(data.load(i)) for i in range(4)])
+    expected = _value_path_by_hand(model.model.visual, x).double().numpy()
+    stored = _features(store, "test", "patch_values")[:4]  # float32 extraction
+    assert stored.shape == (4, 16, 32)
+    np.testing.assert_allclose(stored, expected, atol=1e-5)
+    # not the final-layer tokens: the last attention's mixing is skipped
+    assert np.abs(stored - _features(store, "test", "patch_tokens")[:4]).max() > 0.05
+
+
+def test_patch_values_come_from_the_same_image_encoder_pass():
+    model = get_spec("clip-tiny").build("random")
+    visual = model.model.visual
+    calls = []
+    hook = visual.conv1.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x, ("image_embeds", "patch_tokens", "patch_values"))
+    hook.remove()
+    assert len(calls) == 1
+    assert not visual.transformer.resblocks[-1]._forward_pre_hooks  # the hook is gone after the pass
+    torch.testing.assert_close(out["patch_values"], _value_path_by_hand(visual, x), atol=1e-5, rtol=1e-4)
+
+
+def test_patch_values_with_layer_scale():
+    import open_clip
+
+    from oodcli.backbones.clip import TINY_CFG, ClipBackbone
+
+    torch.manual_seed(0)
+    vision = dict(TINY_CFG["vision_cfg"], ls_init_value=0.3)
+    net = ClipBackbone(open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=TINY_CFG["text_cfg"]), None, 32)
+    last = net.model.visual.transformer.resblocks[-1]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = net(x, ("patch_values",))["patch_values"]
+        # with layer scales gamma_1, gamma_2: v = x + gamma_1 * y; v = v + gamma_2 * mlp(ln_2(v))
+        caught = {}
+        hook = last.register_forward_pre_hook(lambda m, args: caught.update(x=args[0]))
+        net.model.visual(x)
+        hook.remove()
+        h, width = caught["x"], caught["x"].shape[-1]
+        y = last.attn.out_proj(F.linear(last.ln_1(h), last.attn.in_proj_weight[2 * width:], last.attn.in_proj_bias[2 * width:]))
+        v = h + last.ls_1.gamma * y
+        v = v + last.ls_2.gamma * last.mlp(last.ln_2(v))
+        expected = F.normalize(net.model.visual.ln_post(v[:, 1:]) @ net.model.visual.proj, dim=-1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 # ---- NegLabel -------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def clip_store(tmp_path_factory):
             p.add_(0.02 * torch.randn_like(p))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     args = ["-q", "extract", "--model", "clip-tiny", "--weights", weights, "--benchmark", "digits",
-            "--layers", "image_embeds,patch_tokens", "--dtype", "float32", "--chunk-rows", CHUNK, "--store", store]
+            "--layers", "image_embeds,patch_tokens,patch_values", "--dtype", "float32", "--chunk-rows", CHUNK, "--store", store]
     for split in SPLITS:
         args += ["--split", split]
     from oodcli.cli import main
@@ -300,7 +300,7 @@ def test_scores_match_equations_12_to_14(clip_store, iim_file, capsys):
     k = 50
     for split in ("test", "ood/far/noise"):
         v = _read(store, f"splits/{split}/clip-tiny/image_embeds")
-        x = _read(store, f"splits/{split}/clip-tiny/patch_tokens")
+        x = _read(store, f"splits/{split}/clip-tiny/patch_values")  # the default local features
         v /= np.linalg.norm(v, axis=-1, keepdims=True)
         x /= np.linalg.norm(x, axis=-1, keepdims=True)
         mcm = _softmax(v @ glob.T, 1).max(axis=1)  # global prototypes, T = 1
@@ -337,15 +337,15 @@ def test_scores_stream_one_chunk_at_a_time(clip_store, iim_file, tmp_path, monke
     read = Store.read
 
     def recording(self, name, rows=None):
-        if name.endswith("patch_tokens"):
+        if name.endswith("patch_values"):
             spans.append(None if rows is None else (rows.start, rows.stop))
         return read(self, name, rows)
 
     monkeypatch.setattr(Store, "read", recording)
     monkeypatch.setattr(clip_iim, "ENTRY_BUDGET", 16 * 14 * 5)  # 5 rows at a time inside a chunk too
     with open_store(store, "r+") as st:
-        n = st.shape("splits/test/clip-tiny/patch_tokens")[0]
-        chunk = st.chunk_rows("splits/test/clip-tiny/patch_tokens")
+        n = st.shape("splits/test/clip-tiny/patch_values")[0]
+        chunk = st.chunk_rows("splits/test/clip-tiny/patch_values")
         got = get_scorer("s-mcm", prompts=str(prompts)).score(st, "clip-tiny", "test")
     assert chunk < n and None not in spans and len(spans) == -(-n // chunk)
     assert all(stop - start <= chunk for start, stop in spans)
@@ -363,15 +363,49 @@ def _refused(capsys, out_file, *args):
     return err
 
 
-def test_store_without_patch_tokens_names_the_extract_command(clip_store, tmp_path, capsys):
+def test_store_without_patch_values_names_the_extract_command(clip_store, tmp_path, capsys):
     _, store = clip_store
     copy = _copy(store, tmp_path)
     with open_store(copy, "r+") as st:
         for split in SPLITS:
-            st.delete(f"splits/{split}/clip-tiny/patch_tokens")
+            st.delete(f"splits/{split}/clip-tiny/patch_values")
     out = tmp_path / "iim.safetensors"
     err = _refused(capsys, out, "train", "iim", "--store", copy, "--out", out, "--k", "4")
-    assert "extract --model clip-tiny --layers image_embeds,patch_tokens" in err
+    assert "oodcli extract --model clip-tiny" in err and "--layers image_embeds,patch_tokens,patch_values" in err
+    assert "--local-layer patch_tokens" in err  # the old reading, by name
+    with open_store(copy, "r+") as st:
+        for split in SPLITS:
+            st.delete(f"splits/{split}/clip-tiny/patch_tokens")
+    err = _refused(capsys, out, "train", "iim", "--store", copy, "--out", out, "--k", "4")
+    assert "patch_values" in err and "--local-layer" not in err
+
+
+def test_local_layer_is_recorded_and_scoring_keeps_to_it(clip_store, iim_file, tmp_path, capsys):
+    _, store = clip_store
+    prompts, _ = iim_file
+    assert P.read_prompt_file(prompts).meta["local_layer"] == "patch_values"
+    tokens = tmp_path / "iim-tokens.safetensors"
+    I.train_iim(store, tokens, shots=4, epochs=1, n_ctx=4, k=4, ood_prompts=8, lr=0.05, local_layer="patch_tokens")
+    assert P.read_prompt_file(tokens).meta["local_layer"] == "patch_tokens"
+    for method in METHODS:
+        for file, param in ((tokens, []), (prompts, ["-p", f"{method}.local_layer=patch_tokens"])):
+            code, _, err = run(capsys, "score", method, "--store", store, "--as", "iim-mixed",
+                               "-p", f"{method}.prompts={file}", *param)
+            assert code != 0 and one_line_error(err) and "trained on the patch features" in err, (method, err)
+            with open_store(store) as st:
+                assert not st.exists("scores/iim-mixed")
+    code, _, err = run(capsys, "-q", "score", "gl-mcm-local", "--store", store, "--as", "gl-local-tokens",
+                       "-p", f"gl-mcm-local.prompts={tokens}", "-p", "gl-mcm-local.local_layer=patch_tokens")
+    assert code == 0, err
+    sha = P.read_prompt_file(tokens).sha256
+    glob = _read(store, "fitted/text/clip-tiny/digits/photo/embeds")
+    local = _read(store, f"fitted/text/clip-tiny/digits/iim-{sha[:12]}/embeds")[:6]
+    v = _read(store, "splits/test/clip-tiny/image_embeds")
+    x = _read(store, "splits/test/clip-tiny/patch_tokens")
+    v /= np.linalg.norm(v, axis=-1, keepdims=True)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    expected = _softmax(v @ glob.T, 1).max(axis=1) + _softmax(x @ local.T, 2).reshape(len(x), -1).max(axis=1)
+    np.testing.assert_allclose(_read(store, "scores/gl-local-tokens/test"), expected, rtol=1e-5)
 
 
 def test_k_beyond_the_patches_is_refused(clip_store, tmp_path, capsys):
@@ -410,5 +444,7 @@ def test_listed_and_left_out_of_all_without_prompts(clip_store, capsys):
     listed = {row["method"]: row for row in json.loads(out)}
     assert set(METHODS) <= set(listed) and listed["s-mcm"]["params"]["alpha"] == 1.0
     assert listed["s-mcm"]["params"]["k"] == 50 and listed["r-mcm-trained"]["params"]["k"] == 50
+    assert all(listed[m]["params"]["local_layer"] == "patch_values" for m in METHODS)
+    assert all("patch_values" in listed[m]["needs"] for m in METHODS)
     assert listed["s-mcm"]["params"]["double_exp"] is False and listed["r-mcm-trained"]["params"]["double_exp"] is False
     assert "double_exp" not in listed["s-mcm-star"]["params"]  # S-MCM* has no OOD prompts: one exponential

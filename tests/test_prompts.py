@@ -34,7 +34,7 @@ def clip_store(tmp_path_factory):
     weights, store = root / "tiny.safetensors", root / "digits_clip.zarr"
     train_clip(weights, epochs=10)
     args = ["-q", "extract", "--model", "clip-tiny", "--weights", weights, "--benchmark", "digits",
-            "--layers", "image_embeds,patch_tokens", "--dtype", "float32", "--store", store,
+            "--layers", "image_embeds,patch_tokens,patch_values", "--dtype", "float32", "--store", store,
             "--split", "train", "--split", "test", "--split", "ood/near/digits6-9"]
     from oodcli.cli import main
 
@@ -215,11 +215,66 @@ def test_few_shot_draw_is_seeded_and_per_class():
     assert P.class_subset(6, "0-2", None) == [0, 1, 2]
 
 
-def test_locoop_trains_on_patch_tokens(clip_store, tmp_path):
+def test_locoop_trains_on_patch_values_by_default_and_records_the_layer(clip_store, tmp_path):
     _, store = clip_store
     result = P.train_prompts("locoop", store, tmp_path / "l.safetensors", shots=4, epochs=2, n_ctx=4, locoop_top_k=2)
     assert "entropy_term" in result.history[-1] and result.history[-1]["entropy_term"] < 0
-    assert P.read_prompt_file(tmp_path / "l.safetensors").meta["locoop_top_k"] == 2
+    meta = P.read_prompt_file(tmp_path / "l.safetensors").meta
+    assert meta["locoop_top_k"] == 2 and meta["local_layer"] == "patch_values"
+    old = P.train_prompts("locoop", store, tmp_path / "t.safetensors", shots=4, epochs=2, n_ctx=4, locoop_top_k=2,
+                          local_layer="patch_tokens")
+    assert P.read_prompt_file(tmp_path / "t.safetensors").meta["local_layer"] == "patch_tokens"
+    # the entropy term reads the layer asked for: the first step's differs, the CE term does not
+    assert old.history[0]["ce"] == pytest.approx(result.history[0]["ce"], rel=1e-6)
+    assert old.history[0]["entropy_term"] != pytest.approx(result.history[0]["entropy_term"], rel=1e-4)
+
+
+def test_locoop_scores_on_the_layer_its_prompts_were_trained_on(clip_store, tmp_path, capsys):
+    _, store = clip_store
+    values, tokens = tmp_path / "v.safetensors", tmp_path / "t.safetensors"
+    P.train_prompts("locoop", store, values, shots=4, epochs=1, n_ctx=4, locoop_top_k=2)
+    P.train_prompts("locoop", store, tokens, shots=4, epochs=1, n_ctx=4, locoop_top_k=2, local_layer="patch_tokens")
+    code, _, err = run(capsys, "-q", "score", "locoop", "--store", store, "--as", "locoop-v", "-p", f"locoop.prompts={values}")
+    assert code == 0, err
+    with open_store(store) as st:
+        names = text.label_set(st)[1]
+        got = st.read("scores/locoop-v/test").astype(np.float64)
+        x = st.read("splits/test/clip-tiny/image_embeds").astype(np.float64)
+        patches = st.read("splits/test/clip-tiny/patch_values").astype(np.float64)
+    t = P.prompt_features(P.read_prompt_file(values), _source(store), names)[0].astype(np.float64)
+
+    def softmax(z):
+        e = np.exp(z - z.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    patches /= np.linalg.norm(patches, axis=-1, keepdims=True)
+    expected = softmax(x @ t.T).max(axis=1) + softmax(patches @ t.T).reshape(len(x), -1).max(axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    # mixing layers is refused in one line, both ways, and nothing is written
+    for prompts, param, words in ((tokens, [], "trained on the patch features patch_tokens"),
+                                  (values, ["-p", "locoop.local_layer=patch_tokens"], "trained on the patch features patch_values")):
+        code, _, err = run(capsys, "score", "locoop", "--store", store, "--as", "locoop-mixed",
+                           "-p", f"locoop.prompts={prompts}", *param)
+        assert code != 0 and one_line_error(err) and words in err and "local_layer" in err, err
+        with open_store(store) as st:
+            assert not st.exists("scores/locoop-mixed")
+    code, _, err = run(capsys, "-q", "score", "locoop", "--store", store, "--as", "locoop-t",
+                       "-p", f"locoop.prompts={tokens}", "-p", "locoop.local_layer=patch_tokens")
+    assert code == 0, err
+
+
+def test_locoop_on_a_store_without_patch_values_names_the_extract_command(clip_store, tmp_path, capsys):
+    weights, _ = clip_store
+    store = tmp_path / "old.zarr"
+    assert run(capsys, "-q", "extract", "--model", "clip-tiny", "--weights", weights, "--benchmark", "digits",
+               "--layers", "image_embeds,patch_tokens", "--split", "train", "--store", store)[0] == 0
+    out = tmp_path / "p.safetensors"
+    err = _refused(capsys, out, "train", "locoop", "--store", store, "--out", out, "--top-k", "2")
+    assert "oodcli extract --model clip-tiny" in err and "image_embeds,patch_tokens,patch_values" in err
+    assert "--local-layer patch_tokens" in err
+    assert "--local-layer" in _refused(capsys, out, "train", "locoop", "--store", store, "--out", out,
+                                       "--top-k", "2", "--local-layer", "cls")
 
 
 def test_negprompt_keeps_the_positive_prompts_and_transfers_to_unseen_classes(clip_store, tmp_path):

@@ -34,7 +34,8 @@ class ClipBackbone(Backbone):
         grid = crop // visual.patch_size[0]
         self.layer_shapes = {
             "image_embeds": (dim,),  # encode_image, L2-normalised
-            "patch_tokens": (grid * grid, dim),  # ln_post + proj per patch, L2-normalised (GL-MCM)
+            "patch_tokens": (grid * grid, dim),  # final-layer tokens, ln_post + proj per patch, L2-normalised
+            "patch_values": (grid * grid, dim),  # the last block's value path per patch (what local methods read)
             "penultimate": (dim,),  # encode_image before normalisation
         }
         self.eval()
@@ -52,21 +53,65 @@ class ClipBackbone(Backbone):
     def forward_layers(self, x, layers):
         layers = self.check_layers(layers)
         visual = self.model.visual
-        if "patch_tokens" in layers and getattr(visual, "attn_pool", None) is not None:
-            raise UsageError("patch_tokens is not available for CLIP models with attentional pooling")
+        for name in ("patch_tokens", "patch_values"):
+            if name in layers and getattr(visual, "attn_pool", None) is not None:
+                raise UsageError(f"{name} is not available for CLIP models with attentional pooling")
+        block_input = []  # the input of the last residual block, caught on the way through
+        hook = None
+        if "patch_values" in layers:
+            block = visual.transformer.resblocks[-1]
+            _check_value_path(block)
+            hook = block.register_forward_pre_hook(lambda module, args: block_input.append(args[0]))
         previous = visual.output_tokens
         visual.output_tokens = True  # forward then returns (pooled, tokens)
         try:
             pooled, tokens = visual(x)
         finally:
             visual.output_tokens = previous
+            if hook is not None:
+                hook.remove()
         out = {"penultimate": pooled, "image_embeds": F.normalize(pooled, dim=-1)}
         if "patch_tokens" in layers:
             # _pool hands back tokens already through ln_post unless the LN runs after pooling
             if getattr(visual, "final_ln_after_pool", False):
                 tokens = visual.ln_post(tokens)
             out["patch_tokens"] = F.normalize(tokens @ visual.proj, dim=-1)
+        if "patch_values" in layers:
+            h = block_input[-1]
+            if not getattr(visual.transformer, "batch_first", True):
+                h = h.transpose(0, 1)  # LND -> NLD
+            v = value_path(visual.transformer.resblocks[-1], h)[:, h.shape[1] - tokens.shape[1]:]
+            out["patch_values"] = F.normalize(visual.ln_post(v) @ visual.proj, dim=-1)
         return {name: out[name].float() for name in layers}
+
+
+def _check_value_path(block) -> None:
+    attn = getattr(block, "attn", None)
+    if not isinstance(attn, torch.nn.MultiheadAttention) or not hasattr(block, "ln_1"):
+        raise UsageError("patch_values needs a CLIP ViT whose blocks use standard multi-head attention "
+                         "(open_clip's default block); this model's last block is another kind")
+
+
+def value_path(block, x: torch.Tensor) -> torch.Tensor:
+    """The value path of residual block ``block`` on its input ``x`` [N, L, W] (MaskCLIP style).
+
+    The attention's token mixing is skipped: each token goes through the value part of
+    the input projection and the output projection on its own,
+    ``v = x + ls_1(out_proj(V(ln_1(x))))``, then the block's MLP, ``v + ls_2(mlp(ln_2(v)))``
+    (``ls_1``/``ls_2`` are layer scales where the model has them, else identity). This is
+    the local feature of GL-MCM, LoCoOp, Local-Prompt and IIM (their ``clip/model.py``).
+    """
+    attn = block.attn
+    width = x.shape[-1]
+    if attn.in_proj_weight is not None:  # q, k and v packed in one [3W, W] matrix
+        weight = attn.in_proj_weight[2 * width:]
+    else:
+        weight = attn.v_proj_weight
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * width:]
+    y = attn.out_proj(F.linear(block.ln_1(x), weight, bias))
+    identity = torch.nn.Identity()
+    v = x + getattr(block, "ls_1", identity)(y)
+    return v + getattr(block, "ls_2", identity)(block.mlp(block.ln_2(v)))
 
 
 def build_real(arch: str, crop: int, weights: str | None) -> Backbone:

@@ -336,7 +336,15 @@ def iter_feature_blocks(
         yield block
 
 
-def check_features(store: Store, backbone: str, split: str, layers: tuple[str, ...]) -> None:
+#: layers that took over the use of an older one: a split with only the older layer is told
+#: how to make the newer, and the older is never read in its place (the local CLIP methods
+#: read the value-path ``patch_values``; stores made before it hold ``patch_tokens``)
+OLDER_LAYERS = {"patch_values": "patch_tokens"}
+
+
+def check_features(store: Store, backbone: str, split: str, layers: tuple[str, ...], method: str | None = None) -> None:
+    """Refuse with one line a split whose ``backbone`` features cannot serve ``layers``
+    (``method`` names the scorer asking, for the option its message gives)."""
     if not store.exists(split_node(split)):
         raise OodError(f"store {store.path} has no split '{split}'; extract it first")
     node = features_node(split, backbone)
@@ -359,6 +367,18 @@ def check_features(store: Store, backbone: str, split: str, layers: tuple[str, .
         kind = perturbed[0].partition("@")[2]
         raise OodError(f"split '{split}' has no '{backbone}' layer {perturbed[0]}; re-extract it with "
                        f"--perturb {kind} (the settings the other splits used) --overwrite")
+    older = [(layer, OLDER_LAYERS[layer]) for layer in missing
+             if layer in OLDER_LAYERS and store.is_array(f"{node}/{OLDER_LAYERS[layer]}")]
+    if older:
+        from oodcli.scoring import extract_command
+
+        new, old = older[0]
+        raise OodError(
+            f"split '{split}' has the '{backbone}' {old} (final-layer patch tokens) but not {new}, the value-path "
+            f"patch tokens the local CLIP methods read; re-extract each split with {new}, this one with: "
+            f"'{extract_command(store, backbone, split, layers)} --overwrite', or read the final-layer tokens "
+            f"with -p {method or 'METHOD'}.local_layer={old}"
+        )
     if missing:
         from oodcli.backbones.base import all_specs
 

@@ -22,6 +22,11 @@ C_n OOD prototypes t_c~^l. With ``v_h`` the H patch features of an image, C ID c
   prototypes); it is ``s-mcm`` with alpha = 0 (``double_exp`` as there). The zero-shot R-MCM* is ``r-mcm``.
 - ``gl-mcm-local`` (eq. 3 with the local prompts): S_MCM + max_{h,c} softmax_c(cos(v_h, t_c^l) / T).
 
+The patch features are ``local_layer``: ``patch_values`` by default (the last ViT block's
+value path, then ``ln_post`` and the projection: what the official IIM code, after
+Local-Prompt and GL-MCM, reads), ``patch_tokens`` (the final-layer tokens) as the option.
+A prompt file is scored on the layer it was trained on only (``oodcli train iim --local-layer``).
+
 Local and OOD prototypes are cached under ``fitted/text/<backbone>/<label set>/iim-<hash>``
 per (prompt file, label set). Patch tokens stream chunk by chunk, and within a chunk the
 patch-prompt similarities are computed for a bounded number of rows at a time.
@@ -36,7 +41,7 @@ import numpy as np
 from oodcli import text
 from oodcli.errors import UsageError
 from oodcli.scorers.base import register
-from oodcli.scorers.clip_zeroshot import _ClipText, _unit
+from oodcli.scorers.clip_zeroshot import LOCAL_LAYERS, _ClipText, _unit
 from oodcli.store import Store, digest
 
 if TYPE_CHECKING:
@@ -48,13 +53,14 @@ ENTRY_BUDGET = 1 << 22  # patch-prompt similarities held at once (a few times 16
 class _LocalPrompted(_ClipText):
     """Shared part: global zero-shot prototypes, the prompt file's local and OOD ones, the streamed local terms."""
 
-    layers = ("image_embeds", "patch_tokens")
+    layers = ("image_embeds", LOCAL_LAYERS[0])
     uses_ood = False  # reads the OOD prototype prompts
     uses_k = True
     double_exp = False  # S_i2t with OOD prototypes as the official R_MCM_Score: a softmax of e^{cos/T}/T
 
-    def _setup(self, prompts, temperature, templates, labels, k=None):
+    def _setup(self, prompts, temperature, templates, labels, k=None, local_layer=LOCAL_LAYERS[0]):
         self.prompts, self.temperature, self.templates, self.labels = prompts, float(temperature), templates, labels
+        self._use_local_layer(local_layer)
         if k is not None:
             self.k = int(k)
             if self.k < 1:
@@ -71,7 +77,7 @@ class _LocalPrompted(_ClipText):
 
     def _prompt_file(self, source, names: list[str]):
         from oodcli.train.iim import ood_context
-        from oodcli.train.prompts import check_prompts_fit, read_prompt_file
+        from oodcli.train.prompts import check_local_layer, check_prompts_fit, read_prompt_file
 
         if self.prompts is None:
             raise UsageError(f"{self.name} needs trained prompts: --param {self.name}.prompts=FILE (from 'oodcli train iim')")
@@ -82,6 +88,7 @@ class _LocalPrompted(_ClipText):
                 "make them with 'oodcli train iim'"
             )
         check_prompts_fit(prompts, source, names)
+        check_local_layer(prompts, self.local_layer, f"{self.name}.local_layer")
         return prompts
 
     def extra_text(self, store, source, encoder, progress) -> bool:
@@ -135,7 +142,7 @@ class _LocalPrompted(_ClipText):
     def score_batch(self, batch):
         import torch
 
-        patches = batch["patch_tokens"]
+        patches = batch[self.local_layer]
         n, h = patches.shape[0], patches.shape[1]
         local = torch.from_numpy(self.local)
         ood = torch.from_numpy(self.ood) if self.uses_ood else None
@@ -160,9 +167,10 @@ class SMCM(_LocalPrompted):
     uses_ood = True
 
     def __init__(self, prompts: str | None = None, k: int = 50, alpha: float = 1.0, temperature: float = 1.0,
-                 templates: str = "photo", labels: str | None = None, double_exp: bool = False):
+                 templates: str = "photo", labels: str | None = None, double_exp: bool = False,
+                 local_layer: str = LOCAL_LAYERS[0]):
         self.alpha, self.double_exp = float(alpha), bool(double_exp)
-        self._setup(prompts, temperature, templates, labels, k)
+        self._setup(prompts, temperature, templates, labels, k, local_layer)
 
     def local_score(self, logits, ood_logits):
         return self.i2t(logits, ood_logits) + self.alpha * self.t2i(logits)
@@ -176,8 +184,8 @@ class SMCMStar(SMCM):
     uses_ood = False
 
     def __init__(self, prompts: str | None = None, k: int = 50, alpha: float = 1.0, temperature: float = 1.0,
-                 templates: str = "photo", labels: str | None = None):
-        super().__init__(prompts, k, alpha, temperature, templates, labels)
+                 templates: str = "photo", labels: str | None = None, local_layer: str = LOCAL_LAYERS[0]):
+        super().__init__(prompts, k, alpha, temperature, templates, labels, local_layer=local_layer)
 
 
 @register
@@ -188,9 +196,10 @@ class RMCMTrained(_LocalPrompted):
     uses_ood = True
 
     def __init__(self, prompts: str | None = None, k: int = 50, temperature: float = 1.0,
-                 templates: str = "photo", labels: str | None = None, double_exp: bool = False):
+                 templates: str = "photo", labels: str | None = None, double_exp: bool = False,
+                 local_layer: str = LOCAL_LAYERS[0]):
         self.double_exp = bool(double_exp)
-        self._setup(prompts, temperature, templates, labels, k)
+        self._setup(prompts, temperature, templates, labels, k, local_layer)
 
     def local_score(self, logits, ood_logits):
         return self.i2t(logits, ood_logits)
@@ -204,8 +213,8 @@ class GLMCMLocal(_LocalPrompted):
     uses_k = False
 
     def __init__(self, prompts: str | None = None, temperature: float = 1.0, templates: str = "photo",
-                 labels: str | None = None):
-        self._setup(prompts, temperature, templates, labels)
+                 labels: str | None = None, local_layer: str = LOCAL_LAYERS[0]):
+        self._setup(prompts, temperature, templates, labels, local_layer=local_layer)
 
     def local_score(self, logits, ood_logits):
         return logits.softmax(dim=-1).flatten(1).amax(dim=1)

@@ -22,7 +22,7 @@ import numpy as np
 from oodcli import text
 from oodcli.errors import UsageError
 from oodcli.scorers.base import register
-from oodcli.scorers.clip_zeroshot import _ClipText, _unit
+from oodcli.scorers.clip_zeroshot import LOCAL_LAYERS, _ClipText, _unit
 from oodcli.store import Store, digest
 
 
@@ -98,13 +98,30 @@ class CoOp(_Prompted):
 
 @register
 class LoCoOp(_Prompted):
-    """LoCoOp: GL-MCM with prompts learned with local OOD regularisation (Miyai et al., 2023)."""
+    """LoCoOp: GL-MCM with prompts learned with local OOD regularisation (Miyai et al., 2023).
+
+    The local term reads ``local_layer``: ``patch_values`` (the last block's value path, as
+    LoCoOp's code) by default, ``patch_tokens`` (the final-layer tokens) as the option. A
+    LoCoOp prompt file is scored on the layer it was trained on only.
+    """
 
     name = "locoop"
-    layers = ("image_embeds", "patch_tokens")
+    layers = ("image_embeds", LOCAL_LAYERS[0])
+
+    def __init__(self, prompts: str | None = None, temperature: float | None = 1.0, labels: str | None = None,
+                 local_layer: str = LOCAL_LAYERS[0]):
+        super().__init__(prompts, temperature, labels)
+        self._use_local_layer(local_layer)
+
+    def _prompt_file(self, store: Store, backbone: str, model_id: str | None):
+        from oodcli.train.prompts import check_local_layer
+
+        found = super()._prompt_file(store, backbone, model_id)
+        check_local_layer(found[3], self.local_layer, f"{self.name}.local_layer")
+        return found
 
     def score_batch(self, batch):
-        local = self.local_softmax(batch["patch_tokens"]).flatten(1).amax(dim=1)
+        local = self.local_softmax(batch[self.local_layer]).flatten(1).amax(dim=1)
         return (self.mcm(batch["image_embeds"]) + local).numpy()
 
 

@@ -9,6 +9,16 @@ text prototypes of the ID classes (all L2-normalised), ``s = exp(cos / T)``:
 - NegLabel (Jiang et al., 2024; eq. 2 of SynOOD): sum_c s(v, t_c) / (sum_c s(v, t_c) + sum_j s(v, n_j)),
   with WordNet negative labels n_j, averaged over random groups of them (NegLabel's grouping).
 
+The patch features ``v_h`` are the ``patch_values`` layer by default: the last ViT block's
+value path (its attention's token mixing skipped), then ``ln_post`` and the projection,
+which is what the authors' code of GL-MCM, LoCoOp, Local-Prompt and IIM reads (their
+modified ``clip/model.py``, after MaskCLIP: the last attention's query-key mixing spreads
+each patch over the image, its value embeddings keep the patch's own content).
+``local_layer=patch_tokens`` reads the final-layer tokens through ``ln_post`` and
+the projection instead: the plain reading of the papers' "local features", and what
+stores extracted before ``patch_values`` existed hold. A store without the layer asked for
+is refused with the command that makes it; the other layer is never used in its place.
+
 Scores stream through the store block by block (patch tokens are large); the text
 prototypes come from ``oodcli.text`` and are cached under ``fitted/text/``.
 """
@@ -36,10 +46,22 @@ def _unit(x: np.ndarray) -> torch.Tensor:
     return torch.nn.functional.normalize(t, dim=-1)
 
 
+#: the patch features a local CLIP method can read (``-p METHOD.local_layer=...``); the first is the default
+LOCAL_LAYERS = ("patch_values", "patch_tokens")
+
+
 class _ClipText(Scorer):
     """Shared part: find the features' CLIP, get the class prototypes, stream the split."""
 
     layers = ("image_embeds",)
+    local_layer = LOCAL_LAYERS[0]  # the patch features the local terms read
+
+    def _use_local_layer(self, local_layer: str) -> None:
+        """Read the local terms from ``local_layer`` (one of ``LOCAL_LAYERS``)."""
+        if local_layer not in LOCAL_LAYERS:
+            raise UsageError(f"{self.name}.local_layer must be one of {', '.join(LOCAL_LAYERS)}, not '{local_layer}'")
+        self.local_layer = local_layer
+        self.layers = ("image_embeds", local_layer)
 
     def _check_common(self):
         if self.temperature <= 0:
@@ -78,11 +100,11 @@ class _ClipText(Scorer):
         logits = _unit(image_embeds) @ torch.from_numpy(self.prototypes).T / self.temperature
         return torch.softmax(logits, dim=1).amax(dim=1)
 
-    def local_softmax(self, patch_tokens: np.ndarray) -> torch.Tensor:
+    def local_softmax(self, patches: np.ndarray) -> torch.Tensor:
+        """[B, P, C]: for each patch, the softmax over classes of its similarities / T."""
         import torch
 
-        """[B, P, C]: for each patch, the softmax over classes of its similarities / T."""
-        logits = _unit(patch_tokens) @ torch.from_numpy(self.prototypes).T / self.temperature
+        logits = _unit(patches) @ torch.from_numpy(self.prototypes).T / self.temperature
         return torch.softmax(logits, dim=-1)
 
 
@@ -105,14 +127,16 @@ class GLMCM(_ClipText):
     """Global-local MCM: MCM plus the largest per-patch class softmax (Miyai et al.)."""
 
     name = "gl-mcm"
-    layers = ("image_embeds", "patch_tokens")
+    layers = ("image_embeds", LOCAL_LAYERS[0])
 
-    def __init__(self, temperature: float = 1.0, templates: str = "photo", labels: str | None = None):
+    def __init__(self, temperature: float = 1.0, templates: str = "photo", labels: str | None = None,
+                 local_layer: str = LOCAL_LAYERS[0]):
         self.temperature, self.templates, self.labels = float(temperature), templates, labels
+        self._use_local_layer(local_layer)
         self._check_common()
 
     def score_batch(self, batch):
-        local = self.local_softmax(batch["patch_tokens"]).flatten(1).amax(dim=1)
+        local = self.local_softmax(batch[self.local_layer]).flatten(1).amax(dim=1)
         return (self.mcm(batch["image_embeds"]) + local).numpy()
 
 
@@ -121,16 +145,18 @@ class RMCM(_ClipText):
     """R-MCM* (zero-shot, no negative prompts): MCM plus the mean of the top-k per-patch class softmax entries."""
 
     name = "r-mcm"
-    layers = ("image_embeds", "patch_tokens")
+    layers = ("image_embeds", LOCAL_LAYERS[0])
 
-    def __init__(self, k: int = 50, temperature: float = 1.0, templates: str = "photo", labels: str | None = None):
+    def __init__(self, k: int = 50, temperature: float = 1.0, templates: str = "photo", labels: str | None = None,
+                 local_layer: str = LOCAL_LAYERS[0]):
         self.k, self.temperature, self.templates, self.labels = int(k), float(temperature), templates, labels
         if self.k < 1:
             raise UsageError(f"r-mcm.k must be at least 1, not {self.k}")
+        self._use_local_layer(local_layer)
         self._check_common()
 
     def score_batch(self, batch):
-        local = self.local_softmax(batch["patch_tokens"]).flatten(1)
+        local = self.local_softmax(batch[self.local_layer]).flatten(1)
         if self.k > local.shape[1]:
             raise UsageError(
                 f"r-mcm.k={self.k} exceeds the {local.shape[1]} patch-class entries per image; lower it"

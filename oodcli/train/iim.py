@@ -1,7 +1,12 @@
 """IIM, Intra-Image Mining (Chen, Fang and Xue, AAAI 2026): few-shot local and OOD prototype prompts.
 
-CLIP stays frozen; the image side is read from the store (``patch_tokens``: each patch
-through ``ln_post`` and the projection, L2-normalised) and only the text tower runs.
+CLIP stays frozen; the image side is read from the store and only the text tower runs.
+The patch features are ``patch_values`` by default: the last ViT block's value path (its
+attention's token mixing skipped), each patch then through ``ln_post`` and the projection,
+L2-normalised, as the official code's ``clip_w_local`` model (after Local-Prompt and
+GL-MCM) computes them; ``local_layer="patch_tokens"`` (``--local-layer``) trains on the
+final-layer tokens instead. The prompt file records the layer, and the IIM scores refuse
+the other one.
 With ``v_h`` the patch features of an image of class y and
 ``s(v, t) = exp(logit_scale * cos(v, T(t)) / T)``, T = 1:
 
@@ -84,6 +89,7 @@ import torch
 from oodcli.errors import OodError, UsageError
 from oodcli.outputs import check_output_file
 from oodcli.train.prompts import (
+    LOCAL_LAYERS,
     PromptFile,
     PromptLearner,
     PromptTrainResult,
@@ -257,6 +263,7 @@ def train_iim(
     temperature: float = 1.0,
     csc: bool = True,
     denominators: str = "official",
+    local_layer: str = LOCAL_LAYERS[0],
     train_classes: str | None = None,
     train_class_fraction: float | None = None,
     labels: str | None = None,
@@ -267,7 +274,7 @@ def train_iim(
 
     ``temperature`` is T of exp(logit_scale * cos / T) (the authors' T = 1: tau = 1 / logit_scale);
     ``csc`` class-specific local contexts (the official default); ``denominators`` 'official' or 'paper'
-    (see ``iim_terms``)."""
+    (see ``iim_terms``); ``local_layer`` the patch features (``patch_values`` or ``patch_tokens``)."""
     t0 = time.perf_counter()
     out = Path(out)
     check_output_file(out)
@@ -281,7 +288,7 @@ def train_iim(
         raise UsageError(f"unknown --denominators '{denominators}'; choose from {', '.join(DENOMINATORS)}")
 
     data = _load_data(store_path, backbone, split, train_classes, train_class_fraction, shots, seed, labels,
-                      patches=True, method="IIM")
+                      patches=True, method="IIM", local_layer=local_layer)
     n_patches = data.patches.shape[1]
     if 2 * k > n_patches:
         raise UsageError(
@@ -340,6 +347,7 @@ def train_iim(
         "lr": lr,
         "k": k,
         "patches": n_patches,
+        "local_layer": local_layer,
         "ood_prompts": ood_prompts,
         "lambda_neg": lambda_neg,
         "lambda_div": lambda_div,

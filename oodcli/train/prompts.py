@@ -1,9 +1,10 @@
 """Prompt learning on cached CLIP features: CoOp, LoCoOp and NegPrompt.
 
 CLIP's image encoder is frozen in all three methods, so its outputs (``image_embeds``,
-``patch_tokens``) are read from the store and only the text tower runs while training:
-an epoch costs the text tower's forward and backward over the class prompts, nothing
-more. The image encoder is never built here (``TextTower`` is the text half alone).
+and for LoCoOp the patch features, ``patch_values`` by default) are read from the store
+and only the text tower runs while training: an epoch costs the text tower's forward and
+backward over the class prompts, nothing more. The image encoder is never built here
+(``TextTower`` is the text half alone).
 
 - **CoOp** (Zhou et al., IJCV 2022): prompts ``[w_1 .. w_n, CLASS, .]`` with n shared
   learnable context vectors; cross-entropy over cos(image, text) / tau (NegPrompt eq. 1-2).
@@ -15,7 +16,9 @@ more. The image encoder is never built here (``TextTower`` is the text half alon
 - **LoCoOp** (Miyai et al., NeurIPS 2023): CoOp's loss plus lambda times the negative
   entropy of the class softmax of the ID-irrelevant patches: a patch is irrelevant when
   the image's label is not among its top-K classes. lambda = 0.25 and K = 200 are the
-  published ImageNet values; K must stay below the number of training classes.
+  published ImageNet values; K must stay below the number of training classes. The patches
+  are the last ViT block's value-path tokens (``patch_values``), as LoCoOp's code reads
+  them; ``--local-layer patch_tokens`` trains on the final-layer tokens instead.
 - **NegPrompt** (Li et al., CVPR 2024, paper sec. 3.2): the positive prompts of a CoOp
   (or LoCoOp) file are frozen (two stages); p shared negative contexts, each put before
   every class name, are learned with L = L_NIS + beta L_NPD + gamma L_NND (eq. 4-7),
@@ -48,8 +51,10 @@ import torch.nn.functional as F
 
 from oodcli.errors import OodError, UsageError
 from oodcli.outputs import atomic_write, check_output_file
+from oodcli.scorers.clip_zeroshot import LOCAL_LAYERS
 
 METHODS = ("coop", "locoop", "negprompt")
+LOCAL_METHODS = ("locoop", "iim")  # the prompt files trained on patch features
 META_KEY = "oodcli_prompts"
 FORMAT = 1
 PLACEHOLDER = "X"  # one BPE token per context slot, as CoOp tokenises its prompts
@@ -355,6 +360,28 @@ def check_prompts_fit(prompts: PromptFile, source, names: list[str]) -> None:
         )
 
 
+def check_local_layer_name(local_layer: str) -> None:
+    if local_layer not in LOCAL_LAYERS:
+        raise UsageError(f"--local-layer must be one of {', '.join(LOCAL_LAYERS)}, not '{local_layer}'")
+
+
+def check_local_layer(prompts: PromptFile, local_layer: str, option: str) -> None:
+    """Refuse scoring prompts on other patch features than the ones they were trained on.
+
+    LoCoOp and IIM files record the layer as ``local_layer``; a file without the record
+    predates ``patch_values`` and was trained on ``patch_tokens``. CoOp and NegPrompt
+    training reads no patch features, so their files fit either layer.
+    """
+    if prompts.method not in LOCAL_METHODS:
+        return
+    trained = prompts.meta.get("local_layer", "patch_tokens")
+    if trained != local_layer:
+        raise OodError(
+            f"prompt file {prompts.path} was trained on the patch features {trained}, not {local_layer}; "
+            f"score it with -p {option}={trained}, or train it again with --local-layer {local_layer}"
+        )
+
+
 def write_prompt_file(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     from safetensors.torch import save_file
 
@@ -399,18 +426,20 @@ class _Data:
 
 
 def _load_data(store_path, backbone, split, classes_text, fraction, shots, seed, labels_file, patches,
-               method: str = "LoCoOp") -> _Data:
+               method: str = "LoCoOp", local_layer: str = LOCAL_LAYERS[0]) -> _Data:
     from oodcli import text
     from oodcli.scorers.base import check_features
-    from oodcli.scoring import default_backbone
+    from oodcli.scoring import default_backbone, extract_command
     from oodcli.store import features_node, list_splits, open_store, split_node
 
     if shots < 1:
         raise UsageError(f"--shots must be at least 1, not {shots}")
+    if patches:
+        check_local_layer_name(local_layer)
     with open_store(store_path) as store:
         backbone = backbone or default_backbone(store)
         source = text.clip_source(store, backbone)
-        layers = ("image_embeds", "patch_tokens") if patches else ("image_embeds",)
+        layers = ("image_embeds", local_layer) if patches else ("image_embeds",)
         if split not in list_splits(store):
             raise OodError(f"store {store.path} has no split '{split}'; extract the ID train split first")
         node = features_node(split, backbone)
@@ -419,10 +448,12 @@ def _load_data(store_path, backbone, split, classes_text, fraction, shots, seed,
                 f"split '{split}' has no '{backbone}' image_embeds; make them with "
                 f"'oodcli extract --model {backbone} --layers {','.join(layers)} --split {split} --store {store.path}'"
             )
-        if patches and store.exists(node) and not store.is_array(f"{node}/patch_tokens"):
+        if patches and store.exists(node) and not store.is_array(f"{node}/{local_layer}"):
+            other = [k for k in LOCAL_LAYERS if k != local_layer and store.is_array(f"{node}/{k}")]
             raise OodError(
-                f"{method} needs patch tokens and split '{split}' has no '{backbone}' patch_tokens; re-extract with "
-                f"'oodcli extract --model {backbone} --layers image_embeds,patch_tokens --split {split} --overwrite'"
+                f"{method} reads the patch features {local_layer} and split '{split}' has no '{backbone}' {local_layer}; "
+                f"re-extract with '{extract_command(store, backbone, split, layers)} --overwrite'"
+                + (f", or train on its {other[0]} with --local-layer {other[0]}" if other else "")
             )
         check_features(store, backbone, split, layers)
         _, names = text.label_set(store, labels_file)
@@ -434,7 +465,7 @@ def _load_data(store_path, backbone, split, classes_text, fraction, shots, seed,
         classes = class_subset(len(names), classes_text, fraction)
         rows = few_shot_rows(all_labels, classes, shots, seed, names)
         image = read_rows(store, f"{node}/image_embeds", rows, split).astype(np.float32)
-        tokens = read_rows(store, f"{node}/patch_tokens", rows, split).astype(np.float16) if patches else None
+        tokens = read_rows(store, f"{node}/{local_layer}", rows, split).astype(np.float16) if patches else None
         fingerprint = store.node_attrs(node).get("fingerprint")
     return _Data(
         source, names, classes, rows,
@@ -555,6 +586,7 @@ def train_prompts(
     seed: int | None = None,
     locoop_lambda: float = 0.25,
     locoop_top_k: int = 200,
+    local_layer: str = LOCAL_LAYERS[0],
     positive: str | Path | None = None,
     neg_prompts: int = 2,
     beta: float = 0.1,
@@ -566,6 +598,9 @@ def train_prompts(
 
     ``shots`` and ``seed`` default to 16 and 0; NegPrompt takes them, and the training
     classes, from its positive file, so both stages learn from the same few shots.
+    ``local_layer`` is the patch features LoCoOp's entropy term reads: ``patch_values``
+    (the last block's value path, as LoCoOp's own code) or ``patch_tokens`` (the final-layer
+    tokens); the file records it, and scoring refuses the other layer.
     """
     if method not in METHODS:
         raise UsageError(f"unknown prompt method '{method}'; choose from {', '.join(METHODS)}")
@@ -601,7 +636,7 @@ def train_prompts(
         raise UsageError(f"--lambda must be non-negative, not {locoop_lambda}")
 
     data = _load_data(store_path, backbone, split, train_classes, train_class_fraction, shots, seed, labels,
-                      patches=(method == "locoop"))
+                      patches=(method == "locoop"), local_layer=local_layer)
     train_names = [data.names[c] for c in data.classes]
     if method == "locoop" and not 1 <= locoop_top_k < len(train_names):
         raise UsageError(
@@ -668,7 +703,7 @@ def train_prompts(
         "history": history,
     }
     if method == "locoop":
-        meta.update(locoop_lambda=locoop_lambda, locoop_top_k=locoop_top_k)
+        meta.update(locoop_lambda=locoop_lambda, locoop_top_k=locoop_top_k, local_layer=local_layer)
     if pos_file is not None:
         meta.update(neg_prompts=neg_prompts, beta=beta, gamma=gamma, nis_softmax=nis_softmax,
                     neg_init=f"positive + U(-{NEG_INIT_NOISE:g}, {NEG_INIT_NOISE:g})", positive=Path(pos_file.path).name,
