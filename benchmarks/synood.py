@@ -118,7 +118,7 @@ def _store(tmp: Path) -> Path:
             st.write_rows(f"{node}/image_embeds", start, _unit(rng.standard_normal((n, DIM), np.float32)).astype(np.float16))
         st.set_attrs(node, complete=True, rows_done=ROWS, model_id="bench", weights_source="openai",
                      parts={"weights": IDENTITY}, layer_shapes={"image_embeds": [DIM]})
-        template = "The nice {}."
+        template = "The nice {}"
         key = {"weights": IDENTITY, "names": digest(names), "templates": [template]}
         text.write_cached(st, text.text_node(BACKBONE, BENCH, text.template_key(template)), key,
                           _unit(rng.standard_normal((len(names), DIM), np.float32)), class_names=names)
@@ -141,7 +141,7 @@ def _synood_file(store: Path, tmp: Path) -> Path:
     tuned = negs.clone()
     tuned[: NEGATIVES // 2] = F.normalize(negs[: NEGATIVES // 2] + 0.05 * torch.randn(NEGATIVES // 2, DIM, generator=g), dim=-1)
     meta = {"method": "synood", "backbone": BACKBONE, "weights": IDENTITY, "class_names": names,
-            "neglabel": {"templates": "The nice {}."}, "negative_words": [f"word{i}" for i in range(NEGATIVES)]}
+            "neglabel": {"templates": "The nice {}"}, "negative_words": [f"word{i}" for i in range(NEGATIVES)]}
     out = tmp / "synood.safetensors"
     P.write_prompt_file(out, {"projection.weight": torch.eye(DIM) + 0.01 * torch.randn(DIM, DIM, generator=g),
                               "projection.bias": 0.01 * torch.randn(DIM, generator=g), "negatives": tuned,

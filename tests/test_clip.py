@@ -464,9 +464,9 @@ def _neglabel_reference(weights, store, split, wordnet, m, ngroup, percentile=0.
     """NegMining and the grouped NegLabel score, written from the papers' formulas."""
     model = _model(weights)
     with torch.no_grad():
-        ids = model.encode_text([f"The nice {n}." for n in NAMES]).double().numpy()
+        ids = model.encode_text([f"The nice {n}" for n in NAMES]).double().numpy()
         nouns, adjs = negatives.read_wordnet(wordnet, exclude=NAMES)
-        noun_emb = model.encode_text([f"The nice {w}." for w in nouns]).double().numpy()
+        noun_emb = model.encode_text([f"The nice {w}" for w in nouns]).double().numpy()
         adj_emb = model.encode_text([f"This is a {w} photo" for w in adjs]).double().numpy()
     n_nouns = round(m * len(nouns) / (len(nouns) + len(adjs)))
     chosen = []

@@ -249,7 +249,7 @@ def test_training_is_seeded(env, trained, tmp_path):
 def _template_key():
     from oodcli.store import digest
 
-    return digest("The nice {}.")[:10]
+    return digest("The nice {}")[:10]
 
 
 def test_d_in_star_is_the_most_complex_digits_per_class(env, trained):

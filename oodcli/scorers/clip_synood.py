@@ -45,7 +45,7 @@ class SynOOD(NegLabel):
             raise UsageError(f"synood.ngroup must be at least 1, not {self.ngroup}")
         if self.temperature <= 0:
             raise UsageError(f"synood.temperature must be positive, not {self.temperature}")
-        self.templates = "The nice {}."  # the file's NegLabel template replaces it
+        self.templates = "The nice {}"  # the file's NegLabel template replaces it
 
     def applicable(self, store: Store, backbone: str, train_split: str) -> bool:
         """Needs synood.prompts=FILE from 'oodcli train synood'."""

@@ -176,7 +176,7 @@ class NegLabel(_ClipText):
         percentile: float = 0.95,
         ngroup: int = 100,
         temperature: float = 0.01,
-        templates: str = "The nice {}.",
+        templates: str = "The nice {}",  # the authors' 'the nice {}' (CLIP lower-cases): no trailing period
         adj_template: str = "This is a {} photo",
         wordnet: str | None = None,
         labels: str | None = None,
@@ -193,7 +193,7 @@ class NegLabel(_ClipText):
             raise UsageError("neglabel.adj_template needs exactly one '{}'")
         self._check_common()
         if len(text.templates_for(templates)) != 1:
-            raise UsageError("neglabel.templates must be one prompt (e.g. 'The nice {}.'): negatives are mined with it too")
+            raise UsageError("neglabel.templates must be one prompt (e.g. 'The nice {}'): negatives are mined with it too")
 
     def extra_text(self, store, source, encoder, progress) -> bool:
         """The mined negative labels, cached beside the class prototypes they were mined against."""

@@ -269,7 +269,7 @@ def train_synood(
     backbone: str | None = None,
     num_negatives: int = 10000,
     percentile: float = 0.95,
-    templates: str = "The nice {}.",
+    templates: str = "The nice {}",
     adj_template: str = "This is a {} photo",
     wordnet: str | None = None,
     labels: str | None = None,
