@@ -1104,7 +1104,8 @@ def synthesize_context_labels(
     split: str = typer.Option("train", "--split", help="ID split whose images get labels."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="clip: CLIP backbone in the store (default: the only one)."),
     top_k: int = typer.Option(5, "--top-k", help="clip: labels per image."),
-    per_class: Optional[int] = typer.Option(None, "--per-class", help="Up to N images per class, drawn with --seed (default: all)."),
+    per_class: Optional[int] = typer.Option(None, "--per-class", help="N images per class, picked by --pick (default: all)."),
+    pick: str = typer.Option("complex", "--pick", help="complex: the most complex by JPEG bytes per pixel, as D_in* and 'synthesize synood' (reads the images); random: drawn with --seed."),
     seed: int = typer.Option(0, "--seed"),
     labels: Optional[str] = typer.Option(None, "--labels", help="Class names file (one per line); default: the store's benchmark."),
     model: str = typer.Option("llava-hf/llava-1.5-7b-hf", "--model", help="llava: Hugging Face id or local folder."),
@@ -1134,7 +1135,7 @@ def synthesize_context_labels(
             result = context_labels(
                 st, split=split, source=source, backbone=backbone, top_k=top_k, per_class=per_class, seed=seed,
                 labels_file=labels, model=model, device=device, batch_size=batch_size, data_root_dir=data_root,
-                progress=_row_progress(bar),
+                progress=_row_progress(bar), pick=pick,
             )
     finally:
         if bar.live.is_started:
@@ -1153,7 +1154,7 @@ def synthesize_synood(
     out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for the PNG images, manifest.jsonl and the run record."),
     store: Optional[Path] = typer.Option(None, "--store", "-s", help="Store whose split's images are inpainted (its recorded data source is read)."),
     from_split: str = typer.Option("train", "--from-split", help="ID split to pick the images from."),
-    per_class: int = typer.Option(1, "--per-class", "-n", help="Images picked per class (seeded); with neg-image: per word."),
+    per_class: int = typer.Option(1, "--per-class", "-n", help="Images per class, the most complex by JPEG bytes per pixel (D_in*'s rule, so each pairs with its D_in* image); with neg-image: per word."),
     pipeline: str = typer.Option(
         "stabilityai/stable-diffusion-2-inpainting", "--pipeline",
         help="Inpainting pipeline: a hub id or a folder saved with save_pretrained (e.g. from 'train diffusion').",

@@ -74,7 +74,7 @@ def test_clip_labels_are_the_top_k_cosines_without_class_names(tmp_path, clip_st
     weights, store = clip_store
     copy = _copy(store, tmp_path)
     with open_store(copy, "r+") as st:
-        result = context.context_labels(st, split="train", source="clip", top_k=5, per_class=3, seed=1)
+        result = context.context_labels(st, split="train", source="clip", top_k=5, per_class=3, seed=1, pick="random")
         ids_all, labels_all = st.read("splits/train/ids"), st.read("splits/train/labels")
     rows = context.per_class_rows(labels_all, 3, 1)
     assert list(result.labels) == ids_all[rows].tolist() and len(rows) == 3 * len(NAMES)
@@ -84,13 +84,13 @@ def test_clip_labels_are_the_top_k_cosines_without_class_names(tmp_path, clip_st
     assert all(len(v) == 5 and not set(v) & NAMING_A_CLASS for v in result.labels.values())
     assert result.provider.startswith("clip:clip-tiny weights=") and "test words" in result.provider
     with open_store(copy, "r+") as st:  # another seed, other images
-        other = context.context_labels(st, split="train", source="clip", top_k=5, per_class=3, seed=2)
+        other = context.context_labels(st, split="train", source="clip", top_k=5, per_class=3, seed=2, pick="random")
     assert list(other.labels) != list(result.labels)
     # a two-word class name: its words are banned from its own images only
     names = tmp_path / "names.txt"
     names.write_text("\n".join(PANDA_NAMES))
     with open_store(copy, "r+") as st:
-        panda = context.context_labels(st, top_k=len(WORDS) - 5, per_class=3, seed=1, labels_file=str(names))
+        panda = context.context_labels(st, top_k=len(WORDS) - 5, per_class=3, seed=1, pick="random", labels_file=str(names))
     expected = _reference_top_k(weights, copy, rows, len(WORDS) - 5, {"one", "zero hour", "giant panda cub"},
                                 own={5: {"panda", "giant"}})
     assert list(panda.labels.values()) == expected
@@ -98,7 +98,7 @@ def test_clip_labels_are_the_top_k_cosines_without_class_names(tmp_path, clip_st
     assert not any({"panda", "giant"} & set(v) for v, m in zip(panda.labels.values(), mine) if m)
     assert any({"panda", "giant"} & set(v) for v, m in zip(panda.labels.values(), mine) if not m)
     with open_store(copy, "r+") as st, pytest.raises(UsageError, match="--top-k 21 exceeds the 20"):
-        context.context_labels(st, top_k=len(WORDS) - 4, per_class=3, seed=1, labels_file=str(names))
+        context.context_labels(st, top_k=len(WORDS) - 4, per_class=3, seed=1, pick="random", labels_file=str(names))
 
 
 def test_second_call_hits_the_text_cache(tmp_path, monkeypatch, clip_store, small_vocabulary):
@@ -231,7 +231,7 @@ def test_llava_plumbing_prompts_name_the_class_and_ids_align(monkeypatch, clip_s
 
     monkeypatch.setattr(LlavaProcessor, "__call__", spy)
     with open_store(store) as st:
-        batched = context.context_labels(st, source="llava", model=str(tiny_llava), per_class=1, seed=0,
+        batched = context.context_labels(st, source="llava", model=str(tiny_llava), per_class=1, seed=0, pick="random",
                                          batch_size=4, device="cpu")
         labels, ids = st.read("splits/train/labels"), st.read("splits/train/ids")
     rows = context.per_class_rows(labels, 1, 0)
@@ -250,7 +250,7 @@ def test_llava_plumbing_prompts_name_the_class_and_ids_align(monkeypatch, clip_s
     assert batched.provider.startswith(f"llava:{tiny_llava}")
     # one image at a time gives the same answers: left padding keeps every prompt's continuation its own
     with open_store(store) as st:
-        single = context.context_labels(st, source="llava", model=str(tiny_llava), per_class=1, seed=0,
+        single = context.context_labels(st, source="llava", model=str(tiny_llava), per_class=1, seed=0, pick="random",
                                         batch_size=1, device="cpu")
     assert single.labels == batched.labels
 
@@ -266,3 +266,28 @@ def test_llava_errors_are_one_line(capsys, monkeypatch, tmp_path, clip_store):
                        "--model", tmp_path / "no-such-model", "--device", "cpu", "--out", out)
     assert code == 1 and one_line_error(err) and "cannot load LLaVA" in err
     assert not out.exists()
+
+
+def test_per_class_picks_the_most_complex_images_as_d_in_star(tmp_path, clip_store, small_vocabulary):
+    """The default --pick complex: each class's most complex images by JPEG bytes per pixel,
+    recomputed here from the digits' images, i.e. the images 'synthesize synood' inpaints."""
+    import io
+
+    from oodcli.data.base import data_root, open_source
+
+    _, store = clip_store
+    copy = _copy(store, tmp_path)
+    with open_store(copy, "r+") as st:
+        result = context.context_labels(st, top_k=3, per_class=2)
+        ids, labels = st.read("splits/train/ids"), st.read("splits/train/labels")
+    data = open_source("digits:train", data_root(None))
+    bpp = []
+    for i in ids:
+        img = data.load(int(i))
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=75)
+        bpp.append(buf.tell() / (img.width * img.height))
+    bpp = np.array(bpp)
+    expected = sorted(int(ids[r]) for c in np.unique(labels)
+                      for r in np.flatnonzero(labels == c)[np.argsort(-bpp[labels == c], kind="stable")[:2]])
+    assert sorted(result.labels) == expected

@@ -199,7 +199,7 @@ FAST = Settings(per_class=1, strength=0.5, steps=4, iterations=2, step_size=10.0
 
 def test_resume_skips_finished_images(digits_store, pipe_dir, tmp_path, monkeypatch):
     store, ids, labels = digits_store
-    ctx = _labels_file(tmp_path / "ctx.jsonl", ids[:60])
+    ctx = _labels_file(tmp_path / "ctx.jsonl", ids)
     calls = []
     real = synood.synthesize_one
 
@@ -218,13 +218,13 @@ def test_resume_skips_finished_images(digits_store, pipe_dir, tmp_path, monkeypa
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 2
     counted.resumed = True
     summary = synood.synthesize_synood(out, **kw)
-    n_classes = len(np.unique(labels[np.isin(ids, ids[:60])]))
+    n_classes = len(np.unique(labels))
     assert summary["images"] == n_classes and summary["skipped"] == 2 and summary["written"] == n_classes - 2
     assert len(calls) == n_classes  # each image generated once over both runs
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted(r["file"] for r in rows) == sorted(p.name for p in out.glob("*.png"))
     assert len({r["source_class"] for r in rows}) == n_classes
-    assert all(r["prompt"] == f"A photo only remain {', '.join(r['context_labels'])}." and r["source_id"] in set(ids[:60].tolist()) for r in rows)
+    assert all(r["prompt"] == f"A photo only remain {', '.join(r['context_labels'])}." and r["source_id"] in set(ids.tolist()) for r in rows)
     assert all(len(r["energy_losses"]) == len(r["energies"]) == 2 for r in rows)
     record = json.loads((out / synood.RUN_FILE).read_text())
     assert record["context_labels"]["made_by"] == {"provider": "clip-zero-shot"}
@@ -241,13 +241,25 @@ def _cli(store, out, pipe_dir, ctx, *more):
 
 
 def test_cli_writes_images_and_refuses_another_runs_folder(digits_store, pipe_dir, tmp_path, capsys):
-    store, ids, _ = digits_store
-    ctx = _labels_file(tmp_path / "ctx.jsonl", ids[:8])
+    store, ids, labels = digits_store
+    ctx = _labels_file(tmp_path / "ctx.jsonl", ids)
     out = tmp_path / "syn"
     code, stdout, stderr = run(capsys, *_cli(store, out, pipe_dir, ctx))
     assert code == 0, stderr
     files = sorted(out.glob("*.png"))
     assert files and "images written" in stdout
+    # the sources are exactly D_in*: train synood's complexity rule for m = the number of images
+    from oodcli.store import open_store
+    from oodcli.train.synood import _train_complexity, complex_rows
+
+    rows = sorted(json.loads(line)["source_row"] for line in (out / "manifest.jsonl").read_text().splitlines())
+    with open_store(store) as st:
+        complexity = _train_complexity(st, "train", np.arange(len(labels)), None, None)
+    assert len(rows) == len(np.unique(labels)) and rows == complex_rows(complexity, labels, len(rows)).tolist()
+    # context labels that miss one of those images: one line naming it
+    partial = _labels_file(tmp_path / "partial.jsonl", [i for i in ids if int(i) != int(ids[rows[0]])])
+    code, _, stderr = run(capsys, *_cli(store, tmp_path / "syn2", pipe_dir, partial))
+    assert code == 2 and one_line_error(stderr) and f"id {int(ids[rows[0]])}" in stderr
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     code, _, stderr = run(capsys, *_cli(store, out, pipe_dir, ctx, "--seed", 1))
     assert code == 2 and one_line_error(stderr) and "another run" in stderr
@@ -264,7 +276,7 @@ def test_a_run_that_made_no_image_does_not_lock_its_folder(digits_store, pipe_di
     """A pipeline that cannot be loaded fails in one line; the folder it leaves holds no image,
     so the next run, with another pipeline, starts there instead of being refused."""
     store, ids, _ = digits_store
-    ctx = _labels_file(tmp_path / "ctx.jsonl", ids[:4])
+    ctx = _labels_file(tmp_path / "ctx.jsonl", ids)
     out = tmp_path / "syn"
     code, _, stderr = run(capsys, *_cli(store, out, tmp_path / "no-such-pipeline", ctx))
     assert code != 0 and one_line_error(stderr) and "pipeline" in stderr

@@ -18,9 +18,11 @@ split of the store, from one of three providers, and names the provider:
   e.g. from an MLLM run elsewhere; a header line ``{"context_labels": {...}}`` is skipped.
 
 Ids are the split's ``ids`` (an image's position in its source data set), so the labels
-stay with their image whatever rows are selected. ``per_class`` draws up to N images per
-class with ``seed`` (the paper picks its ID subset by JPEG complexity, which needs the
-files; a seeded draw is what a store allows).
+stay with their image whatever rows are selected. ``per_class`` takes N images per class
+by the rule of D_in* and of ``synthesize synood``'s sources (``pick="complex"``: the most
+complex by JPEG bytes per pixel, read from the split's recorded data source), so the labels
+cover exactly the images SynOOD inpaints; ``pick="random"`` draws them with ``seed`` instead
+(needs no image files).
 """
 
 from __future__ import annotations
@@ -120,7 +122,25 @@ def per_class_rows(labels: np.ndarray, per_class: int | None, seed: int) -> np.n
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
-def _split_rows(store: Store, split: str, per_class: int | None, seed: int, names: list[str]):
+def complex_per_class_rows(store: Store, split: str, labels: np.ndarray, ids: np.ndarray, per_class: int,
+                           data_root_dir: str | None = None) -> np.ndarray:
+    """``synthesize synood``'s sources: D_in*'s complexity rule with m = per_class x classes."""
+    from oodcli.data.base import data_root, open_source
+    from oodcli.synth.synood import source_rows
+
+    if per_class < 1:
+        raise UsageError(f"--per-class must be at least 1, not {per_class}")
+    attrs = store.node_attrs(split_node(split))
+    if "source" not in attrs:
+        raise OodError(f"split '{split}' records no data source to measure its images' complexity; use --pick random")
+    data = open_source(attrs["source"], data_root(data_root_dir), is_ood=False)
+    if data.identity() != attrs.get("data"):
+        raise OodError(f"the images at {attrs['source']} are not the ones split '{split}' was extracted from; check --data-root")
+    return source_rows(data, ids, labels, per_class)
+
+
+def _split_rows(store: Store, split: str, per_class: int | None, seed: int, names: list[str], pick: str = "complex",
+                data_root_dir: str | None = None):
     """(rows, ids, labels) of the chosen images of an ID split."""
     if split not in list_splits(store):
         raise OodError(f"store {store.path} has no split '{split}'; extract it first (oodcli extract --split {split})")
@@ -130,7 +150,12 @@ def _split_rows(store: Store, split: str, per_class: int | None, seed: int, name
         raise OodError(f"split '{split}' holds OOD rows (label -1); context labels are made for ID images")
     if labels.size and int(labels.max()) >= len(names):
         raise OodError(f"split '{split}' has labels beyond the {len(names)} class names of the label set")
-    rows = per_class_rows(labels, per_class, seed)
+    if pick not in ("complex", "random"):
+        raise UsageError(f"unknown --pick '{pick}'; use complex or random")
+    if per_class is not None and pick == "complex":
+        rows = complex_per_class_rows(store, split, labels, ids, per_class, data_root_dir)
+    else:
+        rows = per_class_rows(labels, per_class, seed)
     return rows, ids[rows], labels[rows]
 
 
@@ -323,6 +348,7 @@ def context_labels(
     batch_size: int = 8,
     data_root_dir: str | None = None,
     progress=None,
+    pick: str = "complex",
 ) -> ContextLabels:
     """Context labels of the chosen images of ``split``: ``source`` is clip, llava or a JSON-lines file."""
     start = time.perf_counter()
@@ -333,7 +359,7 @@ def context_labels(
 
         check_device(device)  # before any reading: a cuda request on a machine without one is one line
     _, names = text.label_set(store, labels_file)
-    rows, ids, classes = _split_rows(store, split, per_class, seed, names)
+    rows, ids, classes = _split_rows(store, split, per_class, seed, names, pick, data_root_dir)
     if source == "clip":
         from oodcli.scoring import default_backbone
 

@@ -373,15 +373,17 @@ class Item:
     source_class: int | None = None
 
 
-def pick_rows(labels: np.ndarray, per_class: int, seed: int, allowed: np.ndarray | None = None) -> np.ndarray:
-    """``per_class`` rows of each ID class (fewer where a class has fewer), seeded; sorted."""
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(labels[labels >= 0]):
-        rows = np.flatnonzero((labels == c) & (allowed if allowed is not None else True))
-        if len(rows):
-            picked.append(rng.choice(rows, size=min(per_class, len(rows)), replace=False))
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+def source_rows(data, ids: np.ndarray, labels: np.ndarray, per_class: int, progress=None) -> np.ndarray:
+    """The images to inpaint: D_in*'s rule (``oodcli.train.synood.complex_rows``, JPEG bytes per
+    pixel), m = per_class x classes, so each synthetic image pairs one-to-one with an image of
+    the D_in* that ``train synood`` draws for the same m (the authors inpaint exactly their
+    cleaned top-50 files and take the same files as D_in*). Sorted rows."""
+    from oodcli.train.synood import complex_rows, jpeg_bytes_per_pixel
+
+    rows = np.flatnonzero(labels >= 0)
+    complexity = np.array([jpeg_bytes_per_pixel(data, int(ids[r])) for r in rows], np.float64)
+    m = per_class * len(np.unique(labels[rows]))
+    return rows[complex_rows(complexity, labels[rows], m)]
 
 
 def _split_items(store_path: Path, settings: Settings, context: dict[int, list[str]] | None, data_root_dir):
@@ -403,17 +405,21 @@ def _split_items(store_path: Path, settings: Settings, context: dict[int, list[s
     if data.identity() != attrs.get("data"):
         raise OodError(f"the images at {attrs['source']} are not the ones split '{split}' was extracted from; "
                        "check --data-root")
-    allowed = None
     if context is not None:
         unknown = sorted(set(context) - set(int(i) for i in ids))
         if unknown:
             more = f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else ""
             raise UsageError(f"--context-labels names ids not in split '{split}': "
                              f"{', '.join(map(str, unknown[:3]))}{more}; were they made for another split?")
-        allowed = np.isin(ids, np.fromiter(context, np.int64))
-    rows = pick_rows(labels, settings.per_class, settings.seed, allowed)
+    rows = source_rows(data, ids, labels, settings.per_class)
     if not len(rows):
         raise UsageError(f"split '{split}' has no labelled ID images to pick from")
+    if context is not None:
+        missing = [int(ids[r]) for r in rows if int(ids[r]) not in context]
+        if missing:
+            raise UsageError(f"--context-labels has no labels for {len(missing)} of the {len(rows)} images to inpaint "
+                             f"(the most complex per class, as D_in*; e.g. id {missing[0]}); make them with "
+                             f"'oodcli synthesize context-labels --per-class {settings.per_class}' or for the whole split")
     items = []
     for r in rows:
         sid, c = int(ids[r]), int(labels[r])
