@@ -196,3 +196,16 @@ def test_a_torchscript_archive_counts_as_openai_format(tmp_path):
     torch.save(torch.nn.Linear(2, 2).state_dict(), plain)
     assert torchscript_archive(path) and openai_checkpoint(path)
     assert not torchscript_archive(plain) and not openai_checkpoint(plain)
+
+
+def test_apex_model_trained_on_cifar100_keeps_its_normalisation(tmp_path, monkeypatch, images):
+    import oodcli.data.base
+    from oodcli.train.apex import ApexConfig, train_end_to_end
+
+    small = images("small", 16, labels=np.arange(16) % 4)
+    monkeypatch.setattr(oodcli.data.base, "open_source", lambda spec, root, is_ood=False: small)
+    out = tmp_path / "palm.safetensors"
+    train_end_to_end("cifar100", "cifar_resnet18-tiny", "palm", k=1,
+                     cfg=ApexConfig(epochs=1, batch_size=16, embed_dim=8), out=out, device="cpu", flip=False)
+    pre = get_spec("palm").for_weights(str(out)).preprocess
+    assert (pre.mean, pre.std) == (CIFAR100_MEAN, CIFAR100_STD)

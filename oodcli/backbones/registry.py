@@ -311,13 +311,19 @@ def read_apex_meta(path: str | Path) -> dict:
 
 
 def adapt_apex(spec: BackboneSpec, weights: str | None) -> BackboneSpec:
-    """The base network's preprocessing, read from the file's header (no torch)."""
+    """The preprocessing the model was trained with (the base network's, with the benchmark's
+    normalisation or the store's ``--preprocess``), read from the file's header (no torch)."""
     if weights is None:
         return spec
     meta = read_apex_meta(weights)
     if meta["method"] != spec.name:
         raise UsageError(f"{weights} holds a {meta['method']} model; extract it with --model {meta['method']}")
-    return dataclasses.replace(spec, preprocess=get_spec(meta["base_model"]).preprocess)
+    recorded = meta.get("base_preprocess")  # what the model was trained on (files from older oodcli: the base's)
+    if isinstance(recorded, dict):
+        preprocess = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
+    else:
+        preprocess = get_spec(meta["base_model"]).preprocess
+    return dataclasses.replace(spec, preprocess=preprocess)
 
 
 for _method, _what in (("apex", "APM (adaptive K per class)"), ("palm", "PALM (fixed K)")):

@@ -423,6 +423,7 @@ def train_head_only(
         "base_weights": attrs.get("weights_source"),
         "base_identity": parts.get("weights"),
         "base_layer": layer,
+        "base_preprocess": parts.get("preprocess"),  # as the features were extracted: the model's run uses it
         "in_dim": int(x.shape[1]),
         "num_classes": num_classes,
         "trained_on": f"{store.path}:{split}/{backbone}/{layer}",
@@ -456,12 +457,12 @@ def train_end_to_end(
     cfg = cfg or ApexConfig()
     cfg.check()
     t0 = time.perf_counter()
-    spec = get_spec(model)
+    bench = get_benchmark(benchmark)
+    spec = get_spec(model).for_data(bench.name)  # normalised with the benchmark's statistics (cifar_resnet*)
     if "penultimate" not in spec.layers:
         raise UsageError(f"model '{model}' has no penultimate layer to put the projection head on")
     if weights is not None:
         spec.weights_identity(weights)
-    bench = get_benchmark(benchmark)
     data = open_source(bench.split("train").source, data_root(data_root_dir))
     labels = np.asarray(data.labels, np.int64)
     if len(labels) == 0 or (labels < 0).any():
@@ -496,6 +497,7 @@ def train_end_to_end(
         "base_weights": None,  # the trained encoder is in the file
         "base_identity": spec.weights_identity(weights) if weights is not None else f"{spec.family}:random",
         "base_layer": "penultimate",
+        "base_preprocess": spec.preprocess.describe(),
         "in_dim": int(in_dim),
         "num_classes": num_classes,
         "trained_on": f"{benchmark}:train",
