@@ -18,6 +18,8 @@
 #   MODEL clip-vit-b-16   WEIGHTS openai (an open_clip tag or a local checkpoint)
 #   SHOTS "1 4 16"   SEED 1   EPOCHS 50   K 50 (top-k patches)   OOD_PROMPTS 300 (C_n)
 #   LAMBDA_NEG 5   LAMBDA_DIV 0.5   LR 0.00025   BATCH 32
+#   CSC --csc (class-specific local contexts, every official config; --no-csc: one shared context)
+#   DENOMINATORS official (the authors' code, which made the published numbers; paper: eq. 8-9 as printed)
 #   STORES (stores), DEVICE (auto), WORKERS (0), OODCLI (oodcli)
 set -euo pipefail
 MODEL=${MODEL:-clip-vit-b-16}
@@ -31,6 +33,8 @@ LAMBDA_NEG=${LAMBDA_NEG:-5}
 LAMBDA_DIV=${LAMBDA_DIV:-0.5}
 LR=${LR:-0.00025}
 BATCH=${BATCH:-32}
+CSC=${CSC:---csc}
+DENOMINATORS=${DENOMINATORS:-official}
 WORKERS=${WORKERS:-0}
 STORES=${STORES:-stores}
 DEVICE=${DEVICE:-auto}
@@ -51,7 +55,7 @@ for bench in "${BENCHMARKS[@]}"; do
     # 3. local prompts + OOD prototype prompts from the mined patches of each few-shot image
     $OODCLI train iim --store "$store" --shots "$shots" --seed "$SEED" --epochs "$EPOCHS" --k "$K" \
       --ood-prompts "$OOD_PROMPTS" --lambda-neg "$LAMBDA_NEG" --lambda-div "$LAMBDA_DIV" --lr "$LR" \
-      --batch-size "$BATCH" --out "$prompts"
+      --batch-size "$BATCH" "$CSC" --denominators "$DENOMINATORS" --out "$prompts"
     # 4. S-MCM (eq. 12-14, alpha 1) and its variants, one row each per shot setting
     for method in s-mcm s-mcm-star r-mcm-trained gl-mcm-local; do
       $OODCLI score "$method" --as "$method-$shots-shot" --store "$store" -p "$method.prompts=$prompts"

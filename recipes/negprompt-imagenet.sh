@@ -18,6 +18,7 @@
 # Environment (defaults = the paper's):
 #   MODEL clip-vit-b-16   WEIGHTS laion2b_s34b_b88k   SEEDS "1 2 3"   SHOTS 16
 #   COOP_EPOCHS 100 (stage one)   EPOCHS 10 (stage two)   NEG_PROMPTS 2 (p)   BETA 0.1   GAMMA 0.05
+#   NIS_SOFTMAX all (L_NIS over every positive and negative logit, the authors' OE branch; negatives: eq. 4 literal)
 #   OPEN_FRACTION 0.1 (open vocabulary: the share of ID classes trained on)
 #   STORES (stores), DEVICE (auto), WORKERS (0), OODCLI (oodcli)
 set -euo pipefail
@@ -30,6 +31,7 @@ EPOCHS=${EPOCHS:-10}
 NEG_PROMPTS=${NEG_PROMPTS:-2}
 BETA=${BETA:-0.1}
 GAMMA=${GAMMA:-0.05}
+NIS_SOFTMAX=${NIS_SOFTMAX:-all}
 OPEN_FRACTION=${OPEN_FRACTION:-0.1}
 WORKERS=${WORKERS:-0}
 STORES=${STORES:-stores}
@@ -52,12 +54,13 @@ for bench in "${BENCHMARKS[@]}"; do
     $OODCLI train coop --store "$store" --shots "$SHOTS" --epochs "$COOP_EPOCHS" --seed "$seed" --out "$coop"
     # 3. stage two: negative prompts against the frozen positive ones, same shots
     $OODCLI train negprompt --store "$store" --positive "$coop" --neg-prompts "$NEG_PROMPTS" --epochs "$EPOCHS" \
-      --beta "$BETA" --gamma "$GAMMA" --out "$neg"
+      --beta "$BETA" --gamma "$GAMMA" --nis-softmax "$NIS_SOFTMAX" --out "$neg"
     # 4. open vocabulary: both stages on the first 10% of the ID classes, scored on all of them
     $OODCLI train coop --store "$store" --shots "$SHOTS" --epochs "$COOP_EPOCHS" --seed "$seed" \
       --train-class-fraction "$OPEN_FRACTION" --out "${coop%.safetensors}-10pct.safetensors"
     $OODCLI train negprompt --store "$store" --positive "${coop%.safetensors}-10pct.safetensors" \
-      --neg-prompts "$NEG_PROMPTS" --epochs "$EPOCHS" --beta "$BETA" --gamma "$GAMMA" --out "${neg%.safetensors}-10pct.safetensors"
+      --neg-prompts "$NEG_PROMPTS" --epochs "$EPOCHS" --beta "$BETA" --gamma "$GAMMA" --nis-softmax "$NIS_SOFTMAX" \
+      --out "${neg%.safetensors}-10pct.safetensors"
     $OODCLI score coop --as "coop@s$seed" --store "$store" -p coop.prompts="$coop"
     $OODCLI score negprompt --as "negprompt@s$seed" --store "$store" -p negprompt.prompts="$neg"
     $OODCLI score coop --as "coop-10pct@s$seed" --store "$store" -p coop.prompts="${coop%.safetensors}-10pct.safetensors"

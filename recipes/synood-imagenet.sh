@@ -10,7 +10,7 @@
 # 2. context labels (eq. 3) of PER_CLASS train images per class (50 = the paper's 50k subset)
 #    by LLaVA-1.5-7B (CONTEXT=clip uses CLIP zero-shot over WordNet nouns instead: no MLLM);
 # 3. near-boundary OOD images: Stable Diffusion 2 inpainting, mask all ones, strength 0.6,
-#    20 steps, the initial noise refined 3 times by ResNet-50's energy (eq. 7-10, r*rho = 10);
+#    20 steps, 3 inpainting passes (2 updates of the initial noise) by ResNet-50's energy (eq. 7-10, r*rho = 10);
 #    made once (the ID train split is the same in both benchmarks) and resumed if interrupted;
 # 4. the synthetic images enter each store as a split with role 'synthetic';
 # 5. train synood: projection (3 epochs, Adam 1e-3, batch 128, wd 1e-5) and the learnable
