@@ -246,11 +246,25 @@ def featmap_shape(native: tuple[int, ...], pool: int | None, model: str) -> tupl
     return (c, pool, pool)
 
 
+def _plain(value):
+    """A value as the store's JSON attributes hold it (tuples become lists), for comparing."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
 def _describe_mismatch(old: dict, new: dict) -> str:
-    diffs = [k for k in new if old.get(k) != new.get(k)]
+    """Each field that really differs, in full; of a dict field (the preprocessing), only its
+    differing keys. Stored attributes are JSON, so both sides are compared as JSON."""
+    old, new = _plain(old), _plain(new)
     parts = []
-    for k in diffs:
-        parts.append(f"{k} {_short(old.get(k))} -> {_short(new.get(k))}")
+    for k in new:
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            parts += [f"{k}.{sub} {json.dumps(a.get(sub))} -> {json.dumps(b.get(sub))}"
+                      for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        else:
+            parts.append(f"{k} {json.dumps(a)} -> {json.dumps(b)}")
     return "; ".join(parts) or "fingerprint differs"
 
 

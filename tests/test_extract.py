@@ -270,3 +270,20 @@ def test_dataloader_workers_give_the_same_arrays(tmp_path):
     for k in a:
         if k != "attrs":
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_a_refusal_names_only_what_changed_in_full():
+    from oodcli.extract import _describe_mismatch
+
+    stored = {"preprocess": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "crop": 32},  # JSON: lists
+              "layers": ["logits", "penultimate"], "weights": "sha256:" + "a" * 64}
+    now = {"preprocess": {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "crop": 32},  # in memory: tuples
+           "layers": ("logits", "penultimate", "featmap"), "weights": "sha256:" + "a" * 64}
+    text = _describe_mismatch(stored, now)
+    assert "preprocess" not in text  # the same values, only list vs tuple
+    assert text == 'layers ["logits", "penultimate"] -> ["logits", "penultimate", "featmap"]'
+    now["preprocess"] = {**now["preprocess"], "crop": 28}
+    now["weights"] = "sha256:" + "b" * 64
+    text = _describe_mismatch(stored, now)
+    assert "preprocess.crop 32 -> 28" in text and "mean" not in text
+    assert "a" * 64 in text and "b" * 64 in text  # in full, not cut
