@@ -65,15 +65,15 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
         "left_out": {},  # method -> the command that scores it on the ID split
     }
     for method in methods:
-        if not store.is_array(f"scores/{method}/{id_split}") or \
-                not store.node_attrs(f"scores/{method}/{id_split}").get("complete"):
+        id_node = f"scores/{method}/{id_split}"
+        attrs = store.node_attrs(id_node) if store.is_array(id_node) else {}
+        if not attrs.get("complete"):
             # one method without scores on this ID split must not hide every other method's numbers
             report["left_out"][method] = _fill_command(store, method, id_split)
             continue
-        id_scores = read_scores(store, method, id_split)
+        id_scores = store.read(id_node)
         if len(id_scores) != len(labels):
             raise OodError(f"scores of '{method}' on '{id_split}' are stale (row count differs); re-score")
-        attrs = store.node_attrs(f"scores/{method}/{id_split}")
         per_set, missing, constant = {}, [], []
         for split in oods:
             node = f"scores/{method}/{split}"

@@ -219,6 +219,7 @@ def _verify_id_labels(store: Store, splits: list[str], problems: list[str]) -> N
 
 
 def _verify_section(store: Store, section: str, splits: list[str], rows: dict, scan, problems: list[str]) -> None:
+    lost: set[str] = set()  # score arrays already reported gone (every array of the run names them)
     for name in store.walk_arrays(section):
         finite = scan(name)
         if section in ("scores", "grads"):
@@ -233,7 +234,8 @@ def _verify_section(store: Store, section: str, splits: list[str], rows: dict, s
             if section == "scores":  # the splits scored in the same run must all still be there
                 method = name.split("/")[1]
                 for other in attrs.get("splits", []):
-                    if other in rows and not store.is_array(f"scores/{method}/{other}"):
+                    if other in rows and f"{method}/{other}" not in lost and not store.is_array(f"scores/{method}/{other}"):
+                        lost.add(f"{method}/{other}")
                         problems.append(f"scores/{method}: scored on '{other}' with '{split}', but "
                                         f"scores/{method}/{other} is gone; re-run 'oodcli score {attrs.get('method', method)}'")
         if finite is False:

@@ -221,8 +221,8 @@ def run_sweep(
     notes = []
     for scorer in scorers:  # the same inputs score will use (e.g. the layer ASH shapes)
         notes += [n for n in scorer.complete_inputs(cached, chosen, splits) if n not in notes]
-    for note in notes:
-        if log is not None:
+    if log is not None:
+        for note in notes:
             log(f"{method}: {note}")
     advance = progress(f"sweep {method}", len(settings))
     rows: list[dict] = []

@@ -13,6 +13,7 @@ instead of fitting again (a cache hit) and any change of those inputs refits.
 from __future__ import annotations
 
 import inspect
+import re
 import json
 from typing import Callable, ClassVar, Iterator
 
@@ -45,10 +46,13 @@ def scorer_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _init_params(name: str) -> dict[str, inspect.Parameter]:
+    return {k: p for k, p in inspect.signature(_REGISTRY[name].__init__).parameters.items() if k != "self"}
+
+
 def scorer_params(name: str) -> dict:
     """A scorer's keyword arguments and their defaults (what ``--param`` accepts)."""
-    params = inspect.signature(_REGISTRY[name].__init__).parameters
-    return {k: p.default for k, p in params.items() if k != "self"}
+    return {k: p.default for k, p in _init_params(name).items()}
 
 
 def describe_scorers() -> list[dict]:
@@ -88,11 +92,11 @@ def check_param(method: str, key: str, value, default, annotation: str = ""):
     if default is None:
         if value is None:
             return None
-        kinds = set(annotation.replace("|", " ").replace("Optional[", " ").replace("]", " ").split())
-        default = {"bool": False, "int": 0, "float": 0.0}.get(next((k for k in ("bool", "int", "float") if k in kinds
-                                                                    and not ({"int", "float"} <= kinds and k == "int")), ""))
-        if default is None:
+        kinds = set(re.findall(r"\w+", annotation))  # e.g. "int | None", "Optional[float]"
+        kind = next((k for k in ("bool", "float", "int") if k in kinds), None)  # int | float: a number
+        if kind is None:
             return value
+        default = {"bool": False, "float": 0.0, "int": 0}[kind]
 
     def bad(what: str) -> UsageError:
         return UsageError(f"--param {method}.{key}={value!r}: {what} (default {shown!r})")
@@ -121,15 +125,14 @@ def get_scorer(name: str, **hparams) -> "Scorer":
     names = scorer_names()
     if name not in _REGISTRY:
         raise UsageError(f"unknown method '{name}'; choose from: {', '.join(names)}")
-    defaults = scorer_params(name)
-    unknown = set(hparams) - set(defaults)
+    params = _init_params(name)
+    unknown = set(hparams) - set(params)
     if unknown:
         raise UsageError(
             f"method '{name}' has no parameter {', '.join(sorted(unknown))}; "
-            f"it takes: {', '.join(sorted(defaults)) or 'none'}"
+            f"it takes: {', '.join(sorted(params)) or 'none'}"
         )
-    hints = {k: str(p.annotation) for k, p in inspect.signature(_REGISTRY[name].__init__).parameters.items()}
-    hparams = {k: check_param(name, k, v, defaults[k], hints.get(k, "")) for k, v in hparams.items()}
+    hparams = {k: check_param(name, k, v, params[k].default, str(params[k].annotation)) for k, v in hparams.items()}
     try:
         return _REGISTRY[name](**hparams)
     except (TypeError, ValueError) as exc:  # e.g. --param knn.k=abc
