@@ -37,7 +37,7 @@ demo: venv $(CKPT) $(CLIP_CKPT) $(INPAINT)
 	$(PY) -m oodcli synthesize grood --store $(STORE) --model digits_cnn && $(PY) -m oodcli index --store $(STORE) --source grads/grood/train && $(PY) -m oodcli score grood,grood-distance,grood-gradnorm,grood-classgrad --store $(STORE) --backbone digits_cnn
 	OODCLI="$(PY) -m oodcli" sh recipes/apex-digits.sh $(STORE)
 	$(PY) -m oodcli report --store $(STORE)
-	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --benchmark digits --layers image_embeds,patch_values --store $(CLIP_STORE) --overwrite
+	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --benchmark digits --layers image_embeds,penultimate,patch_values --store $(CLIP_STORE) --overwrite
 	$(PY) -m oodcli score mcm,gl-mcm,r-mcm --store $(CLIP_STORE)
 	$(PY) -m oodcli -q train coop --store $(CLIP_STORE) --shots 16 --epochs 20 --out stores/digits-coop.safetensors
 	$(PY) -m oodcli -q train negprompt --store $(CLIP_STORE) --positive stores/digits-coop.safetensors --out stores/digits-negprompt.safetensors
@@ -51,7 +51,7 @@ demo: venv $(CKPT) $(CLIP_CKPT) $(INPAINT)
 	$(PY) -m oodcli score neglabel --store $(CLIP_STORE)
 	$(PY) -m oodcli synthesize context-labels --store $(CLIP_STORE) --split train --per-class 5 --out stores/digits-context.jsonl
 	$(PY) -m oodcli synthesize synood --store $(CLIP_STORE) --per-class 5 --context-labels stores/digits-context.jsonl --pipeline $(INPAINT) --classifier digits_cnn --classifier-weights $(CKPT) --out-dir stores/digits-synood
-	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --data folder:$(CURDIR)/stores/digits-synood --split synthetic/synood --role synthetic --store $(CLIP_STORE) --overwrite
+	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --data folder:$(CURDIR)/stores/digits-synood --split synthetic/synood --role synthetic --layers image_embeds,penultimate --store $(CLIP_STORE) --overwrite
 	$(PY) -m oodcli -q train synood --store $(CLIP_STORE) --out stores/digits-synood.safetensors
 	$(PY) -m oodcli score synood --store $(CLIP_STORE) -p synood.prompts=stores/digits-synood.safetensors
 	$(PY) -m oodcli score synood --as synood-projection-only --store $(CLIP_STORE) -p synood.prompts=stores/digits-synood.safetensors -p synood.ft_labels=false

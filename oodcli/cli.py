@@ -961,7 +961,8 @@ def train_iim(
 
 @train_app.command("synood")
 def train_synood(
-    store_path: Path = typer.Option(..., "--store", "-s", help="Store with the CLIP image_embeds of the train and synthetic splits."),
+    store_path: Path = typer.Option(..., "--store", "-s", help="Store with the CLIP features of the train and synthetic splits "
+                                    "(penultimate for the authors' projection, image_embeds for the linear one)."),
     out_path: Path = typer.Option(..., "--out", "-o", help="File to write (safetensors): projection + negative label features."),
     synthetic: Optional[list[str]] = typer.Option(
         None, "--synthetic", help="Synthetic split(s) (role synthetic) to learn from; default: every one in the store. "
@@ -973,8 +974,13 @@ def train_synood(
     percentile: float = typer.Option(0.95, "--percentile", help="NegMining's percentile."),
     wordnet: Optional[str] = typer.Option(None, "--wordnet", help="Folder with WordNet's data.noun and data.adj (default: found)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Class names file (one per line); default: the store's benchmark."),
-    proj_epochs: int = typer.Option(3, "--proj-epochs", min=0, help="Epochs of the projection (eq. 12); 0 keeps the identity."),
+    projection: str = typer.Option(
+        "authors", "--projection", help="delta of eq. 11: 'authors' (their code: f + ReLU(LayerNorm(Linear(f))) on the "
+        "unnormalised feature, random init) or 'linear' (a linear map of the unit feature, starting at the identity)."
+    ),
+    proj_epochs: int = typer.Option(3, "--proj-epochs", min=0, help="Epochs of the projection (eq. 12); 0 keeps it untrained."),
     proj_lr: float = typer.Option(1e-3, "--proj-lr", help="Adam learning rate of the projection."),
+    proj_schedule: str = typer.Option("cosine", "--proj-schedule", help="'cosine' (the authors': per epoch, down to 1e-5) or 'constant'."),
     weight_decay: float = typer.Option(1e-5, "--weight-decay", help="Adam weight decay of the projection."),
     label_epochs: int = typer.Option(5, "--label-epochs", min=0, help="Epochs of the negative label features (eq. 14); 0 keeps CLIP's."),
     label_lr: float = typer.Option(2e-3, "--label-lr", help="SGD learning rate of the negative label features."),
@@ -986,9 +992,10 @@ def train_synood(
 ) -> None:
     """Train SynOOD's image projection and negative label features on cached CLIP features (no image encoder runs).
 
-    The synthetic images enter the store like any data, with role synthetic:
+    The synthetic images enter the store like any data, with role synthetic (penultimate is the
+    unnormalised CLIP feature the authors' projection reads):
 
-      oodcli extract --model clip-tiny --weights W --data folder:DIR --split synthetic/synood --role synthetic --store S
+      oodcli extract --model clip-tiny --weights W --data folder:DIR --split synthetic/synood --role synthetic --layers image_embeds,penultimate --store S
 
     Examples:
 
@@ -1006,7 +1013,8 @@ def train_synood(
         result = run(
             store_path, out_path, synthetic=synthetic, train_split=train, backbone=backbone,
             num_negatives=num_negatives, percentile=percentile, wordnet=wordnet, labels=labels,
-            proj_epochs=proj_epochs, proj_lr=proj_lr, weight_decay=weight_decay, label_epochs=label_epochs,
+            projection=projection, proj_epochs=proj_epochs, proj_lr=proj_lr, proj_schedule=proj_schedule,
+            weight_decay=weight_decay, label_epochs=label_epochs,
             label_lr=label_lr, batch_size=batch_size, temperature=temperature, seed=seed, data_root_dir=data_root,
             log=log, progress=_row_progress(bar),
         )

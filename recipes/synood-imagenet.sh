@@ -5,15 +5,17 @@
 #
 #   recipes/synood-imagenet.sh [BENCHMARK ...]        (default: imagenet-mos imagenet)
 #
-# 1. one pass of the CLIP image encoder over every split of each benchmark (image_embeds only:
-#    SynOOD never fine-tunes the encoder itself), NegLabel beside it;
+# 1. one pass of the CLIP image encoder over every split of each benchmark (image_embeds and the
+#    unnormalised penultimate the authors' projection reads: SynOOD never fine-tunes the encoder
+#    itself), NegLabel beside it;
 # 2. context labels (eq. 3) of PER_CLASS train images per class (50 = the paper's 50k subset)
 #    by LLaVA-1.5-7B (CONTEXT=clip uses CLIP zero-shot over WordNet nouns instead: no MLLM);
 # 3. near-boundary OOD images: Stable Diffusion 2 inpainting, mask all ones, strength 0.6,
 #    20 steps, 3 inpainting passes (2 updates of the initial noise) by ResNet-50's energy (eq. 7-10, r*rho = 10);
 #    made once (the ID train split is the same in both benchmarks) and resumed if interrupted;
 # 4. the synthetic images enter each store as a split with role 'synthetic';
-# 5. train synood: projection (3 epochs, Adam 1e-3, batch 128, wd 1e-5) and the learnable
+# 5. train synood: projection (the authors' residual LayerNorm block; 3 epochs, Adam 1e-3 with
+#    cosine decay to 1e-5, batch 128, wd 1e-5; PROJECTION=linear for the identity-start map) and the learnable
 #    negative labels (5 epochs, SGD 2e-3), on cached features; score synood and its ablations:
 #    FT label off (projection only), projection off (fine-tuned labels only); report.
 # The ImageNet folders must be under $OODCLI_DATA_ROOT (default ./data); see
@@ -28,7 +30,7 @@
 #   PIPELINE stabilityai/stable-diffusion-2-inpainting (a hub id or a saved folder)
 #   CLASSIFIER resnet50 with CLASSIFIER_WEIGHTS (its default: torchvision's)   STRENGTH 0.6   STEPS 20
 #   STEP_SIZE 10 (r*rho)   GUIDANCE 8
-#   PROJ_EPOCHS 3   LABEL_EPOCHS 5 (train synood)
+#   PROJECTION authors   PROJ_EPOCHS 3   LABEL_EPOCHS 5 (train synood)
 #   STORES (stores), DEVICE (cuda), WORKERS (8), OODCLI (oodcli)
 set -euo pipefail
 MODEL=${MODEL:-clip-vit-b-16}
@@ -43,6 +45,7 @@ STRENGTH=${STRENGTH:-0.6}
 STEPS=${STEPS:-20}
 STEP_SIZE=${STEP_SIZE:-10}
 GUIDANCE=${GUIDANCE:-8}
+PROJECTION=${PROJECTION:-authors}
 PROJ_EPOCHS=${PROJ_EPOCHS:-3}
 LABEL_EPOCHS=${LABEL_EPOCHS:-5}
 STORES=${STORES:-stores}
@@ -58,7 +61,7 @@ for bench in "${BENCHMARKS[@]}"; do
   store="$STORES/synood-$bench.zarr"
   echo "== $bench -> $store" >&2
   # 1. the frozen image encoder, once per split (resumes if interrupted); NegLabel, the baseline
-  $OODCLI extract --model "$MODEL" --weights "$WEIGHTS" --benchmark "$bench" --layers image_embeds --store "$store" \
+  $OODCLI extract --model "$MODEL" --weights "$WEIGHTS" --benchmark "$bench" --layers image_embeds,penultimate --store "$store" \
     --device "$DEVICE" --workers "$WORKERS"
   $OODCLI score mcm,neglabel --store "$store"
 done
@@ -78,9 +81,9 @@ for bench in "${BENCHMARKS[@]}"; do
   model="$STORES/synood-$bench.safetensors"
   # 4. the synthetic images as a split of the store
   $OODCLI extract --model "$MODEL" --weights "$WEIGHTS" --data "folder:$IMAGES" --split synthetic/synood \
-    --role synthetic --layers image_embeds --store "$store" --device "$DEVICE"
+    --role synthetic --layers image_embeds,penultimate --store "$store" --device "$DEVICE"
   # 5. fine-tuning on cached features, then the score and its ablations
-  $OODCLI train synood --store "$store" --proj-epochs "$PROJ_EPOCHS" --label-epochs "$LABEL_EPOCHS" --out "$model"
+  $OODCLI train synood --store "$store" --projection "$PROJECTION" --proj-epochs "$PROJ_EPOCHS" --label-epochs "$LABEL_EPOCHS" --out "$model"
   $OODCLI score synood --store "$store" -p synood.prompts="$model"
   $OODCLI score synood --as synood-projection-only --store "$store" -p synood.prompts="$model" -p synood.ft_labels=false
   $OODCLI score synood --as synood-labels-only --store "$store" -p synood.prompts="$model" -p synood.projection=false

@@ -41,10 +41,10 @@ def _synthetic_folder(folder):
     return folder
 
 
-def _extract(store, weights, *args):
+def _extract(store, weights, *args, layers="image_embeds,penultimate"):
     from oodcli.cli import main
 
-    base = ["-q", "extract", "--model", "clip-tiny", "--weights", weights, "--layers", "image_embeds",
+    base = ["-q", "extract", "--model", "clip-tiny", "--weights", weights, "--layers", layers,
             "--dtype", "float32", "--store", store]
     assert main([str(a) for a in base + list(args)]) == 0
 
@@ -120,8 +120,33 @@ def test_projection_and_label_losses_follow_eq_12_and_14():
     assert S.label_loss(image, raw, paired, tau).item() == pytest.approx(want / 5, rel=1e-5)
 
     with torch.no_grad():
-        proj = S.Projection(4)
+        proj = S.Projection(4, "linear")
         assert torch.allclose(proj(image), image, atol=1e-6)  # starts as the identity
+        assert torch.allclose(proj(3 * image), image, atol=1e-6)  # reads the unit feature
+
+
+def test_authors_projection_is_a_residual_layernorm_block_on_the_raw_feature():
+    """delta(f) = f + ReLU(LayerNorm(W f + b)), normalised, written out in numpy."""
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    proj = S.Projection(6, "authors")
+    with torch.no_grad():
+        proj.norm.weight.copy_(torch.rand(6, generator=g) + 0.5)
+        proj.norm.bias.copy_(torch.randn(6, generator=g) * 0.1)
+        f = torch.randn(5, 6, generator=g) * 4  # unnormalised, as CLIP's encode_image
+        got = proj(f).double().numpy()
+    w, b = proj.linear.weight.double().detach().numpy(), proj.linear.bias.double().detach().numpy()
+    gamma, beta = proj.norm.weight.double().detach().numpy(), proj.norm.bias.double().detach().numpy()
+    x = f.double().numpy()
+    h = x @ w.T + b
+    h = (h - h.mean(1, keepdims=True)) / np.sqrt(h.var(1, keepdims=True) + 1e-5) * gamma + beta
+    want = x + np.maximum(h, 0)
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(proj(f / f.norm(dim=1, keepdim=True)).detach().numpy(), got, atol=1e-3)  # the norm of f matters
+    assert not torch.allclose(proj.linear.weight, torch.eye(6))  # random start, not the identity
+    again = S.Projection.from_tensors({k: v.detach() for k, v in proj.tensors().items()}, "authors")
+    assert torch.equal(again(f), proj(f).detach())
 
 
 # ---- D_in*: JPEG bytes per pixel ---------------------------------------------------------------
@@ -223,6 +248,12 @@ def test_training_moves_only_the_projection_and_the_learned_negatives(env, train
     assert torch.allclose(tensors["negatives"].norm(dim=1), torch.ones(12), atol=1e-5)
     w, b = tensors["projection.weight"], tensors["projection.bias"]
     assert w.shape == (32, 32) and not torch.allclose(w, torch.eye(32)) and b.abs().max() > 0
+    assert tensors["projection.norm.weight"].shape == (32,) and not torch.equal(tensors["projection.norm.weight"], torch.ones(32))
+    assert meta["projection"]["kind"] == "authors" and meta["projection"]["input"] == "penultimate"
+    # the authors' cosine decay, stepped per epoch: 1e-3, then eta_min + (1e-3 - eta_min)(1 + cos(pi t / 3)) / 2
+    lrs = [row["lr"] for row in meta["projection"]["history"]]
+    assert lrs == pytest.approx([1e-5 + (1e-3 - 1e-5) * (1 + np.cos(np.pi * t / 3)) / 2 for t in range(3)])
+    assert [row["lr"] for row in meta["labels"]["history"]] == [2e-3] * 5  # step (c): constant SGD
     # the ID prototypes: the cached ones are untouched by training and scoring reads them back
     with open_store(env["store"]) as st:
         again = st.read("fitted/text/clip-tiny/digits/t-" + _template_key() + "/embeds")
@@ -295,8 +326,16 @@ def _reference(store, file, split, projection=True, ft=True, ngroup=3, tau=0.01,
     negs = (tensors["negatives"] if ft else tensors["negatives_clip"]).double().numpy()
     x = _read(store, f"splits/{split}/clip-tiny/image_embeds").astype(np.float64)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    if projection:
-        x = x @ tensors["projection.weight"].double().numpy().T + tensors["projection.bias"].double().numpy()
+    w, b = tensors["projection.weight"].double().numpy(), tensors["projection.bias"].double().numpy()
+    if projection and "projection.norm.weight" in tensors:  # the authors' block on the raw feature
+        f = _read(store, f"splits/{split}/clip-tiny/penultimate").astype(np.float64)
+        h = f @ w.T + b
+        h = (h - h.mean(1, keepdims=True)) / np.sqrt(h.var(1, keepdims=True) + 1e-5)
+        x = f + np.maximum(h * tensors["projection.norm.weight"].double().numpy()
+                           + tensors["projection.norm.bias"].double().numpy(), 0)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    elif projection:
+        x = x @ w.T + b
         x /= np.linalg.norm(x, axis=1, keepdims=True)
     size = len(negs) // ngroup
     groups = negs[np.random.default_rng(seed).permutation(len(negs))[: size * ngroup]].reshape(ngroup, size, -1)
@@ -330,9 +369,14 @@ def test_score_synood_is_neglabel_with_the_trained_pieces(capsys, tmp_path, env,
     np.testing.assert_allclose(synood("-p", "synood.ft_labels=false", name="proj"),
                                _reference(copy, out, "test", ft=False), rtol=1e-4)
     assert not np.allclose(full, neglabel)
-    # an untrained file (identity projection, CLIP's negatives) scores as NegLabel does
+    # the linear reading: scored on the unit feature by its own map; untrained (identity, CLIP's
+    # negatives) it scores as NegLabel does
+    linear = tmp_path / "linear.safetensors"
+    _train(capsys, copy, env, linear, "--projection", "linear", "--proj-schedule", "constant")
+    assert _file(linear)[1]["projection"]["kind"] == "linear" and "projection.norm.weight" not in _file(linear)[0]
+    np.testing.assert_allclose(synood(file=linear, name="linear"), _reference(copy, linear, "test"), rtol=1e-4)
     untrained = tmp_path / "identity.safetensors"
-    _train(capsys, copy, env, untrained, "--proj-epochs", "0", "--label-epochs", "0")
+    _train(capsys, copy, env, untrained, "--projection", "linear", "--proj-epochs", "0", "--label-epochs", "0")
     np.testing.assert_allclose(synood(file=untrained, name="identity"), neglabel, rtol=1e-5, atol=1e-7)
     # the ID prototypes scoring uses are the cached ones, unchanged by training
     assert np.array_equal(_read(copy, "fitted/text/clip-tiny/digits/t-" + _template_key() + "/embeds"),
@@ -377,6 +421,22 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, env, trained
     assert code != 0 and one_line_error(err) and "trained on clip-tiny weights" in err
     with open_store(other) as st:
         assert not st.exists("scores/synood")
+    # the authors' projection reads the unnormalised feature: a store with image_embeds only is told
+    # how to re-extract, or to take the linear map
+    embeds_only = tmp_path / "embeds.zarr"
+    _extract(embeds_only, env["weights"], "--benchmark", "digits", "--split", "train", "--split", "test", "--split", "ood/far/noise",
+             layers="image_embeds")
+    _extract(embeds_only, env["weights"], "--data", f"folder:{env['root'] / 'syn'}", "--split", SYN,
+             "--role", "synthetic", layers="image_embeds")
+    code, _, err = run(capsys, "train", "synood", "--store", embeds_only, "--out", out, "--wordnet", env["wordnet"], *NEG)
+    assert code != 0 and one_line_error(err) and "--projection linear" in err and not out.exists()
+    code, _, err = run(capsys, "score", "synood", "--store", embeds_only, "-p", f"synood.prompts={trained[0]}",
+                       "-p", "synood.ngroup=3")
+    assert code != 0 and one_line_error(err) and "penultimate" in err
+    with open_store(embeds_only) as st:
+        assert not st.exists("scores/synood")
+    code, _, err = run(capsys, "train", "synood", "--store", env["store"], "--out", out, "--projection", "mlp")
+    assert code == 2 and one_line_error(err) and "authors, linear" in err and not out.exists()
     # not a SynOOD file at all
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"nope")

@@ -2,6 +2,10 @@
 ``oodcli train synood`` learned: the projection delta on the image features (sec. 3.4) and
 the fine-tuned features of the negative labels Y*- (sec. 3.5).
 
+The projection reads what it was trained on: the authors' residual block reads the unnormalised
+CLIP feature (the store's ``penultimate``), the linear map the unit ``image_embeds``; the
+file records which (``oodcli.train.synood``), so the layers this scorer needs follow the file.
+
 ``-p synood.prompts=FILE`` names the trained file (the name every trained-file CLIP scorer
 takes). Table 4/5's ablations are switches: ``synood.projection=false`` scores the raw
 image features, ``synood.ft_labels=false`` the negatives' CLIP text features; both false
@@ -12,6 +16,8 @@ under ``fitted/text/``); the file must come from the store's CLIP and label set.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from oodcli import text
 from oodcli.errors import UsageError
@@ -46,6 +52,10 @@ class SynOOD(NegLabel):
         if self.temperature <= 0:
             raise UsageError(f"synood.temperature must be positive, not {self.temperature}")
         self.templates = "The nice {}"  # the file's NegLabel template replaces it
+        if prompts is not None and projection:
+            layer = _projection_input(prompts)
+            if layer and layer not in self.layers:
+                self.layers = (*self.layers, layer)
 
     def applicable(self, store: Store, backbone: str, train_split: str) -> bool:
         """Needs synood.prompts=FILE from 'oodcli train synood'."""
@@ -80,17 +90,35 @@ class SynOOD(NegLabel):
         negs = trained.negatives if self.ft_labels else trained.negatives_clip
         self.negatives, self.negative_words = negs.numpy(), trained.meta.get("negative_words")
         self.group_negatives()
-        self.weight, self.bias = trained.weight, trained.bias
         return True
 
     def image_features(self, batch):
-        x = _unit(batch["image_embeds"])
         if not self.projection:
-            return x
+            return _unit(batch["image_embeds"])
         import torch
 
-        return torch.nn.functional.normalize(x @ self.weight.T + self.bias, dim=-1)
+        layer = self.trained.projection_input
+        with torch.no_grad():
+            return self.trained.projection(torch.from_numpy(np.ascontiguousarray(batch[layer], dtype=np.float32)))
 
     def release(self) -> None:
         super().release()
-        self.trained = self.weight = self.bias = None
+        self.trained = None
+
+
+def _projection_input(path: str) -> str | None:
+    """The layer a SynOOD file's projection reads, from its metadata alone; None when the file cannot
+    be read (the scorer's input check then says why in one line)."""
+    import json
+
+    from safetensors import safe_open
+
+    from oodcli.train.prompts import META_KEY
+    from oodcli.train.synood import PROJECTION_INPUT, projection_kind
+
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = json.loads((f.metadata() or {}).get(META_KEY) or "{}")
+        return PROJECTION_INPUT.get(projection_kind(meta))
+    except Exception:  # noqa: BLE001 - any unreadable file is reported by check_inputs
+        return None

@@ -526,12 +526,12 @@ def _test_accuracy(learner: PromptLearner, data: _Data, device) -> float | None:
 
 def fit_epochs(step_loss, params: list, epochs: int, lr: float, n_rows: int, batch_size: int,
                generator: torch.Generator, accuracy, width: int, log=None, accuracy_label: str = "few-shot accuracy",
-               optimizer: torch.optim.Optimizer | None = None) -> tuple[float, list[dict]]:
+               optimizer: torch.optim.Optimizer | None = None, schedule=None) -> tuple[float, list[dict]]:
     """The shared training loop: SGD (momentum 0.9, weight decay 5e-4) over ``params`` with
     CoOp's schedule, shuffled batches of row indices to ``step_loss(idx) -> (loss, parts)``.
-    A given ``optimizer`` replaces SGD and runs at its own constant learning rate (no schedule).
-    Returns (accuracy before training, per-epoch history of the mean loss and its parts)."""
-    schedule = None
+    A given ``optimizer`` replaces SGD and runs at its own learning rate, stepped once per epoch
+    by ``schedule`` (an LR scheduler of that optimizer) when one is given, constant otherwise.
+    Returns (accuracy before training, per-epoch history: the learning rate, the mean loss and its parts)."""
     if optimizer is None:
         optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
         schedule = _schedule(optimizer, epochs)
@@ -544,6 +544,7 @@ def fit_epochs(step_loss, params: list, epochs: int, lr: float, n_rows: int, bat
         for epoch in range(epochs):
             order = torch.randperm(n_rows, generator=generator)
             total, parts_sum = 0.0, {}
+            epoch_lr = optimizer.param_groups[0]["lr"]
             for i in range(0, n_rows, batch_size):
                 idx = order[i : i + batch_size]
                 loss, parts = step_loss(idx)
@@ -555,12 +556,12 @@ def fit_epochs(step_loss, params: list, epochs: int, lr: float, n_rows: int, bat
                     parts_sum[k] = parts_sum.get(k, 0.0) + v * len(idx)
             if schedule is not None:
                 schedule.step()
-            row = {"epoch": epoch + 1, "loss": total / n_rows, **{k: v / n_rows for k, v in parts_sum.items()}}
+            row = {"epoch": epoch + 1, "lr": epoch_lr, "loss": total / n_rows, **{k: v / n_rows for k, v in parts_sum.items()}}
             if epoch == epochs - 1 or log:
                 row["accuracy"] = accuracy()
             history.append(row)
             if log:
-                extra = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "loss", "accuracy"))
+                extra = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "loss", "accuracy"))
                 log(f"epoch {epoch + 1}/{epochs}  loss {row['loss']:.4f}  {extra}  {accuracy_label} {100 * row['accuracy']:.1f}%")
     finally:
         torch.set_num_threads(threads)

@@ -16,14 +16,21 @@ features themselves are the parameters of step (c)). The pieces:
   (libjpeg's and PIL's default) after conversion to RGB. Each class gives its top m // C;
   the m mod C slots left (and any quota a small class cannot fill) go to the most complex
   of the images not yet chosen, ties by row order.
-- **(b) projection delta** (eq. 11-12): a linear map D -> D on the L2-normalised image
-  feature, the output re-normalised; it starts as the identity (zero bias), so training
-  starts at NegLabel. Eq. 12 writes a softmax over the M' labels of Y*-, while D_in* images
-  carry ID labels; our reading: the softmax runs over the C ID class prototypes and the M'
-  features of Y*- together, each image's target being its own label (a synthetic image's
-  paired negative, an ID image's class), i.e. cross-entropy of cos(delta(F(x)), T_j) / tau.
-  tau is the CLIP's own temperature 1 / logit_scale (0.01 for OpenAI's ViT-B/16). Adam,
-  lr 1e-3, batch 128, weight decay 1e-5, 3 epochs (sec. 4.1), constant learning rate.
+- **(b) projection delta** (eq. 11-12). Eq. 11 names delta a projection without giving its
+  form; the authors' code builds it as a residual block on the *unnormalised* CLIP image
+  feature f (the store's ``penultimate`` of a CLIP; ``image_embeds`` is its L2-normalisation):
+  delta(f) = f + ReLU(LayerNorm(Linear_DxD(f))), randomly initialised, re-normalised for the
+  cosine. That is the default (``projection="authors"``), as it is what produced the paper's
+  tables. ``projection="linear"`` is the plain reading of the text: a D x D linear map on the
+  unit feature, starting at the identity (zero bias), so that training starts at NegLabel.
+  Eq. 12 writes a softmax over the M' labels of Y*-, while D_in* images carry ID labels;
+  the reading (confirmed by the authors' code, whose classes are ID labels + OOD labels):
+  the softmax runs over the C ID class prototypes and the M' features of Y*- together, each
+  image's target being its own label (a synthetic image's paired negative, an ID image's
+  class), i.e. cross-entropy of cos(delta(F(x)), T_j) / tau. tau is the CLIP's own
+  temperature 1 / logit_scale (0.01 for OpenAI's ViT-B/16). Adam, lr 1e-3, batch 128, weight
+  decay 1e-5, 3 epochs (sec. 4.1); the learning rate follows the authors' cosine decay per
+  epoch (T_max = the epochs, down to 1e-5; ``proj_schedule="constant"`` keeps it fixed).
 - **(c) negative label features** (eq. 13-14): the M' features of Y*- are the parameters
   (initialised to their CLIP text features; the other M - M' negatives and the ID
   prototypes stay fixed), trained on the synthetic images' frozen features without the
@@ -35,8 +42,9 @@ features themselves are the parameters of step (c)). The pieces:
   SGD (plain: the paper names no momentum), lr 2e-3, 5 epochs, batch 128 (the paper gives
   none for this step; the projection step's).
 
-The output is one safetensors file: ``projection.weight`` [D, D], ``projection.bias`` [D],
-``negatives`` [M, D] (after fine-tuning, L2-normalised, NegLabel's order), ``negatives_clip``
+The output is one safetensors file: ``projection.weight`` [D, D], ``projection.bias`` [D]
+(the Linear), for the authors' block also ``projection.norm.weight`` / ``projection.norm.bias``
+[D] (the LayerNorm), ``negatives`` [M, D] (after fine-tuning, L2-normalised, NegLabel's order), ``negatives_clip``
 [M, D] (before), ``learned`` [M] (1 where the label was in Y*-), and JSON metadata
 (CLIP identity, label set, NegLabel settings, synthetic splits and fingerprints, m, M',
 hyperparameters, per-epoch losses, the negative words).
@@ -65,6 +73,10 @@ JPEG_SUFFIXES = (".jpg", ".jpeg")
 ROLE = "synthetic"
 PAIR_ROWS = 4096  # synthetic images per block when pairing them with negative labels
 MAKE = "oodcli train synood --store S --out synood.safetensors"
+PROJECTIONS = ("authors", "linear")
+PROJECTION_INPUT = {"authors": "penultimate", "linear": "image_embeds"}  # the layer delta reads
+SCHEDULES = ("cosine", "constant")
+COSINE_MIN_LR = 1e-5  # the authors' eta_min
 
 
 # ---- D_in*: the complexity rule ---------------------------------------------------------------
@@ -146,17 +158,41 @@ def pair_with_negatives(image: torch.Tensor, negatives: torch.Tensor) -> torch.T
 
 
 class Projection(torch.nn.Module):
-    """delta of eq. 11 on the unit image feature, re-normalised; the identity at start."""
+    """delta of eq. 11 (see the module docstring): the authors' residual block on the unnormalised
+    feature, or a linear map on the unit feature starting at the identity; the output is unit."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, kind: str = "authors"):
         super().__init__()
-        self.linear = torch.nn.Linear(dim, dim)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.eye(dim))
-            self.linear.bias.zero_()
+        if kind not in PROJECTIONS:
+            raise UsageError(f"the SynOOD projection is one of {', '.join(PROJECTIONS)}, not {kind!r}")
+        self.kind = kind
+        self.linear = torch.nn.Linear(dim, dim)  # PyTorch's random initialisation, as the authors'
+        if kind == "authors":
+            self.norm = torch.nn.LayerNorm(dim)
+        else:
+            with torch.no_grad():
+                self.linear.weight.copy_(torch.eye(dim))
+                self.linear.bias.zero_()
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.linear(image), dim=-1)
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        """``feature``: the store's ``PROJECTION_INPUT[kind]`` rows (the linear map normalises them first)."""
+        if self.kind == "authors":
+            return F.normalize(feature + F.relu(self.norm(self.linear(feature))), dim=-1)
+        return F.normalize(self.linear(F.normalize(feature, dim=-1)), dim=-1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"projection.weight": self.linear.weight, "projection.bias": self.linear.bias}
+        if self.kind == "authors":
+            out |= {"projection.norm.weight": self.norm.weight, "projection.norm.bias": self.norm.bias}
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], kind: str) -> "Projection":
+        proj = cls(tensors["projection.weight"].shape[0], kind)
+        with torch.no_grad():
+            for name, value in proj.tensors().items():
+                value.copy_(tensors[name])
+        return proj.eval()
 
 
 def projection_loss(image_hat: torch.Tensor, prototypes: torch.Tensor, chosen: torch.Tensor,
@@ -180,11 +216,20 @@ class SynoodFile:
     path: str
     sha256: str
     meta: dict
-    weight: torch.Tensor  # [D, D]
-    bias: torch.Tensor  # [D]
+    projection: Projection
     negatives: torch.Tensor  # [M, D] after fine-tuning
     negatives_clip: torch.Tensor  # [M, D] before
     learned: torch.Tensor  # [M] 1 where learned
+
+    @property
+    def projection_input(self) -> str:
+        """The store layer the projection reads: 'penultimate' (unnormalised) or 'image_embeds'."""
+        return PROJECTION_INPUT[self.projection.kind]
+
+
+def projection_kind(meta: dict) -> str:
+    """The file's projection (files from before the authors' block was added hold the linear map)."""
+    return (meta.get("projection") or {}).get("kind", "linear")
 
 
 def read_synood_file(path: str | Path) -> SynoodFile:
@@ -193,12 +238,15 @@ def read_synood_file(path: str | Path) -> SynoodFile:
     keys = ("projection.weight", "projection.bias", "negatives", "negatives_clip", "learned")
     if meta.get("method") != METHOD or any(k not in t for k in keys):
         raise OodError(f"{path} is not a SynOOD file (made by '{MAKE}'); it holds {meta.get('method', 'something else')}")
+    kind = projection_kind(meta)
     w, b, neg, clip, learned = (t[k].float() for k in keys)
     d = w.shape[0]
-    if w.shape != (d, d) or b.shape != (d,) or neg.ndim != 2 or neg.shape[1] != d or clip.shape != neg.shape \
-            or learned.shape != (len(neg),):
+    norm = [t.get(f"projection.norm.{k}") for k in ("weight", "bias")] if kind == "authors" else []
+    if kind not in PROJECTIONS or w.shape != (d, d) or b.shape != (d,) or neg.ndim != 2 or neg.shape[1] != d \
+            or clip.shape != neg.shape or learned.shape != (len(neg),) or any(v is None or v.shape != (d,) for v in norm):
         raise OodError(f"SynOOD file {path} has malformed tensors; train it again")
-    return SynoodFile(str(path), file_hash(path), meta, w, b, neg, clip, learned)
+    projection = Projection.from_tensors({k: v.float() for k, v in t.items()}, kind)
+    return SynoodFile(str(path), file_hash(path), meta, projection, neg, clip, learned)
 
 
 def check_synood_fit(file: SynoodFile, source, names: list[str]) -> None:
@@ -210,8 +258,8 @@ def check_synood_fit(file: SynoodFile, source, names: list[str]) -> None:
             f"SynOOD file {file.path} was trained for another label set ({len(meta.get('class_names') or [])} classes, "
             f"this one has {len(names)}); train it on this store or pass the same synood.labels=FILE"
         )
-    if file.weight.shape[0] != source.dim:
-        raise OodError(f"SynOOD file {file.path} is for {file.weight.shape[0]}-d features, these are {source.dim}-d")
+    if file.projection.linear.weight.shape[0] != source.dim:
+        raise OodError(f"SynOOD file {file.path} is for {file.projection.linear.weight.shape[0]}-d features, these are {source.dim}-d")
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -273,8 +321,10 @@ def train_synood(
     adj_template: str = "This is a {} photo",
     wordnet: str | None = None,
     labels: str | None = None,
+    projection: str = "authors",
     proj_epochs: int = 3,
     proj_lr: float = 1e-3,
+    proj_schedule: str = "cosine",
     weight_decay: float = 1e-5,
     label_epochs: int = 5,
     label_lr: float = 2e-3,
@@ -299,6 +349,10 @@ def train_synood(
         raise UsageError("--batch-size, --proj-lr, --label-lr and --temperature must be positive, --weight-decay non-negative")
     if proj_epochs < 0 or label_epochs < 0:
         raise UsageError("--proj-epochs and --label-epochs must be 0 or more")
+    if projection not in PROJECTIONS or proj_schedule not in SCHEDULES:
+        raise UsageError(f"--projection is one of {', '.join(PROJECTIONS)} and --proj-schedule one of "
+                         f"{', '.join(SCHEDULES)}, not {projection!r} / {proj_schedule!r}")
+    layer = PROJECTION_INPUT[projection]
     negl = NegLabel(num_negatives=num_negatives, percentile=percentile, ngroup=1, templates=templates,
                     adj_template=adj_template, wordnet=wordnet, labels=labels)
     negl.progress = progress or no_progress
@@ -310,6 +364,12 @@ def train_synood(
         check_splits_exist(store, [train_split])
         for s in [train_split, *syn_splits]:
             check_features(store, backbone, s, ("image_embeds",))
+            if not store.is_array(f"{features_node(s, backbone)}/{layer}"):
+                raise OodError(
+                    f"split '{s}' has no '{backbone}' {layer}, the unnormalised CLIP feature the authors' projection "
+                    f"reads; re-extract it with --layers image_embeds,{layer} --overwrite, or train with --projection linear"
+                )
+            check_features(store, backbone, s, (layer,))
         check_same_model(store, backbone, [train_split, *syn_splits])
         train_labels = store.read(f"{split_node(train_split)}/labels")
         if (train_labels < 0).any():
@@ -321,8 +381,8 @@ def train_synood(
         syn_parts, syn_info = [], []
         for s in syn_splits:
             node = features_node(s, backbone)
-            n = store.shape(f"{node}/image_embeds")[0]
-            syn_parts.append(read_rows(store, f"{node}/image_embeds", np.arange(n), s).astype(np.float32))
+            n = store.shape(f"{node}/{layer}")[0]
+            syn_parts.append(read_rows(store, f"{node}/{layer}", np.arange(n), s).astype(np.float32))
             syn_info.append({"split": s, "rows": int(n), "fingerprint": store.node_attrs(node).get("fingerprint"),
                              "source": store.node_attrs(split_node(s)).get("source")})
         syn = np.concatenate(syn_parts)
@@ -333,7 +393,7 @@ def train_synood(
         complexity = _train_complexity(store, train_split, all_rows, data_root_dir, progress)
         in_rows = complex_rows(complexity, train_labels, m)
         train_node = features_node(train_split, backbone)
-        in_feats = read_rows(store, f"{train_node}/image_embeds", in_rows, train_split).astype(np.float32)
+        in_feats = read_rows(store, f"{train_node}/{layer}", in_rows, train_split).astype(np.float32)
         train_fp = store.node_attrs(train_node).get("fingerprint")
 
     tower = text.build_text_tower(source)  # the CLIP's temperature; its weights are checked against the features
@@ -344,8 +404,9 @@ def train_synood(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the prompt trainers
     prototypes = torch.from_numpy(np.ascontiguousarray(negl.prototypes, np.float32)).to(device)
     negatives = torch.from_numpy(np.ascontiguousarray(negl.negatives, np.float32))
-    syn_t = F.normalize(torch.from_numpy(syn), dim=-1).to(device)
-    in_t = F.normalize(torch.from_numpy(in_feats), dim=-1).to(device)
+    syn_raw = torch.from_numpy(syn).to(device)  # what the projection reads (unnormalised for the authors' block)
+    syn_t = F.normalize(syn_raw, dim=-1)  # CLIP's unit image features: pairing and step (c)
+    in_raw = torch.from_numpy(in_feats).to(device)
     pair = pair_with_negatives(syn_t, negatives.to(device))
     learned_idx = torch.unique(pair)  # Y*-, sorted
     syn_target = torch.searchsorted(learned_idx, pair)
@@ -353,8 +414,8 @@ def train_synood(
     c = len(prototypes)
 
     # (b) the projection on D_pro = D_syn U D_in* (eq. 11-12)
-    proj = Projection(source.dim).to(device)
-    x_pro = torch.cat([syn_t, in_t])
+    proj = Projection(source.dim, projection).to(device)
+    x_pro = torch.cat([syn_raw, in_raw])
     y_pro = torch.cat([c + syn_target, torch.from_numpy(train_labels[in_rows].astype(np.int64)).to(device)])
 
     def proj_step(idx):
@@ -369,9 +430,11 @@ def train_synood(
     proj_history = []
     if proj_epochs:
         adam = torch.optim.Adam(proj.parameters(), lr=proj_lr, weight_decay=weight_decay)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(adam, T_max=proj_epochs, eta_min=min(COSINE_MIN_LR, proj_lr)) \
+            if proj_schedule == "cosine" else None
         _, proj_history = fit_epochs(proj_step, list(proj.parameters()), proj_epochs, proj_lr, len(x_pro), batch_size,
                                      gen, proj_accuracy, source.dim, (lambda s: log(f"projection: {s}")) if log else None,
-                                     "D_pro accuracy", optimizer=adam)
+                                     "D_pro accuracy", optimizer=adam, schedule=cosine)
 
     # (c) the negative label features of Y*- on the synthetic images, without the projection (eq. 13-14)
     tuned = torch.nn.Parameter(chosen.clone())
@@ -416,14 +479,13 @@ def train_synood(
         "M_prime": len(learned_idx),
         "temperature": tau,
         "seed": seed,
-        "projection": {"optimizer": "adam", "lr": proj_lr, "weight_decay": weight_decay, "batch_size": batch_size,
+        "projection": {"kind": projection, "input": layer, "schedule": proj_schedule, "optimizer": "adam", "lr": proj_lr, "weight_decay": weight_decay, "batch_size": batch_size,
                        "epochs": proj_epochs, "history": proj_history},
         "labels": {"optimizer": "sgd", "lr": label_lr, "batch_size": batch_size, "epochs": label_epochs,
                    "history": label_history},
     }
     proj = proj.cpu()
-    write_prompt_file(out, {"projection.weight": proj.linear.weight, "projection.bias": proj.linear.bias,
-                            "negatives": final, "negatives_clip": negatives, "learned": learned_mask}, meta)
+    write_prompt_file(out, {**proj.tensors(), "negatives": final, "negatives_clip": negatives, "learned": learned_mask}, meta)
     last = lambda h: h[-1]["loss"] if h else float("nan")  # noqa: E731
     return SynoodTrainResult(str(out), m, len(in_rows), len(negatives), len(learned_idx), c, last(proj_history),
                              last(label_history), pairing_before, pairing(), time.perf_counter() - t0,
