@@ -47,13 +47,23 @@ def _check(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, n
     return id_scores, ood_scores
 
 
+def id_threshold(id_scores, tpr: float = 0.95) -> float:
+    """The largest threshold t whose ID recall share(id_scores >= t) is at least ``tpr``: the
+    ceil(tpr * n)-th highest ID score. Scores tied at t are all kept, so the recall exceeds
+    ``tpr`` only when scores tie there."""
+    desc = np.sort(np.asarray(id_scores, dtype=np.float64).ravel())[::-1]
+    if desc.size == 0:
+        raise OodError("cannot set a threshold on an empty score set")
+    if not np.isfinite(desc).all():
+        raise OodError("cannot set a threshold: the scores contain NaN or inf; re-score the split")
+    k = max(1, math.ceil(tpr * desc.size - 1e-9))
+    return float(desc[k - 1])
+
+
 def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
     """FPR at the largest threshold whose ID recall (TPR) is at least ``tpr``."""
     id_scores, ood_scores = _check(id_scores, ood_scores)
-    desc = np.sort(id_scores)[::-1]
-    k = max(1, math.ceil(tpr * desc.size - 1e-9))
-    threshold = desc[k - 1]
-    return float(np.mean(ood_scores >= threshold))
+    return float(np.mean(ood_scores >= id_threshold(id_scores, tpr)))
 
 
 def fpr_at_ood_recall(id_scores, ood_scores, recall: float = 0.95) -> float:

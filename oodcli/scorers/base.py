@@ -188,6 +188,11 @@ class Scorer:
     def score_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
+    def score_features(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Scores of rows that are not in the store (``oodcli.deploy.Detector``): ``score_batch``,
+        unless the method's score reads more than its layers (GROOD's gradients)."""
+        return self.score_batch(batch)
+
     def release(self) -> None:
         """Drop large structures built by ``ready`` once every split is scored."""
 

@@ -233,6 +233,10 @@ class _GroodScorer(Scorer):
                              "(eq. 5; no synthesize needed)")
         return notes
 
+    def gradients(self, batch) -> np.ndarray:
+        """Eq. 5 for rows given as features, in the dtype the gradient store keeps."""
+        return ood_gradients(batch[LAYER], self.state["class_prototypes"], self.state["ood_prototype"]).astype(np.float32)
+
     def gradient_blocks(self, store: Store, backbone: str, split: str):
         if not gradients_current(store, backbone, split, self.state):
             self.complete_inputs(store, backbone, [split])
@@ -282,6 +286,10 @@ class GROOD(_GroodScorer):
         out = [self._nearest(g) for g in self.gradient_blocks(store, backbone, split)]
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
+    def score_features(self, batch):
+        """Eq. 5's gradients of the given rows, computed as 'grads/grood' stores them, then the search."""
+        return self._nearest(self.gradients(batch))
+
 
 @register
 class GroodDistance(_GroodScorer):
@@ -309,6 +317,9 @@ class GroodGradNorm(_GroodScorer):
     def score(self, store, backbone, split):
         out = [-np.abs(g).sum(1) for g in self.gradient_blocks(store, backbone, split)]
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+    def score_features(self, batch):
+        return -np.abs(self.gradients(batch)).sum(1)
 
 
 @register

@@ -1,0 +1,223 @@
+"""Deployment: thresholds recorded from an ID split, and a Detector that scores new images with a
+store's fitted method (the same numbers ``score`` stored), refusing what no longer matches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from oodcli import deploy
+from oodcli.cli import main
+from oodcli.errors import OodError
+from oodcli.metrics import fpr_at_tpr, id_threshold
+from oodcli.store import open_store
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
+
+SPLITS = ["--split", "train", "--split", "val", "--split", "test", "--split", "ood/near/digits6-9"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A 1-epoch digits CNN, its store (train, val, test, digits 6-9), knn/msp/mahalanobis scored on
+    test and OOD, and on val with the same settings."""
+    root = tmp_path_factory.mktemp("deploy")
+    ckpt, store = root / "cnn.safetensors", root / "digits.zarr"
+    assert main(["-q", "train", "classifier", "--out", str(ckpt), "--epochs", "1"]) == 0
+    assert main(["-q", "extract", "--model", "digits_cnn", "--weights", str(ckpt), "--benchmark", "digits",
+                 "--layers", "logits,penultimate", "--store", str(store), *SPLITS]) == 0
+    for extra in ([], ["--id", "val"]):
+        assert main(["-q", "score", "knn,msp,mahalanobis", "--store", str(store), "-p", "knn.k=3", *extra]) == 0
+    return {"root": root, "ckpt": ckpt, "store": store}
+
+
+def _copy(digits, tmp_path):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(digits["store"], copy)
+    return copy
+
+
+def _read(store, node):
+    with open_store(store) as st:
+        return st.read(node).astype(np.float64)
+
+
+# ---- the threshold ------------------------------------------------------------------------------
+
+
+def test_threshold_keeps_exactly_the_share_asked_for_and_ties_are_kept_together():
+    scores = np.random.default_rng(0).permutation(np.arange(200, dtype=np.float64))
+    t = id_threshold(scores, 0.95)
+    assert np.mean(scores >= t) == 0.95 and t == 10.0
+    assert np.mean(scores >= id_threshold(scores, 0.5)) == 0.5
+    assert id_threshold(scores, 1.0) == 0.0
+    # ties at the threshold: all of them kept (the share kept is then more than asked for)
+    tied = np.array([10.0] * 10 + list(range(10)), dtype=np.float64)  # 20 rows, the top 10 tied
+    assert id_threshold(tied, 0.3) == 10.0 and np.mean(tied >= 10.0) == 0.5
+    # it is the threshold report's FPR@95 (ID positive) uses
+    ood = np.random.default_rng(1).normal(50, 60, 500)
+    assert fpr_at_tpr(scores, ood) == np.mean(ood >= t)
+    with pytest.raises(OodError):
+        id_threshold(np.array([1.0, np.nan]))
+
+
+def test_record_threshold_on_the_validation_split(digits, tmp_path):
+    store = _copy(digits, tmp_path)
+    result = deploy.record_threshold(store, "knn")
+    val = _read(store, "scores/knn/val")
+    assert result.split == "val" and result.tpr == 0.95 and result.rows == len(val)
+    assert result.value == id_threshold(val, 0.95) and result.kept == np.mean(val >= result.value) >= 0.95
+    assert result.identity["hparams"]["k"] == 3 and result.identity["backbone"] == "digits_cnn"
+    with open_store(store) as st:
+        attrs = st.node_attrs("fitted/thresholds/knn")
+        assert attrs["value"] == result.value and attrs["split_fingerprint"] == \
+            st.node_attrs("splits/val/digits_cnn").get("fingerprint")
+        assert deploy.read_threshold(st, "knn").value == result.value
+    # the test split only when named
+    named = deploy.record_threshold(store, "msp", split="test", tpr=0.9)
+    assert named.split == "test" and named.value == id_threshold(_read(store, "scores/msp/test"), 0.9)
+
+
+def test_threshold_refuses_what_does_not_fit(digits, tmp_path):
+    store = _copy(digits, tmp_path)
+    with pytest.raises(OodError, match="has role 'ood-near'"):
+        deploy.record_threshold(store, "knn", split="ood/near/digits6-9")
+    with pytest.raises(OodError, match="in \\(0, 1\\]"):
+        deploy.record_threshold(store, "knn", tpr=1.5)
+    with pytest.raises(OodError, match="no threshold recorded for 'msp'"):
+        with open_store(store) as st:
+            deploy.read_threshold(st, "msp")
+    # val scores missing: the command that makes them, with the test scores' settings
+    assert main(["-q", "store", "rm", str(store), "scores/knn/val"]) == 0
+    with pytest.raises(OodError, match="-p knn.k=3") as info:
+        deploy.record_threshold(store, "knn")
+    assert f"oodcli score knn --store {store} --id val" in str(info.value)
+    # val scored with other settings than test
+    assert main(["-q", "score", "knn", "--store", str(store), "--id", "val", "-p", "knn.k=5"]) == 0
+    assert main(["-q", "score", "knn", "--store", str(store), "-p", "knn.k=3"]) == 0
+    with pytest.raises(OodError, match="other hparams"):
+        deploy.record_threshold(store, "knn")
+    # a threshold set, then the method re-scored differently: no longer valid
+    deploy.record_threshold(store, "mahalanobis")
+    assert main(["-q", "score", "knn", "--store", str(store), "--id", "val", "-p", "knn.k=3"]) == 0
+    deploy.record_threshold(store, "knn")
+    assert main(["-q", "score", "knn", "--store", str(store), "-p", "knn.k=4"]) == 0
+    with open_store(store) as st:
+        with pytest.raises(OodError, match="set it again"):
+            deploy.read_threshold(st, "knn")
+        assert deploy.read_threshold(st, "mahalanobis").method == "mahalanobis"
+    # no validation split
+    assert main(["-q", "store", "rm", str(store), "val"]) == 0
+    with pytest.raises(OodError, match="no ID validation split"):
+        deploy.record_threshold(store, "msp")
+
+
+def test_threshold_imports_no_torch(digits, tmp_path):
+    store = _copy(digits, tmp_path)
+    code = ("import sys; from oodcli.deploy import record_threshold; "
+            f"r = record_threshold({str(store)!r}, 'knn'); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(r.value)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) == id_threshold(_read(store, "scores/knn/val"))
+
+
+# ---- the Detector -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["knn", "msp", "mahalanobis"])
+def test_detector_gives_the_stored_scores_on_the_images_of_a_split(digits, method):
+    store = digits["store"]
+    det = deploy.Detector.from_store(store, method, threshold=None, batch_size=128)
+    stored = _read(store, f"scores/{method}/test").astype(np.float32)
+    assert np.array_equal(det.score("digits:test"), stored)
+    # the user's own features: the stored ones give the stored scores
+    with open_store(store) as st:
+        feats = {layer: st.read(f"splits/test/digits_cnn/{layer}") for layer in ("logits", "penultimate")}
+    assert np.array_equal(det.score_features(feats), stored)
+    # a tensor batch, preprocessed as the store records: the same numbers
+    import torch
+
+    from oodcli.data.base import open_source
+
+    data = open_source("digits:test", digits["root"])
+    transform = det.spec.preprocess.to_transform()
+    batch = torch.stack([transform(data.load(i)) for i in range(20)])
+    assert np.array_equal(det.score(batch), stored[:20])
+
+
+def test_predict_decides_at_the_recorded_threshold(digits, tmp_path):
+    store = _copy(digits, tmp_path)
+    recorded = deploy.record_threshold(store, "knn")
+    det = deploy.Detector.from_store(store, "knn", batch_size=100)
+    pred = det.predict("digits:ood/near/digits6-9")
+    ood = _read(store, "scores/knn/ood/near/digits6-9").astype(np.float32)
+    assert np.array_equal(pred.scores, ood) and pred.threshold == recorded.value
+    assert np.array_equal(pred.is_id, ood >= recorded.value)
+    # the share of OOD kept at the threshold is report's FPR at it
+    assert pred.is_id.mean() == pytest.approx(np.mean(ood >= recorded.value))
+    val = np.sort(_read(store, "scores/knn/val"))
+    assert np.allclose(pred.percentile, 100 * np.searchsorted(val, ood.astype(np.float64), side="right") / len(val))
+    logits = _read(store, "splits/ood/near/digits6-9/digits_cnn/logits")
+    assert np.array_equal(pred.predicted, logits.argmax(1))
+    rows = list(pred.rows())
+    assert rows[0]["decision"] in ("in", "out") and rows[0]["class"] in ("zero", "one", "two", "three", "four", "five")
+    assert 0 < rows[0]["probability"] <= 1
+    # a fixed threshold, or none
+    assert deploy.Detector.from_store(store, "knn", threshold=-1e9).predict("digits:test").is_id.all()
+    assert deploy.Detector.from_store(store, "knn", threshold=None).predict("digits:test").is_id is None
+
+
+def test_detector_in_a_fresh_process_gives_the_same_scores(digits, tmp_path):
+    out = tmp_path / "scores.npy"
+    code = ("import numpy as np; from oodcli.deploy import Detector; "
+            f"d = Detector.from_store({str(digits['store'])!r}, 'mahalanobis', threshold=None); "
+            f"np.save({str(out)!r}, d.score('digits:ood/near/digits6-9'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.load(out), _read(digits["store"], "scores/mahalanobis/ood/near/digits6-9").astype(np.float32))
+
+
+def test_unreadable_images_are_listed_and_the_rest_predicted(digits, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    det = deploy.Detector.from_store(digits["store"], "msp", threshold=None)
+    pred = det.predict(folder)
+    assert len(pred.scores) == 3 and [f for f, _ in pred.failed] == [str((folder / "broken.png").resolve())]
+    assert all(str(i).endswith(".png") for i in pred.ids)
+    with pytest.raises(OodError, match="could not be read"):
+        det.score(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(OodError):
+        det.predict(empty)
+
+
+def test_detector_refuses_changed_weights_and_methods_without_scores(digits, tmp_path):
+    ckpt = tmp_path / "cnn.safetensors"
+    shutil.copy(digits["ckpt"], ckpt)
+    store = tmp_path / "small.zarr"
+    assert main(["-q", "extract", "--model", "digits_cnn", "--weights", str(ckpt), "--benchmark", "digits",
+                 "--split", "train", "--split", "test", "--split", "ood/far/noise", "--store", str(store)]) == 0
+    assert main(["-q", "score", "msp", "--store", str(store)]) == 0
+    assert deploy.Detector.from_store(store, "msp", threshold=None).score("digits:test").shape == (325,)
+    with pytest.raises(OodError, match="run 'oodcli score knn' first"):
+        deploy.Detector.from_store(store, "knn", threshold=None)
+    assert main(["-q", "train", "classifier", "--out", str(tmp_path / "other.safetensors"), "--epochs", "1",
+                 "--seed", "7"]) == 0
+    shutil.copy(tmp_path / "other.safetensors", ckpt)
+    with pytest.raises(OodError, match="no longer match"):
+        deploy.Detector.from_store(store, "msp", threshold=None)
+    ckpt.unlink()
+    with pytest.raises(OodError, match="cannot be loaded"):
+        deploy.Detector.from_store(store, "msp", threshold=None)
