@@ -105,6 +105,7 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
             "constant": constant,  # scored, but one value on ID and OOD alike: no metric, no average
             "averages": averages,
         }
+        _add_threshold(store, report["methods"][method], method, id_split, id_scores, oods)
     if not report["methods"]:
         raise OodError(f"no method has scores on ID split '{id_split}'; run "
                        f"{next(iter(report['left_out'].values()))}")
@@ -112,6 +113,40 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
     if average_runs:
         report["methods"] = average_over_runs(report["methods"])
     return report
+
+
+def _add_threshold(store: Store, entry: dict, method: str, id_split: str, id_scores: np.ndarray,
+                   oods: list[str]) -> None:
+    """The decision at the threshold 'oodcli threshold' recorded, if any: the ID share kept (TPR)
+    and, per OOD set, the share let through (FPR); or why the recorded one no longer holds."""
+    from oodcli.deploy import read_threshold, threshold_node
+
+    if not store.exists(threshold_node(method)):
+        return
+    try:
+        t = read_threshold(store, method, id_split)
+    except OodError as exc:
+        entry["threshold"] = {"stale": str(exc)}
+        return
+    fpr = {s: float(np.mean(read_scores(store, method, s) >= t.value)) for s in oods if store.is_array(f"scores/{method}/{s}")}
+    entry["threshold"] = {"value": t.value, "split": t.split, "tpr_asked": t.tpr,
+                          "tpr": float(np.mean(id_scores >= t.value)), "fpr": fpr}
+
+
+def _threshold_note(report: dict) -> str:
+    """One clause per method with a recorded threshold (score >= t is in-distribution)."""
+    parts = []
+    for method, data in report["methods"].items():
+        t = data.get("threshold")
+        if not t:
+            continue
+        if "stale" in t:
+            parts.append(f"{method}: recorded threshold no longer holds ({t['stale']})")
+            continue
+        sets = ", ".join(f"{s.split('/')[-1]} {100 * v:.1f}%" for s, v in t["fpr"].items())
+        parts.append(f"{method} at t = {t['value']:.6g} (set on {t['split']} at TPR {100 * t['tpr_asked']:g}%): "
+                     f"TPR {report['id_split']} {100 * t['tpr']:.1f}%, FPR {sets}")
+    return ("at the recorded thresholds (score >= t is ID): " + "; ".join(parts)) if parts else ""
 
 
 def _fill_command(store: Store, method: str, id_split: str) -> str:
@@ -337,7 +372,7 @@ def render_table(report: dict):
                  for _, key in cols]
         table.add_row(Text(_label(method, data)), *cells)
     table.caption = "; ".join(n for n in (FPR_CAPTIONS[report.get("fpr", "id")], _mark_note(report),
-                                          _missing_note(report)) if n)
+                                          _missing_note(report), _threshold_note(report)) if n)
     return table
 
 
@@ -371,22 +406,27 @@ def render_markdown(report: dict) -> str:
     if acc is not None:
         footer += f", ID accuracy {100 * acc:.2f}%"
     footer += f"; {_mark_note(report)}"
-    if _missing_note(report):
-        footer += f"\n\n{_missing_note(report)}"
+    for note in (_missing_note(report), _threshold_note(report)):
+        if note:
+            footer += f"\n\n{note}"
     return "\n".join(lines) + "\n" + footer + "\n"
 
 
 def render_csv(report: dict) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["method", "ood_set", "group", *METRIC_NAMES])
+    writer.writerow(["method", "ood_set", "group", *METRIC_NAMES, "threshold", "tpr_at_threshold", "fpr_at_threshold"])
     for method, data in report["methods"].items():
         if data.get("mean_rank") is not None:  # --rank: one row with the mean rank in place of the metrics
-            writer.writerow([method, "mean_rank", "rank", f"{data['mean_rank']:.6f}", *[""] * (len(METRIC_NAMES) - 1)])
+            writer.writerow([method, "mean_rank", "rank", f"{data['mean_rank']:.6f}", *[""] * (len(METRIC_NAMES) - 1 + 3)])
+        t = data.get("threshold") or {}
+        at = [f"{t['value']:.9g}", f"{t['tpr']:.6f}"] if "value" in t else ["", ""]
         for split, m in data["sets"].items():
-            writer.writerow([method, split, report["ood_splits"][split], *(f"{m[k]:.6f}" for k in METRIC_NAMES)])
+            fpr = f"{t['fpr'][split]:.6f}" if split in t.get("fpr", {}) else ""
+            writer.writerow([method, split, report["ood_splits"][split], *(f"{m[k]:.6f}" for k in METRIC_NAMES),
+                             *at, fpr])
         for group, m in data["averages"].items():
-            writer.writerow([method, f"{group}_average", group, *(f"{m[k]:.6f}" for k in METRIC_NAMES)])
+            writer.writerow([method, f"{group}_average", group, *(f"{m[k]:.6f}" for k in METRIC_NAMES), "", "", ""])
     return buf.getvalue()
 
 

@@ -221,3 +221,28 @@ def test_detector_refuses_changed_weights_and_methods_without_scores(digits, tmp
     ckpt.unlink()
     with pytest.raises(OodError, match="cannot be loaded"):
         deploy.Detector.from_store(store, "msp", threshold=None)
+
+
+def test_report_shows_the_decision_at_the_recorded_threshold(digits, tmp_path, capsys):
+    import csv
+    import io
+
+    from conftest import run
+
+    store = _copy(digits, tmp_path)
+    t = deploy.record_threshold(store, "knn").value
+    code, out, _ = run(capsys, "report", "--store", store, "--format", "json")
+    entry = json.loads(out)["methods"]["knn"]["threshold"]
+    test, ood = _read(store, "scores/knn/test"), _read(store, "scores/knn/ood/near/digits6-9")
+    assert code == 0 and entry["value"] == t and entry["split"] == "val"
+    assert entry["tpr"] == np.mean(test >= t) and entry["fpr"]["ood/near/digits6-9"] == np.mean(ood >= t)
+    assert "threshold" not in json.loads(out)["methods"]["msp"]
+    code, out, _ = run(capsys, "report", "--store", store, "--format", "csv")
+    rows = [r for r in csv.DictReader(io.StringIO(out)) if r["method"] == "knn" and r["ood_set"] == "ood/near/digits6-9"]
+    assert float(rows[0]["fpr_at_threshold"]) == pytest.approx(np.mean(ood >= t))
+    code, out, _ = run(capsys, "report", "--store", store, "--format", "markdown")
+    assert "at the recorded thresholds" in out and f"FPR digits6-9 {100 * np.mean(ood >= t):.1f}%" in out
+    # re-scored with other settings: the report says the threshold no longer holds
+    assert run(capsys, "-q", "score", "knn", "--store", store, "-p", "knn.k=4")[0] == 0
+    code, out, _ = run(capsys, "report", "--store", store, "--format", "json")
+    assert "set it again" in json.loads(out)["methods"]["knn"]["threshold"]["stale"]
