@@ -131,7 +131,7 @@ def record_threshold(store_path: str | Path, method: str, split: str | None = No
         if not store.is_array(f"scores/{method}/{split}"):
             raise OodError(
                 f"no '{method}' scores on split '{split}' yet; make them with the settings of its '{test}' scores: "
-                f"oodcli score {reference['method']} --store {store.path} --id {split}"
+                f"oodcli score {reference['method']} --store {store.path} --id {split} --backbone {reference['backbone']}"
                 + (f" --as {method}" if method != reference["method"] else "") + _hparam_flags(reference)
             )
         identity = score_identity(store, method, split)
@@ -376,7 +376,8 @@ class Detector:
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
     def _batches(self, images) -> Iterator[tuple[list, "torch.Tensor | None", list]]:
-        """(ids, preprocessed batch, failures) for a folder or data source, PIL images or a tensor."""
+        """(ids, preprocessed batch, failures) for a folder or data source (or an opened one), PIL
+        images or a tensor."""
         import torch
 
         if isinstance(images, torch.Tensor):
@@ -386,8 +387,8 @@ class Detector:
                 yield list(range(i, min(i + self.batch_size, len(images)))), images[i : i + self.batch_size], []
             return
         transform = self.spec.preprocess.to_transform()
-        if isinstance(images, (str, Path)):
-            data = open_images(images)
+        if isinstance(images, (str, Path)) or hasattr(images, "load"):
+            data = open_images(images) if isinstance(images, (str, Path)) else images
             load = data.load
             ids = [str(p) for p in data.files] if getattr(data, "files", None) is not None else list(range(len(data)))
             indices: Iterable[int] = range(len(data))

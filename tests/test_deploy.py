@@ -96,7 +96,7 @@ def test_threshold_refuses_what_does_not_fit(digits, tmp_path):
     assert main(["-q", "store", "rm", str(store), "scores/knn/val"]) == 0
     with pytest.raises(OodError, match="-p knn.k=3") as info:
         deploy.record_threshold(store, "knn")
-    assert f"oodcli score knn --store {store} --id val" in str(info.value)
+    assert f"oodcli score knn --store {store} --id val --backbone digits_cnn" in str(info.value)
     # val scored with other settings than test
     assert main(["-q", "score", "knn", "--store", str(store), "--id", "val", "-p", "knn.k=5"]) == 0
     assert main(["-q", "score", "knn", "--store", str(store), "-p", "knn.k=3"]) == 0
@@ -246,3 +246,65 @@ def test_report_shows_the_decision_at_the_recorded_threshold(digits, tmp_path, c
     assert run(capsys, "-q", "score", "knn", "--store", store, "-p", "knn.k=4")[0] == 0
     code, out, _ = run(capsys, "report", "--store", store, "--format", "json")
     assert "set it again" in json.loads(out)["methods"]["knn"]["threshold"]["stale"]
+
+
+# ---- the commands -------------------------------------------------------------------------------
+
+
+def test_threshold_and_predict_commands(digits, tmp_path, capsys):
+    from conftest import one_line_error, run
+
+    store = _copy(digits, tmp_path)
+    code, out, err = run(capsys, "threshold", "knn", "--store", store, "--json")
+    assert code == 0, err
+    recorded = json.loads(out)
+    assert recorded["value"] == id_threshold(_read(store, "scores/knn/val")) and recorded["split"] == "val"
+    # JSON lines on stdout: the stored scores, decided at the recorded threshold
+    code, out, err = run(capsys, "-q", "predict", "knn", "--store", store, "--data", "digits:ood/near/digits6-9")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    ood = _read(store, "scores/knn/ood/near/digits6-9").astype(np.float32)
+    assert [r["id"] for r in rows] == list(range(len(ood)))
+    assert np.array_equal(np.array([r["score"] for r in rows], np.float32), ood)
+    assert [r["decision"] for r in rows] == ["in" if s >= recorded["value"] else "out" for s in ood]
+    # a CSV file, a fixed threshold
+    target = tmp_path / "out" / "pred.csv"
+    code, _, err = run(capsys, "-q", "predict", "msp", "--store", store, "--data", "digits:test", "--threshold", "0.5",
+                       "--out", target)
+    assert code == 0, err
+    lines = target.read_text().splitlines()
+    assert lines[0] == "id,score,decision,percentile,class,probability" and len(lines) == 326
+    # unreadable images: listed, the rest written, exit 1
+    from PIL import Image
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"broken")
+    listed = tmp_path / "new.jsonl"
+    code, _, err = run(capsys, "-q", "predict", "msp", "--store", store, "--data", folder, "--threshold", "none",
+                       "--out", listed)
+    assert code == 1 and "unreadable: " in err and "b.png" in err and "1 of 2 images could not be read" in err
+    assert [json.loads(line)["id"] for line in listed.read_text().splitlines()] == [str((folder / "a.png").resolve())]
+    # bad input: one line each, nothing written
+    (tmp_path / "empty").mkdir()
+    for args, what in (
+        (["predict", "msp", "--store", store, "--data", tmp_path / "empty", "--threshold", "none"], "no images found"),
+        (["predict", "msp", "--store", store, "--data", "digits:test"], "no threshold recorded for 'msp'"),
+        (["predict", "vim", "--store", store, "--data", "digits:test"], "run 'oodcli score vim' first"),
+        (["predict", "msp", "--store", store, "--data", "digits:test", "--out", tmp_path / "x.txt"], ".jsonl or .csv"),
+        (["threshold", "knn", "--store", store, "--split", "ood/near/digits6-9"], "has role 'ood-near'"),
+        (["threshold", "knn", "--store", store, "--tpr", "0"], "in (0, 1]"),
+    ):
+        code, out, err = run(capsys, *args)
+        assert code != 0 and one_line_error(err) and what in err, (args, err)
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_threshold_command_imports_no_torch(digits, tmp_path):
+    store = _copy(digits, tmp_path)
+    code = ("import sys; from oodcli.cli import main; "
+            f"rc = main(['-q', 'threshold', 'msp', '--store', {str(store)!r}]); "
+            "assert rc == 0 and 'torch' not in sys.modules, (rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -4,7 +4,8 @@ Results go to stdout (a rich table, or JSON with ``--json``); progress and logs 
 to stderr. Exit codes: 0 success, 1 the work failed, 2 bad usage, 130 interrupted.
 
 The root ``app`` and the entry points live here; each command group in its own module
-(``extract``, ``score`` with ``sweep``, ``report``, ``store`` with ``index``, ``train``,
+(``extract``, ``score`` with ``sweep``, ``report``, ``deploy`` with ``threshold`` and ``predict``,
+``store`` with ``index``, ``train``,
 ``synthesize``, ``analyze`` with ``select-k``), what they share in ``common``.
 """
 
@@ -16,7 +17,7 @@ from typing import Optional
 import typer
 
 from oodcli import __version__
-from oodcli.cli import analyze, extract, report, score, store, synthesize, train
+from oodcli.cli import analyze, deploy, extract, report, score, store, synthesize, train
 from oodcli.cli.common import INTERRUPTED, STATE, err, out
 from oodcli.errors import OodError
 
@@ -77,6 +78,8 @@ def _root(
 app.command()(extract.extract)
 app.command()(score.score)
 app.command()(report.report)
+app.command()(deploy.threshold)
+app.command()(deploy.predict)
 app.command()(score.sweep)
 app.command("index")(store.index_command)
 app.command("select-k")(analyze.select_k_command)
