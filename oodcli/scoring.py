@@ -42,6 +42,7 @@ from oodcli.scorers.base import (
     get_scorer,
     load_head,
     scorer_names,
+    train_fingerprint,
 )
 from oodcli.store import (
     Store,
@@ -373,6 +374,41 @@ class _Plan:
     sweep: str | None = None  # the sweep record its hyperparameters come from (--from-sweep)
 
 
+# ---- the sweep a method is scored with (--from-sweep; 'oodcli sweep' writes it, oodcli.sweep) -------
+
+SWEEPS = "fitted/sweeps"
+
+
+def sweep_node(method: str) -> str:
+    return f"{SWEEPS}/{method}"
+
+
+def load_sweep(store: Store, method: str) -> dict:
+    """The recorded sweep of ``method``, or a one-line error saying how to make one."""
+    node = sweep_node(method)
+    if not store.exists(node) or not store.node_attrs(node).get("complete"):
+        raise OodError(f"store {store.path} has no sweep of '{method}'; run 'oodcli sweep {method} "
+                       f"--store {store.path}' first")
+    return store.node_attrs(node)
+
+
+def check_sweep_matches(store: Store, record: dict, backbone: str, model_id: str | None, train_split: str,
+                        layers: tuple[str, ...]) -> None:
+    """Refuse a sweep made on other features than the ones about to be scored."""
+    method = record["method"]
+    again = f"run 'oodcli sweep {method} --store {store.path}' again"
+    if record.get("backbone") != backbone:
+        raise OodError(f"the sweep of '{method}' was made on backbone '{record.get('backbone')}', not '{backbone}'; "
+                       f"{again} (or pass --backbone {record.get('backbone')})")
+    if record.get("model_id") != model_id:
+        raise OodError(f"the sweep of '{method}' was made on other '{backbone}' features (another checkpoint or "
+                       f"preprocessing); {again}")
+    if record.get("train_split") != train_split or \
+            record.get("train_fingerprint") != train_fingerprint(store, backbone, train_split, layers):
+        raise OodError(f"the sweep of '{method}' was fitted on other train features than '{train_split}' holds now; "
+                       f"{again}")
+
+
 # ---- the run -----------------------------------------------------------------------------------
 
 
@@ -430,8 +466,6 @@ def score_methods(
     for name, what in ((id_split, "--id"), (train_split, "--train"), *((o, "--ood") for o in ood or [])):
         if name is not None:
             check_name(name, what)
-    from oodcli.sweep import check_sweep_matches, load_sweep, sweep_node
-
     sweeps: dict[str, dict] = {}
     if from_sweep:
         for m in methods:

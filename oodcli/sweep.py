@@ -36,9 +36,10 @@ from oodcli.metrics import ood_metrics
 from oodcli.scorers.base import (
     Progress, get_scorer, no_progress, param_value, scorer_names, scorer_params, train_fingerprint,
 )
+from oodcli.scoring import (  # noqa: F401  (SWEEPS, load_sweep, check_sweep_matches: their old home)
+    SWEEPS, _pick_backbone, check_splits_exist, check_sweep_matches, load_sweep, sweep_node, val_ood_splits,
+)
 from oodcli.store import Store, check_name, list_backbones, split_role, split_states
-
-SWEEPS = "fitted/sweeps"
 
 #: OpenOOD v1.5's ``postprocessor_sweep`` (configs/postprocessors/<name>.yml) for the methods
 #: here that have one, under our parameter names: knn K_list, react percentile_list, ash
@@ -57,10 +58,6 @@ DEFAULT_GRIDS: dict[str, dict[str, list]] = {
 }
 
 CACHE_BYTES = 1 << 30  # feature reads kept in RAM across the settings of one sweep
-
-
-def sweep_node(method: str) -> str:
-    return f"{SWEEPS}/{method}"
 
 
 def parse_grid(text: str, method: str) -> dict[str, list]:
@@ -189,8 +186,6 @@ def run_sweep(
     """Fit every setting on ``train_split``, score it on the validation splits, choose the best
     AUROC; record the whole grid under ``fitted/sweeps/<method>`` (unless ``write`` is false)
     and return the record."""
-    from oodcli.scoring import _pick_backbone, check_splits_exist, val_ood_splits
-
     progress = progress or no_progress
     if method not in scorer_names():
         raise UsageError(f"unknown method '{method}'; choose from: {', '.join(scorer_names())}")
@@ -271,29 +266,3 @@ def run_sweep(
             store.write_array(f"{node}/fpr95", np.array([r["fpr95"] if r["fpr95"] is not None else nan for r in rows]))
             store.set_attrs(node, **record, complete=True)
     return record
-
-
-def load_sweep(store: Store, method: str) -> dict:
-    """The recorded sweep of ``method``, or a one-line error saying how to make one."""
-    node = sweep_node(method)
-    if not store.exists(node) or not store.node_attrs(node).get("complete"):
-        raise OodError(f"store {store.path} has no sweep of '{method}'; run 'oodcli sweep {method} "
-                       f"--store {store.path}' first")
-    return store.node_attrs(node)
-
-
-def check_sweep_matches(store: Store, record: dict, backbone: str, model_id: str | None, train_split: str,
-                        layers: tuple[str, ...]) -> None:
-    """Refuse a sweep made on other features than the ones about to be scored."""
-    method = record["method"]
-    again = f"run 'oodcli sweep {method} --store {store.path}' again"
-    if record.get("backbone") != backbone:
-        raise OodError(f"the sweep of '{method}' was made on backbone '{record.get('backbone')}', not '{backbone}'; "
-                       f"{again} (or pass --backbone {record.get('backbone')})")
-    if record.get("model_id") != model_id:
-        raise OodError(f"the sweep of '{method}' was made on other '{backbone}' features (another checkpoint or "
-                       f"preprocessing); {again}")
-    if record.get("train_split") != train_split or \
-            record.get("train_fingerprint") != train_fingerprint(store, backbone, train_split, layers):
-        raise OodError(f"the sweep of '{method}' was fitted on other train features than '{train_split}' holds now; "
-                       f"{again}")

@@ -11,7 +11,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from oodcli.backbones.spec import BackboneSpec, Lazy, Preprocess, get_spec, register, safetensors_metadata
+from oodcli.backbones.spec import (  # noqa: F401  (DATASET_NORMALIZATION: its old home)
+    DATASET_NORMALIZATION, BackboneSpec, Lazy, Preprocess, get_spec, register, safetensors_metadata,
+)
 from oodcli.errors import OodError, UsageError
 
 # ---- preprocessing of each family --------------------------------------------------------
@@ -26,15 +28,6 @@ _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_224 = Preprocess(resize=224, crop=224, mean=_CLIP_MEAN, std=_CLIP_STD, interpolation="bicubic")
 CLIP_TINY = Preprocess(resize=32, crop=32, mean=_CLIP_MEAN, std=_CLIP_STD, interpolation="bicubic")
-
-#: mean and std of each benchmark's ID train set, as OpenOOD normalises the checkpoints it trains
-#: on it (its preprocessors' ``normalization_dict``); specs with ``follows_data`` take them
-DATASET_NORMALIZATION = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet200": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
 
 # ---- torchvision ImageNet classifiers (oodcli.backbones.torchvision_models) ----------------
 

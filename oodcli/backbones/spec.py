@@ -131,6 +131,16 @@ class Lazy:
         return self.resolve()(*self.args, *more)
 
 
+#: mean and std of each benchmark's ID train set, as OpenOOD normalises the checkpoints it trains
+#: on it (its preprocessors' ``normalization_dict``); specs with ``follows_data`` take them
+DATASET_NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet200": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """A registered backbone: everything known before building it."""
@@ -182,8 +192,6 @@ class BackboneSpec:
         known statistics, are returned unchanged."""
         if not self.follows_data or benchmark is None:
             return self
-        from oodcli.backbones.registry import DATASET_NORMALIZATION
-
         stats = DATASET_NORMALIZATION.get(benchmark)
         if stats is None:
             return self
@@ -240,6 +248,8 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+#: filled by ``oodcli.backbones.registry``, which the package imports first: any import of this
+#: module goes through ``oodcli/backbones/__init__.py``, so every spec is declared before a lookup
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
@@ -251,8 +261,6 @@ def register(spec: BackboneSpec) -> BackboneSpec:
 
 
 def get_spec(name: str) -> BackboneSpec:
-    from oodcli.backbones import registry  # noqa: F401  (declares every family's specs; no torch)
-
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -262,6 +270,4 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 def all_specs() -> dict[str, BackboneSpec]:
-    from oodcli.backbones import registry  # noqa: F401
-
     return dict(_REGISTRY)

@@ -15,6 +15,7 @@ from oodcli.data.base import (
     register_source,
 )
 from oodcli.data.benchmarks import Benchmark, get_benchmark, list_benchmarks
+from oodcli.data import sources  # noqa: F401  (registers the source kinds; imports no PIL)
 
 __all__ = [
     "DATA_ROOT_ENV",

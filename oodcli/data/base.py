@@ -101,6 +101,8 @@ def data_root(cli_value: str | None) -> Path:
     return Path(root).expanduser()
 
 
+#: the built-in kinds are registered by ``oodcli.data.sources``, which the package imports: any
+#: import of this module goes through ``oodcli/data/__init__.py``, so they are there before a lookup
 _SOURCES: dict[str, Callable[[str, Path, bool], ImageDataset]] = {}
 
 
@@ -115,8 +117,6 @@ def register_source(kind: str):
 
 
 def open_source(spec: str, root: Path, is_ood: bool = False) -> ImageDataset:
-    from oodcli.data import sources  # noqa: F401  (registers the kinds)
-
     kind, _, arg = spec.partition(":")
     if kind not in _SOURCES:
         raise UsageError(

@@ -9,6 +9,8 @@
                             list of both, e.g. ``classes:0-499:...`` or ``classes:151-170,173-268:...``
 
 Every factory learns the labels without decoding an image, and opens images lazily.
+Importing this module (``oodcli.data`` does, to register the kinds) imports no PIL: the
+functions that read images import it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from oodcli.data.base import ImageDataset, register_source
 from oodcli.errors import OodError, UsageError
@@ -45,6 +46,8 @@ def _looked(root: Path, path: str) -> str:
 
 def _open_image(path: Path, source: str):
     """Read an image fully (so no file handle stays open) and return it unconverted."""
+    from PIL import Image
+
     try:
         with Image.open(path) as img:
             img.load()  # an animation's first frame
@@ -60,6 +63,8 @@ def _eight_bit(img):
     brought to 8 bits by their real range: PIL's RGB conversion would clip them to white."""
     if img.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return img
+    from PIL import Image
+
     arr = np.asarray(img, dtype=np.float64)
     if img.mode == "F":
         lo, hi = float(arr.min()), float(arr.max())
@@ -77,6 +82,8 @@ def _reason(exc: BaseException) -> str:
 def decode_check(path: Path) -> str | None:
     """Why ``path`` cannot be decoded, or None. JPEGs decode at 1/8 scale (``draft``): every
     byte is still parsed, so truncation shows, at a fraction of the full decode."""
+    from PIL import Image
+
     try:
         with Image.open(path) as img:
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
@@ -162,6 +169,8 @@ def torchvision_source(arg: str, root: Path, is_ood: bool) -> ImageDataset:
 
 def image_suffixes() -> frozenset[str]:
     """Every file suffix PIL can open (GIF, TIFF, WebP, ...), not a fixed list."""
+    from PIL import Image
+
     Image.init()
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
