@@ -36,6 +36,9 @@ demo: venv $(CKPT) $(CLIP_CKPT) $(INPAINT)
 	$(PY) -m oodcli sweep react --store $(STORE) && $(PY) -m oodcli score react --from-sweep --as react-swept --store $(STORE)
 	$(PY) -m oodcli synthesize grood --store $(STORE) --model digits_cnn && $(PY) -m oodcli index --store $(STORE) --source grads/grood/train && $(PY) -m oodcli score grood,grood-distance,grood-gradnorm,grood-classgrad --store $(STORE) --backbone digits_cnn
 	OODCLI="$(PY) -m oodcli" sh recipes/apex-digits.sh $(STORE)
+	$(PY) -m oodcli score knn --id val --store $(STORE) --backbone digits_cnn  # the validation scores a threshold is set on
+	$(PY) -m oodcli threshold knn --store $(STORE)
+	$(PY) -m oodcli predict knn --store $(STORE) --data digits:ood/near/digits6-9 --out stores/digits-predictions.jsonl
 	$(PY) -m oodcli report --store $(STORE)
 	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --benchmark digits --layers image_embeds,penultimate,patch_values --store $(CLIP_STORE) --overwrite
 	$(PY) -m oodcli score mcm,gl-mcm,r-mcm --store $(CLIP_STORE)
@@ -75,4 +78,4 @@ bench: venv
 	$(PY) benchmarks/sweep.py
 
 clean:
-	rm -rf $(STORE) $(CKPT) $(CLIP_STORE) $(CLIP_CKPT) $(INPAINT) stores/digits-*.safetensors stores/digits-context.jsonl stores/digits-synood
+	rm -rf $(STORE) $(CKPT) $(CLIP_STORE) $(CLIP_CKPT) $(INPAINT) stores/digits-*.safetensors stores/digits-context.jsonl stores/digits-synood stores/digits-predictions.jsonl

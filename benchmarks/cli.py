@@ -89,7 +89,7 @@ def main() -> None:
         extract_args = ["extract", "--model", model, "--weights", weights, "--benchmark", "digits",
                         "--store", str(store), "--device", "auto"]
 
-        from oodcli import report as rep
+        from oodcli import reporting as rep
         from oodcli.api import extract_splits
         from oodcli.scoring import score_store
         from oodcli.store import open_store

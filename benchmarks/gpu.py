@@ -90,7 +90,7 @@ def throughput(batch: int = 256, timed: int = 10) -> dict:
     import torch
 
     from oodcli.backbones.spec import get_spec
-    from oodcli.extract import run_backbone
+    from oodcli.extraction import run_backbone
 
     out = {}
     for name in REAL:

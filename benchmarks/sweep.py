@@ -4,7 +4,7 @@ On the embedded digits benchmark with the digits CNN: G = 10 settings of one met
 (react's percentile, and knn's k) chosen on the validation splits (``val`` vs
 ``ood/val/textures``), two ways, measured in the same run:
 
-- store: ``oodcli.sweep.run_sweep`` over the features already in the store (every setting
+- store: ``oodcli.sweeping.run_sweep`` over the features already in the store (every setting
   fitted on the stored train features and scored on the stored validation features; the
   grid and the choice written to fitted/sweeps/), as ``oodcli sweep`` does;
 - network: what a search without a store does (OpenOOD's APS re-runs the network for every
@@ -36,7 +36,7 @@ import numpy as np
 
 from oodcli.api import extract_splits
 from oodcli.store import open_store, remove_nodes
-from oodcli.sweep import run_sweep
+from oodcli.sweeping import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 CKPT = ROOT / "stores" / "digits_cnn.safetensors"

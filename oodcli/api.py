@@ -12,7 +12,7 @@ from oodcli.backbones.spec import parse_preprocess
 from oodcli.data.base import SplitDef, data_root as resolve_root, open_source, role_from_name
 from oodcli.data.benchmarks import ROLES, get_benchmark
 from oodcli.errors import OodError, UsageError
-from oodcli.extract import (
+from oodcli.extraction import (
     DTYPES,
     ExtractResult,
     LazyModel,
@@ -184,3 +184,90 @@ def extract_splits(
         raise
     st.close()
     return results
+
+
+# ---- the public library (``import oodcli``): the calls behind the commands ---------------------
+
+
+def extract(model: str, store: str | Path, **options) -> list[ExtractResult]:
+    """``oodcli extract``: run ``model`` once over each split and write its layers into ``store``.
+    Options as the command's (``benchmark``, ``data``, ``splits``, ``role``, ``weights``, ``layers``,
+    ``batch_size``, ``device``, ``dtype``, ``preprocess``, ...); see ``extract_splits``."""
+    return extract_splits(model, store, **options)
+
+
+def score(store: str | Path, methods: str | list[str] = "all", *, backbone: str | None = None,
+          id_split: str | None = None, ood: list[str] | None = None, train_split: str = "train",
+          params: dict[str, dict] | None = None, save_as: str | None = None, from_sweep: bool = False,
+          progress=None, log=None) -> list:
+    """``oodcli score``: score the ID test split and every OOD split with ``methods`` ("all", "knn,vim"
+    or a list); ``params`` = ``{"knn": {"k": 10}}`` as ``-p knn.k=10``. Returns one ``ScoreResult``
+    per method and split written; a named method that cannot run raises its one-line ``OodError``."""
+    from oodcli.scoring import parse_methods, score_store
+
+    text = methods if isinstance(methods, str) else ",".join(methods)
+    names = parse_methods(text)
+    with open_store(store, "r+") as st:
+        return score_store(st, names, backbone=backbone, id_split=id_split, ood=ood, train_split=train_split,
+                           hparams=params or {}, progress=progress, only_applicable=text.strip() == "all",
+                           save_as=save_as, log=log, from_sweep=from_sweep)
+
+
+def sweep(store: str | Path, method: str, grid: str | dict[str, list] | None = None, *, backbone: str | None = None,
+          val_id: str = "val", val_ood: list[str] | None = None, train_split: str = "train", progress=None,
+          log=None) -> dict:
+    """``oodcli sweep``: choose ``method``'s hyperparameters on the validation splits (``grid`` as the
+    command's ``'k=1,10;...'`` or a dict of lists); records and returns the sweep."""
+    from oodcli.sweeping import parse_grid, run_sweep
+
+    parsed = parse_grid(grid, method) if isinstance(grid, str) else grid
+    with open_store(store, "r+") as st:
+        return run_sweep(st, method, parsed, backbone=backbone, val_id=val_id, val_ood=val_ood,
+                         train_split=train_split, progress=progress, log=log)
+
+
+def report(store: str | Path, methods: list[str] | None = None, *, id_split: str | None = None, fpr: str = "id",
+           average_runs: bool = False) -> dict:
+    """``oodcli report --format json`` as a dict: per method, per OOD set and near/far averages, every
+    metric in both FPR conventions (fractions, not %), ID accuracy, recorded thresholds."""
+    from oodcli.reporting import build_report
+
+    with open_store(store, "r") as st:
+        return build_report(st, methods, id_split, average_runs, fpr=fpr)
+
+
+FRAME_COLUMNS = ("FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC")
+
+
+def report_frame(store: str | Path, methods: list[str] | None = None, *, id_split: str | None = None,
+                 fpr: str = "id", average_runs: bool = False):
+    """The report as a pandas DataFrame in OpenOOD's layout: one row per (method, OOD set) and the
+    near / far averages, columns FPR@95 (in the ``fpr`` convention), AUROC, AUPR_IN, AUPR_OUT and
+    ACC (the ID accuracy), in %. With ``fpr="openood"`` the AUPR columns are OpenOOD's trapezoid ones."""
+    import pandas as pd
+
+    from oodcli.reporting import FPR_CONVENTIONS
+
+    data = report(store, methods, id_split=id_split, fpr=fpr, average_runs=average_runs)
+    suffix = "_openood" if fpr == "openood" else ""
+    acc = data["id_accuracy"]
+    rows, index = [], []
+    for method, entry in data["methods"].items():
+        cells = []  # OpenOOD's order: the near sets and their average, then the far ones
+        for group in ("near", "far", "ood"):
+            cells += [(s, entry["sets"][s]) for s, g in data["ood_splits"].items() if g == group and s in entry["sets"]]
+            if group in entry["averages"]:
+                cells.append((f"{group}_average", entry["averages"][group]))
+        for name, m in cells:
+            index.append((method, name))
+            rows.append([100 * m[FPR_CONVENTIONS[fpr]], 100 * m["auroc"], 100 * m["aupr_in" + suffix],
+                         100 * m["aupr_out" + suffix], None if acc is None else 100 * acc])
+    return pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["method", "ood_set"]),
+                        columns=list(FRAME_COLUMNS))
+
+
+def threshold(store: str | Path, method: str, split: str | None = None, tpr: float = 0.95):
+    """``oodcli threshold``: the score keeping ``tpr`` of the ID validation split, recorded in the store."""
+    from oodcli.deploy import record_threshold
+
+    return record_threshold(store, method, split=split, tpr=tpr)

@@ -199,7 +199,7 @@ def recorded_backbone(store: Store, backbone: str, split: str):
     (a file must still hash as it did) and the preprocessing it used."""
     from oodcli.backbones.base import get_spec
     from oodcli.backbones.spec import Preprocess
-    from oodcli.extract import model_id
+    from oodcli.extraction import model_id
 
     attrs = store.node_attrs(features_node(split, backbone))
     parts, weights = attrs.get("parts") or {}, attrs.get("weights_source")
@@ -282,7 +282,7 @@ class Detector:
         the same scorer, hyperparameters, backbone and fitted state. ``threshold``: "recorded"
         (from ``oodcli threshold``; refused if none), a number, or None (scores only)."""
         from oodcli.data.benchmarks import get_benchmark
-        from oodcli.extract import check_device
+        from oodcli.extraction import check_device
         from oodcli.scorers.base import get_scorer, load_head, no_progress
         from oodcli.scoring import default_id_split
 
@@ -355,7 +355,7 @@ class Detector:
     def network(self):
         """The backbone, built on first use."""
         if self._net is None:
-            from oodcli.extract import resolve_device
+            from oodcli.extraction import resolve_device
 
             self._net = self.spec.build(self.weights).to(resolve_device(self.device)).eval()
         return self._net
@@ -364,7 +364,7 @@ class Detector:
         """The layers of a preprocessed batch [N, 3, H, W], as extract computes them."""
         import torch
 
-        from oodcli.extract import run_backbone
+        from oodcli.extraction import run_backbone
 
         net = self.network()
         device = next(net.parameters()).device

@@ -374,7 +374,7 @@ class _Plan:
     sweep: str | None = None  # the sweep record its hyperparameters come from (--from-sweep)
 
 
-# ---- the sweep a method is scored with (--from-sweep; 'oodcli sweep' writes it, oodcli.sweep) -------
+# ---- the sweep a method is scored with (--from-sweep; 'oodcli sweep' writes it, oodcli.sweeping) -------
 
 SWEEPS = "fitted/sweeps"
 
@@ -450,7 +450,7 @@ def score_methods(
     soon as it is known.
 
     ``from_sweep`` scores each method with the setting its sweep chose (``fitted/sweeps/<method>``,
-    see ``oodcli.sweep``), on the sweep's backbone unless ``backbone`` is given. A named method
+    see ``oodcli.sweeping``), on the sweep's backbone unless ``backbone`` is given. A named method
     without a sweep fails the run; with ``only_applicable`` ('all') it keeps its defaults. A
     sweep made on other features (backbone, model, train split) skips its method with the reason.
     """

@@ -308,3 +308,41 @@ def test_threshold_command_imports_no_torch(digits, tmp_path):
             "assert rc == 0 and 'torch' not in sys.modules, (rc, 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---- the public API -----------------------------------------------------------------------------
+
+
+def test_public_api_gives_what_the_commands_give(digits, tmp_path, capsys):
+    import oodcli
+    from conftest import run
+
+    store = _copy(digits, tmp_path)
+    code, out, _ = run(capsys, "report", "--store", store, "--format", "json")
+    assert code == 0 and oodcli.report(store) == json.loads(out)
+    frame = oodcli.report_frame(store)
+    data = oodcli.report(store)
+    assert list(frame.columns) == ["FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC"]
+    assert frame.loc[("knn", "ood/near/digits6-9"), "AUROC"] == 100 * data["methods"]["knn"]["sets"]["ood/near/digits6-9"]["auroc"]
+    assert frame.loc[("msp", "near_average"), "FPR@95"] == 100 * data["methods"]["msp"]["averages"]["near"]["fpr95"]
+    assert oodcli.report_frame(store, fpr="openood").loc[("msp", "ood/near/digits6-9"), "FPR@95"] == \
+        100 * data["methods"]["msp"]["sets"]["ood/near/digits6-9"]["fpr95_openood"]
+    # scoring through the API writes what the command writes
+    results = oodcli.score(store, "energy", params={"energy": {"temperature": 2.0}})
+    assert {r.split for r in results} == {"test", "ood/near/digits6-9"}
+    assert run(capsys, "-q", "score", "energy", "--store", store, "-p", "energy.temperature=2", "--as", "energy-cli")[0] == 0
+    assert np.array_equal(_read(store, "scores/energy/test"), _read(store, "scores/energy-cli/test"))
+    # the same one-line errors
+    code, _, err = run(capsys, "score", "nope", "--store", store)
+    with pytest.raises(oodcli.UsageError) as info:
+        oodcli.score(store, "nope")
+    assert err.strip() == f"error: {info.value}"
+    assert oodcli.threshold(store, "knn").value == id_threshold(_read(store, "scores/knn/val"))
+    assert {"Detector", "open_store", "report_frame", "threshold"} <= set(oodcli.__all__)
+
+
+def test_import_oodcli_is_light(digits):
+    code = ("import sys, oodcli; r = oodcli.report(%r); assert r['methods']; "
+            "assert 'torch' not in sys.modules, 'torch imported'" % str(digits["store"]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import oodcli.backbones.base as registry
-import oodcli.extract as ex
+import oodcli.extraction as ex
 from oodcli.backbones import get_spec
 from oodcli.errors import OodError
 from oodcli.store import open_store
@@ -140,7 +140,7 @@ def test_interrupt_keeps_whole_chunks_and_resumes(tmp_path, images, monkeypatch)
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    import oodcli.extract as ex
+    import oodcli.extraction as ex
     from oodcli.backbones import get_spec
     from oodcli.data.digits import digits_part
     from oodcli.store import open_store
@@ -273,7 +273,7 @@ def test_dataloader_workers_give_the_same_arrays(tmp_path):
 
 
 def test_a_refusal_names_only_what_changed_in_full():
-    from oodcli.extract import _describe_mismatch
+    from oodcli.extraction import _describe_mismatch
 
     stored = {"preprocess": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "crop": 32},  # JSON: lists
               "layers": ["logits", "penultimate"], "weights": "sha256:" + "a" * 64}

@@ -122,7 +122,7 @@ def test_registry_and_specs_import_no_torch():
         "import sys\n"
         "from oodcli.backbones import get_spec, all_specs, BackboneSpec, Preprocess\n"
         "from oodcli.backbones.base import get_spec as g, all_specs as a\n"
-        "import oodcli.api, oodcli.extract, oodcli.report, oodcli.store_info, oodcli.index\n"
+        "import oodcli.api, oodcli.extraction, oodcli.reporting, oodcli.store_info, oodcli.index\n"
         "from oodcli.scorers import scorer_names\n"
         "scorer_names()\n"
         "specs = all_specs()\n"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import oodcli.extract as ex
+import oodcli.extraction as ex
 from conftest import ArrayImages, one_line_error, run
 from oodcli.backbones import get_spec
 from oodcli.errors import OodError, UsageError

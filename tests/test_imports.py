@@ -69,7 +69,7 @@ def reaches(graph: dict[str, set[str]], start: str) -> set[str]:
 GROUPS = [
     ("oodcli.backbones.spec", "oodcli.backbones.registry"),
     ("oodcli.data.base", "oodcli.data.sources", "oodcli.data.digits"),
-    ("oodcli.scoring", "oodcli.sweep"),
+    ("oodcli.scoring", "oodcli.sweeping"),
 ]
 
 

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_curve
 from conftest import one_line_error, run
 from oodcli.cli import main
 from oodcli.metrics import ood_metrics
-from oodcli.report import roc_points
+from oodcli.reporting import roc_points
 from oodcli.store import open_store
 from test_scorers import make_store
 
@@ -157,7 +157,7 @@ def test_report_bad_input(capsys, tmp_path, scored):
 
 
 def test_average_runs_merges_name_at_run_rows_and_keeps_plain_names():
-    from oodcli.report import METRIC_NAMES, average_over_runs
+    from oodcli.reporting import METRIC_NAMES, average_over_runs
 
     def row(auroc, sets=("a", "b")):
         metrics = {k: auroc for k in METRIC_NAMES}
@@ -218,7 +218,7 @@ def test_sort_orders_methods_by_a_column_and_metric(capsys, scored):
 
 
 def test_best_values_are_marked_in_table_markdown_and_html(capsys, tmp_path, scored):
-    from oodcli.report import add_ranks, best_cells, build_report, render_table
+    from oodcli.reporting import add_ranks, best_cells, build_report, render_table
 
     code, out, _ = run(capsys, "report", "--store", scored, "--format", "markdown", "--rank")
     assert code == 0

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import one_line_error
 from oodcli.cli import main
-from oodcli.extract import shard_rows
+from oodcli.extraction import shard_rows
 from oodcli.store import KILL_ENV, open_store
 
 MODEL = "digits_cnn-tiny"

@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import one_line_error, run
 from oodcli.store import Store, open_store
-from oodcli.sweep import DEFAULT_GRIDS, grid_settings, parse_grid
+from oodcli.sweeping import DEFAULT_GRIDS, grid_settings, parse_grid
 from test_scorers import BACKBONE, write_split
 
 DIM, CLUSTERS, PER_CLUSTER, SINGLETONS = 16, 20, 5, 40
@@ -138,7 +138,7 @@ def test_sweep_reads_no_test_split(monkeypatch, tmp_path):
             return _original(self, node, *args)
 
         monkeypatch.setattr(Store, name, spy)
-    from oodcli.sweep import run_sweep
+    from oodcli.sweeping import run_sweep
 
     with open_store(path, "r+") as st:
         record = run_sweep(st, "react", {"percentile": [80, 90, 99]})
@@ -289,7 +289,7 @@ def test_sweep_scores_the_layer_score_will_use(tmp_path):
     that layer (it used to sweep the pooled vector and then score the map)."""
     from oodcli.metrics import auroc
     from oodcli.scorers import get_scorer
-    from oodcli.sweep import run_sweep
+    from oodcli.sweeping import run_sweep
 
     path = make_sweep_store(tmp_path / "fm.zarr")
     rng = np.random.default_rng(5)

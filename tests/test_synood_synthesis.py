@@ -175,7 +175,7 @@ def test_one_refinement_step_raises_the_energy_of_a_confident_image(pipe, loss):
 @pytest.fixture(scope="module")
 def digits_store(tmp_path_factory):
     from oodcli.data.base import open_source
-    from oodcli.extract import prepare_split
+    from oodcli.extraction import prepare_split
     from oodcli.store import open_store
 
     path = tmp_path_factory.mktemp("store") / "d.zarr"

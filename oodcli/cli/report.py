@@ -53,7 +53,7 @@ def report(
 
     The best value of every column is marked (bold) in the table, Markdown and HTML.
     """
-    from oodcli import report as rep
+    from oodcli import reporting as rep
     from oodcli.store import open_store
 
     fmt = "json" if as_json else fmt

@@ -204,7 +204,7 @@ def sweep(
       oodcli sweep gen --store stores/digits.zarr --grid 'gamma=0.01,0.1,1;top_m=3,6' --json
     """
     from oodcli.store import open_store
-    from oodcli.sweep import parse_grid, run_sweep
+    from oodcli.sweeping import parse_grid, run_sweep
     from oodcli.scorers.base import scorer_names
 
     if method not in scorer_names():

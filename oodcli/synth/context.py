@@ -297,7 +297,7 @@ def from_llava(store: Store, split: str, ids: np.ndarray, labels: np.ndarray, cl
     import torch
 
     from oodcli.data.base import data_root, open_source
-    from oodcli.extract import resolve_device
+    from oodcli.extraction import resolve_device
 
     dev = resolve_device(device)
     attrs = store.node_attrs(split_node(split))
@@ -355,7 +355,7 @@ def context_labels(
     if source not in ("clip", "llava") and not Path(source).suffix and not Path(source).exists():
         raise UsageError(f"unknown --source '{source}'; use clip, llava or a JSON-lines file of labels")
     if source == "llava":
-        from oodcli.extract import check_device
+        from oodcli.extraction import check_device
 
         check_device(device)  # before any reading: a cuda request on a machine without one is one line
     _, names = text.label_set(store, labels_file)

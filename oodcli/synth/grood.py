@@ -275,7 +275,7 @@ def _make_prototypes(store, key, weights, samples, seed, device_name, batch_size
     """Compute what can fail on bad input first, then replace ``fitted/grood``: arrays
     first, ``complete`` last. Mixup candidates (as many rows as the train split) stream
     into it while they are made; the proximity filter then reads them back in chunks."""
-    from oodcli.extract import resolve_device
+    from oodcli.extraction import resolve_device
 
     backbone, train_split, hp = key["backbone"], key["train_split"], key["hparams"]
     kind = hp["ood_prototype"]

@@ -543,7 +543,7 @@ def synthesize_synood(
 
     ``progress(done, total)`` is called as images finish. Returns a summary dict."""
     from oodcli.backbones.base import get_spec
-    from oodcli.extract import check_device
+    from oodcli.extraction import check_device
 
     settings = settings.check()
     if settings.mode == "neg-image":  # Table 4's "Neg Image": plain text-to-image, nothing refined
@@ -600,7 +600,7 @@ def synthesize_synood(
 def _run(todo, data, out_dir, settings, pipeline, spec, weights, device, summary, progress, total):
     from PIL import Image
 
-    from oodcli.extract import resolve_device
+    from oodcli.extraction import resolve_device
     from oodcli.outputs import atomic_write
     from oodcli.synth.tiny_diffusion import load_pipeline
 

@@ -343,7 +343,7 @@ def resolve_k(method: str, num_classes: int, k: int | None, select_k: dict[int, 
 
 
 def _device(device: str) -> torch.device:
-    from oodcli.extract import resolve_device
+    from oodcli.extraction import resolve_device
 
     return resolve_device(device)
 
