@@ -589,3 +589,17 @@ def test_train_clip_writes_weights_that_extract_loads(capsys, tmp_path):
     assert code == 0
     code, _, err = run(capsys, "train", "clip", "--model", "clip-vit-b-16", "--out", tmp_path / "x.safetensors")
     assert code == 2 and one_line_error(err)
+
+
+@pytest.mark.parametrize("method", ["mcm", "gl-mcm", "r-mcm"])
+def test_detector_scores_new_images_as_stored(scored, method):
+    """The CLIP image encoder rebuilt from the store, its text prototypes from the cache: the stored scores."""
+    from oodcli.deploy import Detector
+
+    det = Detector.from_store(scored, method, threshold=None, batch_size=128)
+    pred = det.predict("digits:test")
+    assert np.array_equal(pred.scores, _scores(scored, method, "test").astype(np.float32))
+    # the predicted class is CLIP's zero-shot one
+    x = _features(scored, "test", "image_embeds")
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert np.array_equal(pred.predicted, (x @ np.asarray(det.scorer.prototypes, np.float64).T).argmax(1))

@@ -299,3 +299,15 @@ def test_bad_input_is_one_line(capsys, grood_store, tmp_path, args, code, needle
     args = [a.format(store=grood_store, tmp=tmp_path) for a in args]
     got, _, err = run(capsys, *args)
     assert got == code and one_line_error(err) and needle in err, err
+
+
+@pytest.mark.parametrize("method", ["grood", "grood-gradnorm", "grood-classgrad"])
+def test_detector_scores_new_images_with_eq5_per_batch(grood_store, method):
+    """New images get eq. 5's gradients in memory and the index search: the stored scores exactly."""
+    from oodcli.deploy import Detector
+
+    det = Detector.from_store(grood_store, method, threshold=None, batch_size=100)
+    with open_store(grood_store) as st:
+        stored = st.read(f"scores/{method}/ood/near/digits6-9")
+        assert not st.exists("grads/grood/new")
+    assert np.array_equal(det.score("digits:ood/near/digits6-9"), stored.astype(np.float32))
