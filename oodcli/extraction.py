@@ -51,7 +51,7 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 class ExtractResult:
     split: str
     backbone: str
-    status: str  # "cached" | "extracted" | "resumed"
+    status: str  # "cached" | "extracted" | "resumed" | "extended" (layers added to a complete split)
     rows: int  # rows in the split
     rows_computed: int  # rows the backbone ran on in this call
     seconds: float
@@ -386,6 +386,13 @@ def extract_split(
                 start, fresh = (0, True) if overwrite and attrs.get("shards") != (shard and shard[1]) \
                     else (int(attrs.get("rows_done", 0)), False)
             elif attrs.get("fingerprint") is not None and not overwrite:
+                held = set(attrs.get("layers") or [])
+                if attrs.get("complete") and not here and _same_but_layers(attrs.get("parts", {}), parts):
+                    if set(layers) <= held:  # a subset of what the split holds: nothing to compute
+                        return ExtractResult(split, spec.name, "cached", n, 0, time.perf_counter() - t0, list(layers))
+                    if shard is None:
+                        return _add_layers(store, spec, weights, data, split, model, attrs, layers, dtype,
+                                           batch_size, workers, featmap_pool, progress, t0)
                 raise OodError(
                     f"split '{split}' already has '{spec.name}' features made differently "
                     f"({_describe_mismatch(attrs.get('parts', {}), parts)}); "
@@ -497,6 +504,70 @@ def extract_split(
     if shard is not None:
         _finish_shards(store, node, shard[1], n)
     return ExtractResult(split, spec.name, status, n, hi - start, time.perf_counter() - t0, list(all_layers))
+
+
+def _same_but_layers(old: dict, new: dict) -> bool:
+    """Whether two fingerprints' parts differ at most in the layers (and the featmap pooling of a
+    featmap only one side holds): the same data, model, preprocessing and dtype."""
+    old, new = _plain(old), _plain(new)
+    rest = lambda p: {k: v for k, v in p.items() if k not in ("layers", "featmap_pool")}  # noqa: E731
+    if rest(old) != rest(new):
+        return False
+    both = "featmap" in old.get("layers", []) and "featmap" in new.get("layers", [])
+    return not both or old.get("featmap_pool") == new.get("featmap_pool")
+
+
+def _add_layers(store: Store, spec: BackboneSpec, weights: str | None, data: ImageDataset, split: str, model: LazyModel,
+                attrs: dict, layers: tuple[str, ...], dtype: str, batch_size: int, workers: int,
+                featmap_pool: int | None, progress, t0: float) -> ExtractResult:
+    """More layers for a complete split made by the same model from the same data: one pass that
+    computes only the missing layers and adds them beside the ones kept, in one transaction (they
+    appear whole or not at all); the node's fingerprint becomes that of all its layers."""
+    import torch
+
+    node = features_node(split, spec.name)
+    held = list(attrs.get("layers") or [])
+    missing = tuple(layer for layer in layers if layer not in held)
+    union = sorted(set(held) | set(missing))
+    pool = featmap_pool if "featmap" in missing else attrs.get("parts", {}).get("featmap_pool")
+    n = len(data)
+    check_readable(data, split)
+    net = model.get()
+    shapes = {layer: tuple(net.layer_shapes[layer]) for layer in missing}
+    if "featmap" in shapes:
+        shapes["featmap"] = featmap_shape(shapes["featmap"], pool, spec.name)
+    rows = int(attrs.get("chunk_rows") or chunk_rows_for(next(iter(shapes.values())), DTYPES[dtype]))
+    device = next(net.parameters()).device
+    loader = torch.utils.data.DataLoader(TransformedDataset(data, spec.preprocess.to_transform()), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    advance = progress(f"{split} (+{','.join(missing)})", n, 0) if progress else (lambda k: None)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+    bad = np.zeros(n, dtype=bool)
+    with store.transaction() as txn:
+        staged = {layer: txn.stage(f"{node}/{layer}") for layer in missing}
+        for layer, shape in shapes.items():
+            store.create_array(staged[layer], (n, *shape), DTYPES[dtype], chunk_rows=rows,
+                               attrs=_layer_attrs(layer, net, pool, {}))
+        start = 0
+        for images, _ in loader:
+            with torch.inference_mode(), autocast:
+                out = run_backbone(net, images.to(device, non_blocking=True), missing)
+                if "featmap" in out and pool is not None:
+                    out["featmap"] = torch.nn.functional.adaptive_avg_pool2d(out["featmap"].float(), pool)
+            for layer in missing:
+                block = out[layer].float().cpu().numpy()
+                bad[start : start + len(block)] |= ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+                store.write_rows(staged[layer], start, block.astype(DTYPES[dtype]))
+            start += len(images)
+            advance(len(images))
+    if attrs.get("nonfinite_rows"):  # rows already flagged by the layers kept count once
+        for layer in held:
+            for lo, block in store.iter_rows(f"{node}/{layer}"):
+                bad[lo : lo + len(block)] |= ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+    parts = fingerprint_parts(spec, weights, data, split, union, dtype, pool)
+    store.set_attrs(node, fingerprint=digest(parts), parts=parts, layers=union, nonfinite_rows=int(bad.sum()),
+                    layer_shapes={**(attrs.get("layer_shapes") or {}), **{k: list(v) for k, v in shapes.items()}})
+    return ExtractResult(split, spec.name, "extended", n, n, time.perf_counter() - t0, list(layers))
 
 
 def _perturb_attrs(store: Store, backbone: str, p, this_model: str) -> dict:

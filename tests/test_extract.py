@@ -83,14 +83,46 @@ def test_cache_hit_does_no_work(tmp_path, images, monkeypatch):
 def test_fingerprint_mismatch_is_refused_then_overwritten(tmp_path, images):
     data = images("fake:train", 30)
     _extract(tmp_path / "s.zarr", data)
-    with pytest.raises(OodError, match="layers .*--overwrite"):
-        _extract(tmp_path / "s.zarr", data, layers=("logits",))
     with pytest.raises(OodError, match="dtype"):
         _extract(tmp_path / "s.zarr", data, dtype="float32")
     r = _extract(tmp_path / "s.zarr", data, layers=("logits",), overwrite=True)
     assert r.status == "extracted"
     out = _arrays(tmp_path / "s.zarr")
     assert "splits/train/digits_cnn-tiny/penultimate" not in out
+
+
+def test_fewer_layers_are_a_cache_hit_and_more_add_only_the_missing(tmp_path, images, monkeypatch):
+    data = images("fake:train", 30)
+    store = tmp_path / "s.zarr"
+    _extract(store, data, layers=("logits", "penultimate"), batch_size=8, chunk_rows=16)
+    before = _arrays(store)
+    spec = get_spec(MODEL)
+
+    def explode(weights):
+        raise AssertionError("a subset of the stored layers must not build the backbone")
+
+    monkeypatch.setitem(registry._REGISTRY, MODEL, dataclasses.replace(spec, builder=explode))
+    r = _extract(store, data, layers=("logits",))
+    assert (r.status, r.rows_computed, r.layers) == ("cached", 0, ["logits"])
+    monkeypatch.undo()
+    # more layers: one pass for the missing one, the kept arrays untouched
+    r = _extract(store, data, layers=("logits", "penultimate", "featmap"), batch_size=8, featmap_pool=2)
+    assert (r.status, r.rows_computed) == ("extended", 30)
+    after = _arrays(store)
+    node = f"splits/train/{MODEL}"
+    for layer in ("logits", "penultimate"):
+        assert np.array_equal(after[f"{node}/{layer}"], before[f"{node}/{layer}"])
+    assert after["attrs"]["layers"] == ["featmap", "logits", "penultimate"]
+    # the same arrays as extracting all three at once, and the same fingerprint: a cache hit afterwards
+    fresh = tmp_path / "fresh.zarr"
+    _extract(fresh, data, layers=("logits", "penultimate", "featmap"), batch_size=8, chunk_rows=16, featmap_pool=2)
+    once = _arrays(fresh)
+    assert np.array_equal(after[f"{node}/featmap"], once[f"{node}/featmap"])
+    assert after["attrs"]["fingerprint"] == once["attrs"]["fingerprint"]
+    assert _extract(store, data, layers=("featmap", "logits", "penultimate"), featmap_pool=2).status == "cached"
+    # a featmap pooled differently is not the same layer: refused as before
+    with pytest.raises(OodError, match="featmap_pool"):
+        _extract(store, data, layers=("featmap",), featmap_pool=4)
 
 
 def test_other_data_under_the_same_split_name_is_refused(tmp_path, images):
