@@ -56,9 +56,35 @@ class ExtractResult:
     rows_computed: int  # rows the backbone ran on in this call
     seconds: float
     layers: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. float16 losing a layer's range
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+FLOAT16_NORMAL = float(np.finfo(np.float16).tiny)  # 6.1e-5: below it float16 keeps fewer bits, below 3e-8 none
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: above it, inf
+FLOAT16_LOSS_SHARE = 0.01  # a note once more than this share of a layer's nonzero values is out of range
+
+
+def float16_range_notes(block: dict[str, np.ndarray]) -> list[str]:
+    """What storing these (float32) rows as float16 would lose, per layer: values above its
+    maximum (inf) and nonzero values below its normal range (rounded to few bits or to 0)."""
+    notes = []
+    for layer, x in block.items():
+        a = np.abs(x[np.isfinite(x)])
+        nonzero = a[a > 0]
+        if not nonzero.size:
+            continue
+        over = float(np.mean(nonzero > FLOAT16_MAX))
+        under = float(np.mean(nonzero < FLOAT16_NORMAL))
+        if over > 0:
+            notes.append(f"{layer}: {100 * over:.2g}% of the first chunk's values exceed float16's range "
+                         f"({FLOAT16_MAX:g}) and are stored as inf; extract with --dtype float32")
+        elif under > FLOAT16_LOSS_SHARE:
+            notes.append(f"{layer}: {100 * under:.2g}% of the first chunk's nonzero values are below float16's normal "
+                         f"range ({FLOAT16_NORMAL:.1e}) and lose precision or become 0; extract with --dtype float32")
+    return notes
 
 
 def check_device(device: str) -> str:
@@ -151,6 +177,8 @@ class _ChunkWriter(threading.Thread):
         self.marker = marker or node  # where rows_done is recorded: the node, or a shard's own group
         self._buffer: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
         self._buffered = 0
+        self.notes: list[str] = []  # the first chunk's float16 range check
+        self._checked = dtype != np.float16
 
     def put(self, batch: dict[str, np.ndarray] | str) -> None:
         """Queue a batch, or "end" (write what is left) / "stop" (keep whole chunks only)."""
@@ -178,6 +206,9 @@ class _ChunkWriter(threading.Thread):
 
     def _flush(self, rows: int) -> None:
         bad = np.zeros(rows, dtype=bool)
+        if not self._checked:
+            self.notes = float16_range_notes({layer: np.concatenate(self._buffer[layer])[:rows] for layer in self.layers})
+            self._checked = True
         for layer in self.layers:
             block = np.concatenate(self._buffer[layer])
             head, tail = block[:rows], block[rows:]
@@ -503,7 +534,7 @@ def extract_split(
     store.set_attrs(marker, complete=True, nonfinite_rows=writer.nonfinite_rows)
     if shard is not None:
         _finish_shards(store, node, shard[1], n)
-    return ExtractResult(split, spec.name, status, n, hi - start, time.perf_counter() - t0, list(all_layers))
+    return ExtractResult(split, spec.name, status, n, hi - start, time.perf_counter() - t0, list(all_layers), writer.notes)
 
 
 def _same_but_layers(old: dict, new: dict) -> bool:

@@ -319,3 +319,21 @@ def test_a_refusal_names_only_what_changed_in_full():
     text = _describe_mismatch(stored, now)
     assert "preprocess.crop 32 -> 28" in text and "mean" not in text
     assert "a" * 64 in text and "b" * 64 in text  # in full, not cut
+
+
+def test_float16_range_loss_is_said_on_the_first_chunk(tmp_path, images, monkeypatch):
+    assert ex.float16_range_notes({"penultimate": np.full((4, 8), 0.5, np.float32)}) == []
+    tiny = np.full((4, 8), 1e-6, np.float32)  # below float16's normal range: stored with few bits
+    assert "--dtype float32" in ex.float16_range_notes({"penultimate": tiny})[0]
+    huge = np.full((4, 8), 1e5, np.float32)
+    assert "inf" in ex.float16_range_notes({"logits": huge})[0]
+    real = ex.run_backbone
+
+    def scaled(model, x, layers):  # a backbone whose features live around 1e-7
+        return {k: v * 1e-7 if k == "penultimate" else v for k, v in real(model, x, layers).items()}
+
+    monkeypatch.setattr(ex, "run_backbone", scaled)
+    r = _extract(tmp_path / "s.zarr", images("fake:train", 20))
+    assert len(r.notes) == 1 and r.notes[0].startswith("penultimate:") and "float32" in r.notes[0]
+    r = _extract(tmp_path / "t.zarr", images("fake:train", 20), dtype="float32")
+    assert r.notes == []

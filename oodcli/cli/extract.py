@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from oodcli.cli.common import _print_wide, _progress, _split_list, out
+from oodcli.cli.common import _print_wide, _progress, _split_list, err, out
 
 
 def _list_models(value: bool) -> None:
@@ -143,3 +143,5 @@ def extract(
     for r in results:
         rate = f", {r.rows_computed / r.seconds:.0f} img/s" if r.rows_computed and r.seconds > 0 else ""
         out.print(f"{r.split}: {r.status} {r.rows} rows [{r.backbone}: {', '.join(r.layers)}] in {r.seconds:.2f} s{rate}", markup=False)
+        for note in r.notes:
+            err.print(f"note: {r.split}: {note}", markup=False)
