@@ -749,6 +749,11 @@ def _create_hdf5(path: Path) -> None:
                 f.attrs["schema"] = json.dumps(SCHEMA_VERSION)
                 f.attrs["oodcli_version"] = json.dumps(__version__)
             os.replace(tmp, path)
+        except OSError as exc:  # h5py's errors carry no file name: say which store could not be made
+            if exc.filename is not None and exc.filename != str(tmp):
+                raise
+            raise OodError(f"cannot create store {path}: {os.strerror(exc.errno) if exc.errno else _first_line(exc)}; "
+                           "pick a folder you can write to") from None
         finally:
             tmp.unlink(missing_ok=True)
 

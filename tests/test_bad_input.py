@@ -592,3 +592,35 @@ def test_overwritten_features_take_their_scores_with_them(base: Base, tmp_path: 
     msp = report["methods"]["msp"]
     assert msp["missing"] == ["ood/far/noise"] and "ood/far/noise" not in msp["sets"]
     assert "far" not in msp["averages"] and "near" in msp["averages"]  # no far average over fewer sets
+
+
+def test_hdf5_store_that_cannot_be_created_is_one_line(tmp_path, capsys, monkeypatch):
+    """h5py's create error carries no file name; the refusal names the store, and nothing is left."""
+    import h5py
+
+    from conftest import one_line_error, run
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Unable to synchronously create file (unable to open file)")
+
+    monkeypatch.setattr(h5py, "File", refuse)
+    store = tmp_path / "ro" / "s.h5"
+    code, out, err = run(capsys, "extract", "--model", "digits_cnn-tiny", "--benchmark", "digits", "--split", "test",
+                         "--store", store)
+    assert code == 1 and one_line_error(err) and f"cannot create store {store}: Permission denied" in err
+    assert not store.exists() and not any(p.name.endswith(".new") for p in (tmp_path / "ro").iterdir())
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line_and_130():
+    import subprocess
+    import sys
+
+    code = ("import builtins; real = builtins.__import__\n"
+            "def imp(name, *a, **k):\n"
+            "    if name == 'typer':\n"
+            "        raise KeyboardInterrupt\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = imp\n"
+            "from oodcli.__main__ import run; run()\n")
+    proc = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 130 and proc.stderr.strip() == "interrupted" and "Traceback" not in proc.stderr
