@@ -11,6 +11,7 @@ from oodcli.backbones.base import get_spec
 from oodcli.backbones.spec import parse_preprocess
 from oodcli.data.base import SplitDef, data_root as resolve_root, open_source, role_from_name
 from oodcli.data.benchmarks import ROLES, get_benchmark
+from oodcli.data.external import with_columns
 from oodcli.errors import OodError, UsageError
 from oodcli.extraction import (
     DTYPES,
@@ -92,6 +93,12 @@ def extract_splits(
     featmap_pool: int | None = None,
     perturb: list[str] | None = None,
     preprocess: str | None = None,
+    verify_content: bool = False,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    head: str | None = None,
+    layer_paths: list[str] | None = None,
+    strict: bool = True,
 ) -> list[ExtractResult]:
     """Extract several splits with one lazily built backbone.
 
@@ -108,8 +115,16 @@ def extract_splits(
     benchmark's data (``cifar_resnet*``) take that benchmark's mean and std (``--benchmark``,
     else the store's); ``preprocess`` (``KEY=VALUE,...``, see ``parse_preprocess``) overrides
     any of resize, crop, mean, std and interpolation.
+
+    ``image_column`` / ``label_column`` name the columns a ``data`` source of a user's own data
+    reads (``hf:``, ``webdataset:``, ``csv:``, ``jsonl:``; found by type or name when not given).
+
+    ``model`` may be ``SOURCE:NAME`` (torchvision, timm, hf, python; see ``oodcli.backbones.sources``):
+    ``head`` names its classifier module (--head), ``layer_paths`` adds layers read at submodules
+    (``NAME=module.path[:in|:out]``) and ``strict=False`` loads a weights file whose keys do not all fit.
     """
-    spec = get_spec(model)
+    spec = get_spec(model, weights=weights, head=head, layers=layer_paths or (), strict=strict,
+                    preprocess=preprocess)
     spec.weights_identity(weights)
     spec = spec.for_weights(weights)
     trained_on = benchmark
@@ -120,6 +135,8 @@ def extract_splits(
     if preprocess is not None:
         spec = dataclasses.replace(spec, preprocess=parse_preprocess(preprocess, spec.preprocess))
     layer_names = check_layers(spec, layers)
+    if hasattr(spec, "requesting"):  # a SOURCE:NAME model: each layer asked for is checked when it is built
+        spec = spec.requesting(layer_names)
     pool = check_featmap_pool(layer_names, featmap_pool)
     perturbs = parse_perturbations(perturb)
     shard_of = parse_shard(shard)
@@ -129,6 +146,10 @@ def extract_splits(
     dev = check_device(device)  # a cache hit with --device auto imports no torch
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype '{dtype}'; use float16 or float32")
+    if image_column or label_column:
+        if not data:
+            raise UsageError("--image-column / --label-column go with --data; a benchmark names its own columns")
+        data = with_columns(data, image_column, label_column)
     defs = resolve_splits(benchmark, data, splits, role)
     names = [d.name for d in defs]
     check_perturbations(perturbs, spec, layer_names, names)
@@ -169,7 +190,7 @@ def extract_splits(
                         st, spec, weights, ds, d.name, d.role, d.source, lazy, layer_names,
                         batch_size=batch_size, dtype=dtype, workers=workers, overwrite=overwrite,
                         chunk_rows=chunk_rows, progress=advance_for if progress is not None else None,
-                        shard=shard_of, featmap_pool=pool, perturbs=perturbs,
+                        shard=shard_of, featmap_pool=pool, perturbs=perturbs, verify_content=verify_content,
                     )
                 )
     except BaseException:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 import time
 from contextlib import nullcontext
@@ -299,9 +300,21 @@ def _describe_mismatch(old: dict, new: dict) -> str:
     return "; ".join(parts) or "fingerprint differs"
 
 
-def _short(value) -> str:
-    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
-    return text if len(text) <= 60 else text[:57] + "..."
+_DATA_FIELDS = re.compile(r":(n|labels|root|files)=")
+_DATA_WHAT = {"n": "row count", "labels": "labels", "root": "folder", "files": "image files (names, sizes or times)"}
+
+
+def describe_data_change(old: str | None, new: str) -> str:
+    """What differs between two data identities (``ImageDataset.identity``), each field in full."""
+    def fields(identity: str) -> dict[str, str]:
+        parts = _DATA_FIELDS.split(identity or "")
+        return {"source": parts[0], **dict(zip(parts[1::2], parts[2::2]))}
+
+    a, b = fields(old or ""), fields(new)
+    changed = [k for k in b if a.get(k) != b[k]]
+    if changed and all(k in ("labels", "files") for k in changed) and a.get("source") == b["source"]:
+        return "the " + " and the ".join(_DATA_WHAT[k] for k in changed) + " changed since it was extracted"
+    return "; ".join(f"{_DATA_WHAT.get(k, k)} {a.get(k)} -> {b[k]}" for k in changed) or "another data set"
 
 
 def check_new_split(store: Store, split: str) -> None:
@@ -331,7 +344,7 @@ def prepare_split(
             return
         if not overwrite:
             raise OodError(
-                f"split '{split}' in {store.path} holds other data ({_short(old)}, now {_short(identity)}); "
+                f"split '{split}' in {store.path} holds other data ({describe_data_change(old, identity)}); "
                 "use another --split name or --store, or pass --overwrite to replace the split and all made from it"
             )
     else:
@@ -379,6 +392,7 @@ def extract_split(
     shard: tuple[int, int] | None = None,
     featmap_pool: int | None = None,
     perturbs: tuple = (),
+    verify_content: bool = False,
 ) -> ExtractResult:
     """Extract one split (or find it already done). See the module docstring.
 
@@ -390,6 +404,9 @@ def extract_split(
     ``featmap_pool=G`` average-pools the ``featmap`` layer to G x G (recorded in the layer's
     attributes and the fingerprint). ``perturbs`` (``oodcli.perturb.Perturbation``) add one
     layer each, the network's output on the perturbed input (``logits@odin``, ...).
+
+    ``verify_content`` hashes the images' bytes (``ImageDataset.content_hash``): recorded with
+    the split, compared on every later verified run, a cache hit only when they are the same.
     """
     t0 = time.perf_counter()
     n = len(data)
@@ -412,6 +429,8 @@ def extract_split(
             attrs = store.node_attrs(node)
             if attrs.get("fingerprint") == fingerprint:
                 if attrs.get("complete"):
+                    if verify_content:
+                        _verify_content(store, split, data)
                     return ExtractResult(split, spec.name, "cached", n, 0, time.perf_counter() - t0, list(all_layers))
                 _check_sharding(split, attrs, shard, overwrite)
                 start, fresh = (0, True) if overwrite and attrs.get("shards") != (shard and shard[1]) \
@@ -420,6 +439,8 @@ def extract_split(
                 held = set(attrs.get("layers") or [])
                 if attrs.get("complete") and not here and _same_but_layers(attrs.get("parts", {}), parts):
                     if set(layers) <= held:  # a subset of what the split holds: nothing to compute
+                        if verify_content:
+                            _verify_content(store, split, data)
                         return ExtractResult(split, spec.name, "cached", n, 0, time.perf_counter() - t0, list(layers))
                     if shard is None:
                         return _add_layers(store, spec, weights, data, split, model, attrs, layers, dtype,
@@ -435,6 +456,8 @@ def extract_split(
         if "featmap" in layers:  # a pooling grid too large for this map is refused before writing
             featmap_shape(tuple(net.layer_shapes["featmap"]), featmap_pool, spec.name)
         prepare_split(store, split, role, source, data, overwrite)
+        if verify_content:
+            _verify_content(store, split, data)
         if fresh:  # the node appears whole (arrays allocated, fingerprint, rows_done 0) or not at all
             shapes = {layer: tuple(net.layer_shapes[layer]) for layer in layers}
             if "featmap" in shapes:
@@ -535,6 +558,20 @@ def extract_split(
     if shard is not None:
         _finish_shards(store, node, shard[1], n)
     return ExtractResult(split, spec.name, status, n, hi - start, time.perf_counter() - t0, list(all_layers), writer.notes)
+
+
+def _verify_content(store: Store, split: str, data: ImageDataset) -> None:
+    """Compare the images' bytes with the hash recorded for the split (record it if there is none)."""
+    now = data.content_hash()
+    if now is None:
+        return
+    node = split_node(split)
+    recorded = store.node_attrs(node).get("content")
+    if recorded is not None and recorded != now:
+        raise OodError(f"the images of split '{split}' changed since they were extracted (their bytes differ, though "
+                       "names, sizes and times do not); re-extract it with --overwrite")
+    if recorded is None:
+        store.set_attrs(node, content=now)
 
 
 def _same_but_layers(old: dict, new: dict) -> bool:

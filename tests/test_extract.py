@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -337,3 +338,38 @@ def test_float16_range_loss_is_said_on_the_first_chunk(tmp_path, images, monkeyp
     assert len(r.notes) == 1 and r.notes[0].startswith("penultimate:") and "float32" in r.notes[0]
     r = _extract(tmp_path / "t.zarr", images("fake:train", 20), dtype="float32")
     assert r.notes == []
+
+
+def test_replaced_images_are_not_a_cache_hit(tmp_path, capsys):
+    """A folder's identity: each file's path, size and mtime and the folder itself; --verify-content its bytes."""
+    from PIL import Image
+
+    from conftest import one_line_error, run
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    store = tmp_path / "s.zarr"
+    args = ["-q", "extract", "--model", MODEL, "--data", f"folder:{folder}", "--split", "ood/far/mine", "--store", store]
+    assert run(capsys, *args, "--verify-content")[0] == 0
+    assert run(capsys, *args, "--verify-content")[0] == 0  # same files: a cache hit
+    stat = (folder / "3.png").stat()
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / "3.png")  # new pixels, same name
+    code, _, err = run(capsys, *args)
+    assert code == 1 and one_line_error(err) and "image files (names, sizes or times) changed" in err
+    # the same size and time, other bytes: only --verify-content sees it
+    os.utime(folder / "3.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    if (folder / "3.png").stat().st_size == stat.st_size:
+        assert run(capsys, *args)[0] == 0
+        code, _, err = run(capsys, *args, "--verify-content")
+        assert code == 1 and one_line_error(err) and "bytes differ" in err
+    # another copy of the same images (same relative paths, sizes and times) under another data root
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copytree(folder, other / "imgs", copy_function=shutil.copy2)
+    rel = ["-q", "extract", "--model", MODEL, "--data", "folder:imgs", "--split", "ood/far/x", "--store", tmp_path / "t.zarr"]
+    assert run(capsys, *rel, "--data-root", tmp_path)[0] == 0
+    code, _, err = run(capsys, *rel, "--data-root", other)
+    assert code == 1 and one_line_error(err) and f"folder {folder} -> {other / 'imgs'}" in err

@@ -19,7 +19,15 @@ def _list_models(value: bool) -> None:
 
     from oodcli.backbones import all_specs
 
-    table = Table(title="backbones (the -tiny twins are random-initialised test models)")
+    from oodcli.backbones.sources import SOURCE_EXAMPLES, SOURCES
+
+    sources = Table(title="model sources (--model SOURCE:NAME; layers logits, penultimate, featmap, --layer ...)")
+    for col in ("source", "how to name a model", "example"):
+        sources.add_column(col)
+    for source, how in SOURCES.items():
+        sources.add_row(source, how, SOURCE_EXAMPLES[source])
+    _print_wide(sources)
+    table = Table(title="built-in backbones (the -tiny twins are random-initialised test models)")
     for col in ("model", "family", "layers (default first)", "default weights"):
         table.add_column(col)
     for name, spec in sorted(all_specs().items()):
@@ -49,11 +57,22 @@ def _list_benchmarks(value: bool) -> None:
 
 
 def extract(
-    model: str = typer.Option(..., "--model", "-m", help="Backbone name (see --list-models)."),
+    model: str = typer.Option(..., "--model", "-m", help="A built-in backbone or SOURCE:NAME: torchvision:NAME, "
+                              "timm:NAME, hf:REPO_OR_FOLDER, python:FILE.py:FACTORY (see --list-models)."),
     store: Path = typer.Option(..., "--store", "-s", help="Store path: *.zarr (default format) or *.h5."),
     benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Benchmark name, e.g. digits, cifar10."),
     data: Optional[str] = typer.Option(
-        None, "--data", help="A data source instead of a benchmark: folder:DIR, imglist:FILE[@IMAGEDIR], torchvision:NAME:SPLIT."
+        None, "--data", help="A data source instead of a benchmark: folder:DIR, imglist:FILE[@IMAGEDIR], torchvision:NAME:SPLIT, "
+        "hf:DATASET[:CONFIG]:SPLIT (save_to_disk folder, parquet/imagefolder files or hub name), "
+        "webdataset:SHARDS-{000..099}.tar, csv:FILE or jsonl:FILE (a path and an optional label per row)."
+    ),
+    image_column: Optional[str] = typer.Option(
+        None, "--image-column", help="With --data hf:/webdataset:/csv:/jsonl:, the column (WebDataset: member "
+        "extension, e.g. jpg) holding the images (default: the Image feature, the one image member, a path column)."
+    ),
+    label_column: Optional[str] = typer.Option(
+        None, "--label-column", help="With --data hf:/webdataset:/csv:/jsonl:, the column holding the labels "
+        "(default: the ClassLabel feature, the cls member, a label column; none = unlabelled)."
     ),
     split: Optional[list[str]] = typer.Option(
         None, "--split", help="Split name(s) to extract; default: every split of the benchmark."
@@ -91,6 +110,23 @@ def extract(
         "mean=0.507/0.487/0.441,std=0.267/0.256/0.276,crop=32. Default: the model's; cifar_resnet* models take "
         "the mean/std of the benchmark they were trained on (cifar10, cifar100). Recorded in the fingerprint."
     ),
+    verify_content: bool = typer.Option(
+        False, "--verify-content", help="Hash the images' bytes too (a read of every file): recorded with the split, and "
+        "a cache hit only when they match. Without it a split's identity is each file's path, size and modification "
+        "time and the folder's absolute path."
+    ),
+    head: Optional[str] = typer.Option(
+        None, "--head", help="SOURCE:NAME models: the module path of the classifier (an nn.Linear) whose input is "
+        "penultimate and whose weights are the head (default: the model's final nn.Linear)."
+    ),
+    layer_paths: Optional[list[str]] = typer.Option(
+        None, "--layer", help="SOURCE:NAME models, repeatable: NAME=module.path[:in|:out] stores that submodule's "
+        "output (or input) as layer NAME (4-D maps averaged over H x W), e.g. --layer block3=layer3:out."
+    ),
+    strict: str = typer.Option(
+        "true", "--strict", help="true: refuse a --weights file whose keys do not all fit; false: load the keys "
+        "that fit and tell the rest."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     list_models: bool = typer.Option(
         False, "--list-models", callback=_list_models, is_eager=True, help="List the backbones and exit."
@@ -111,10 +147,17 @@ def extract(
 
       for i in 0 1 2 3; do oodcli extract --model resnet50 --benchmark imagenet --store stores/imagenet.zarr --shard $i/4 & done; wait
 
+      oodcli extract --model resnet50 --data hf:my_dataset_dir:test --split test --store stores/mine.zarr
+
+      oodcli extract --model resnet50 --data 'webdataset:shards/ood-{000..009}.tar' --split ood/far/mine --store stores/mine.zarr
+
       oodcli extract --model digits_cnn --weights stores/digits_cnn.safetensors --benchmark digits --store stores/digits.zarr --layers logits,penultimate,featmap --perturb odin --perturb mahalanobis
     """
     from oodcli.api import extract_splits
+    from oodcli.errors import UsageError
 
+    if strict not in ("true", "false"):
+        raise UsageError(f"--strict {strict}: give true or false")
     results = extract_splits(
         model=model,
         store=store,
@@ -136,6 +179,12 @@ def extract(
         featmap_pool=featmap_pool,
         perturb=perturb,
         preprocess=preprocess,
+        verify_content=verify_content,
+        image_column=image_column,
+        label_column=label_column,
+        head=head,
+        layer_paths=layer_paths,
+        strict=strict == "true",
     )
     if as_json:
         out.print_json(json.dumps([r.as_dict() for r in results]))

@@ -44,6 +44,11 @@ class ImageDataset:
         generated and packaged data sets have nothing to check."""
         return []
 
+    def content_hash(self) -> str | None:
+        """A hash of the images' bytes (``extract --verify-content``); None for data sets that are
+        not read from files (packaged or generated: their identity already pins them)."""
+        return None
+
     def identity(self) -> str:
         """Name + content of the labels: changes whenever the data set changes."""
         h = hashlib.sha256(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes()).hexdigest()

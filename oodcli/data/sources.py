@@ -15,6 +15,7 @@ functions that read images import it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -198,11 +199,38 @@ def _walk_images(folder: Path, suffixes, seen: set[str]) -> list[Path]:
 
 
 class FolderDataset(ImageDataset):
-    def __init__(self, name: str, files: list[Path], labels: np.ndarray, class_names):
+    """Image files on disk. Their identity covers each file's path (relative to ``root``), size
+    and modification time, as make and rsync decide, and the absolute root: replacing the
+    images or pointing at another copy is never a cache hit. ``content_hash`` reads the bytes
+    (``extract --verify-content``) for changes that keep all three."""
+
+    def __init__(self, name: str, files: list[Path], labels: np.ndarray, class_names, root: Path | None = None):
         self.name = name
         self.files = files
         self.labels = labels
         self.class_names = class_names
+        self.root = Path(root).resolve() if root is not None else None
+        self._identity: str | None = None
+
+    def identity(self) -> str:
+        if self._identity is None:  # a stat per file, once per run
+            h = hashlib.sha256()
+            for path in self.files:
+                st = os.stat(path)
+                rel = os.path.relpath(path, self.root) if self.root is not None else str(path)
+                h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            root = f":root={self.root}" if self.root is not None else ""
+            self._identity = f"{super().identity()}{root}:files={h.hexdigest()[:16]}"
+        return self._identity
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for path in self.files:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            h.update(b"\0")
+        return f"sha256:{h.hexdigest()}"
 
     def load(self, i: int):
         return _open_image(self.files[i], self.name)
@@ -247,7 +275,7 @@ def folder_source(arg: str, root: Path, is_ood: bool) -> ImageDataset:
         raise OodError(f"no images found in {path} (image types read: {', '.join(sorted(suffixes))})")
     if is_ood:
         labels, classes = np.full(len(files), -1, np.int64), None
-    return FolderDataset(f"folder:{arg}", files, labels, classes)
+    return FolderDataset(f"folder:{arg}", files, labels, classes, root=path)
 
 
 # --- imglist (OpenOOD) ------------------------------------------------------------------
@@ -287,7 +315,7 @@ def imglist_source(arg: str, root: Path, is_ood: bool) -> ImageDataset:
             f"image {files[0]} (first in {list_path}) not found; download the images into {image_root}"
         )
     labels = np.asarray([-1 if is_ood else y for _, y in entries], dtype=np.int64)
-    return FolderDataset(f"imglist:{arg}", files, labels, None)
+    return FolderDataset(f"imglist:{arg}", files, labels, None, root=image_root)
 
 
 # --- digits -------------------------------------------------------------------------------
