@@ -10,9 +10,13 @@ For each case, in the same run and on the same data loader settings:
              imports included; a cache hit imports no torch).
   shards   - the same extraction as whole `oodcli extract` processes: one process with
              every core vs `--shard 0/2` and `--shard 1/2` side by side, one thread each.
+  folder   - what a cache hit of an image folder costs at --files (default 100,000) files in
+             1,000 class folders: listing them (the baseline, needed anyway for the labels),
+             the identity (a stat per file: path, size, mtime), and --verify-content's read
+             of every byte (files of --file-bytes each).
 Best of --repeats runs is kept for each timing.
 
-Usage: python benchmarks/extract.py [--repeats 3] [--out benchmarks/results/extract.json]
+Usage: python benchmarks/extract.py [--repeats 3] [--files 100000] [--out benchmarks/results/extract.json]
 """
 
 from __future__ import annotations
@@ -129,9 +133,35 @@ def shards_case(model: str, weights, splits, batch_size: int, repeats: int, tmp:
             "speedup": min(one) / min(two)}
 
 
+def folder_case(files: int, file_bytes: int, tmp: Path) -> dict:
+    """Listing, identity and content hash of a big ImageNet-style folder (no image is decoded)."""
+    root = tmp / "folder"
+    classes = 1000
+    payload = os.urandom(file_bytes)
+    for c in range(classes):
+        sub = root / f"n{c:08d}"
+        sub.mkdir(parents=True)
+        for i in range(files // classes):
+            (sub / f"{i:05d}.JPEG").write_bytes(payload)
+    t0 = time.perf_counter()
+    data = open_source(f"folder:{root}", tmp)
+    listed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data.identity()
+    identity = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data.content_hash()
+    content = time.perf_counter() - t0
+    n = len(data)
+    return {"files": n, "file_bytes": file_bytes, "list_s": listed, "identity_s": identity, "content_hash_s": content,
+            "identity_us_per_file": 1e6 * identity / n, "identity_over_list": identity / listed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--files", type=int, default=100_000)
+    parser.add_argument("--file-bytes", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "extract.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -145,6 +175,7 @@ def main() -> None:
         rows.append(case("digits-cnn-32px", cnn, cnn_weights, all_splits, 256, args.repeats, Path(tmp)))
         rows.append(case("resnet18-224px", "resnet18", "random", ["test"], 64, max(1, args.repeats - 1), Path(tmp)))
         sharded = shards_case("resnet18", "random", ["test", "ood/far/noise"], 64, max(1, args.repeats - 1), Path(tmp))
+        folder = folder_case(args.files, args.file_bytes, Path(tmp))
     header = f"{'case':18} {'rows':>6} {'bare img/s':>11} {'extract img/s':>14} {'ratio':>6} {'hit (lib)':>10} {'hit (CLI)':>10}"
     print(header)
     for r in rows:
@@ -154,6 +185,9 @@ def main() -> None:
         )
     print(f"shards  resnet18 224 px, {', '.join(sharded['splits'])}: one process {sharded['one_process_s']:.1f} s, "
           f"two shards at once {sharded['two_shards_s']:.1f} s (x{sharded['speedup']:.2f})")
+    print(f"folder  {folder['files']:,} files: listing {folder['list_s']:.2f} s, identity (stat each) "
+          f"{folder['identity_s']:.2f} s ({folder['identity_us_per_file']:.1f} us/file, x{folder['identity_over_list']:.2f} "
+          f"of the listing), --verify-content {folder['content_hash_s']:.2f} s at {folder['file_bytes']} B/file")
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
@@ -161,7 +195,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": rows, "shards": sharded}, indent=2))
+    args.out.write_text(json.dumps({"meta": meta, "results": rows, "shards": sharded, "folder": folder}, indent=2))
     print(f"saved {args.out}")
 
 
