@@ -2,7 +2,8 @@
 
 ``open_source("torchvision:cifar10:test", root)`` opens one source;
 ``get_benchmark("cifar10").split("ood/near/tin")`` says which source a benchmark
-split uses and whether it is ID or OOD. See ``sources`` for the source kinds.
+split uses and whether it is ID or OOD. See ``sources`` for the source kinds, ``external``
+for a user's own data (Hugging Face datasets, WebDataset shards, CSV / JSON-lines lists).
 """
 
 from oodcli.data.base import (
@@ -16,6 +17,7 @@ from oodcli.data.base import (
 )
 from oodcli.data.benchmarks import Benchmark, get_benchmark, list_benchmarks
 from oodcli.data import sources  # noqa: F401  (registers the source kinds; imports no PIL)
+from oodcli.data import external  # noqa: F401  (hf:, webdataset:, csv:, jsonl:; imports no datasets)
 
 __all__ = [
     "DATA_ROOT_ENV",
