@@ -136,6 +136,7 @@ def extract_splits(
         spec = dataclasses.replace(spec, preprocess=parse_preprocess(preprocess, spec.preprocess))
     layer_names = check_layers(spec, layers)
     if hasattr(spec, "requesting"):  # a SOURCE:NAME model: each layer asked for is checked when it is built
+        layer_names = tuple(dict.fromkeys((*layer_names, *(t.name for t in spec.source.taps))))  # --layer: stored
         spec = spec.requesting(layer_names)
     pool = check_featmap_pool(layer_names, featmap_pool)
     perturbs = parse_perturbations(perturb)

@@ -260,13 +260,30 @@ def register(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-def get_spec(name: str) -> BackboneSpec:
-    try:
+def get_spec(name: str, weights: str | None = None, head: str | None = None, layers=(), strict: bool = True,
+             preprocess: str | None = None) -> BackboneSpec:
+    """The spec of a built-in name, or of ``SOURCE:NAME`` (``oodcli.backbones.sources``), which alone
+    takes ``head`` (--head), ``layers`` (--layer NAME=PATH), ``strict`` and, to know whether the
+    model's own preprocessing is needed, the ``--preprocess`` text."""
+    if name in _REGISTRY:
+        given = [opt for opt, value in (("--head", head), ("--layer", layers), ("--strict false", not strict)) if value]
+        if given:
+            raise UsageError(f"{given[0]} goes with SOURCE:NAME models (e.g. torchvision:{name}); "
+                             f"'{name}' is a built-in with its own layers")
         return _REGISTRY[name]
-    except KeyError:
-        raise UsageError(
-            f"unknown model '{name}'; choose one of: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    if ":" in name:
+        from oodcli.backbones.sources import resolve
+
+        return resolve(name, weights, head, layers, strict, preprocess)
+    import difflib
+
+    near = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
+    raise UsageError(
+        f"unknown model '{name}'"
+        + (f" (close matches: {', '.join(near)})" if near else "")
+        + f"; choose one of: {', '.join(sorted(_REGISTRY))}, or SOURCE:NAME with a source of "
+        "torchvision, timm, hf, python (see --list-models)"
+    )
 
 
 def all_specs() -> dict[str, BackboneSpec]:

@@ -19,13 +19,15 @@ def _list_models(value: bool) -> None:
 
     from oodcli.backbones import all_specs
 
-    from oodcli.backbones.sources import SOURCE_EXAMPLES, SOURCES
+    from rich.markup import escape
 
-    sources = Table(title="model sources (--model SOURCE:NAME; layers logits, penultimate, featmap, --layer ...)")
-    for col in ("source", "how to name a model", "example"):
+    from oodcli.backbones.sources import SOURCES
+
+    sources = Table(title="model sources: --model SOURCE:NAME (layers logits, penultimate, featmap; --layer NAME=PATH)")
+    for col in ("source", "model", "--weights"):
         sources.add_column(col)
-    for source, how in SOURCES.items():
-        sources.add_row(source, how, SOURCE_EXAMPLES[source])
+    for source, (how, weights) in SOURCES.items():
+        sources.add_row(source, escape(how), escape(weights))
     _print_wide(sources)
     table = Table(title="built-in backbones (the -tiny twins are random-initialised test models)")
     for col in ("model", "family", "layers (default first)", "default weights"):
