@@ -50,6 +50,64 @@ def resolve_splits(
     raise UsageError("say what to extract: --benchmark NAME or --data SOURCE")
 
 
+def _reference_classes(store: Path, benchmark: str | None) -> tuple[list[str] | None, str]:
+    """The class list a labelled split must match, and where it comes from: the benchmark's
+    (given or recorded in the store), else the class folders recorded with the store's train split."""
+    recorded = None
+    if store.exists():
+        from oodcli.store import list_splits, split_node
+
+        with open_store(store, "r") as existing:
+            benchmark = benchmark or existing.attrs.get("benchmark")
+            splits = list_splits(existing)
+            for split in (["train"] if "train" in splits else []) + splits:
+                names = existing.node_attrs(split_node(split)).get("class_names")
+                if names and existing.node_attrs(split_node(split)).get("role") == "id":
+                    recorded = (list(names), f"split '{split}'")
+                    break
+    if benchmark:
+        try:
+            names = get_benchmark(benchmark).resolve_class_names()
+        except OodError:
+            names = None
+        if names:
+            return list(names), f"benchmark '{benchmark}'"
+    return recorded if recorded else (None, "")
+
+
+def check_class_folders(store: Path, benchmark: str | None, datasets: list) -> None:
+    """Labels of image folders come from their class sub-folders, matched by name: refuse an ID
+    split whose folders are not the class list (a missing folder would shift every later label)
+    and an ID split without labels (a flat folder), in one line each."""
+    from oodcli.data.sources import FolderDataset
+
+    reference, where = _reference_classes(store, benchmark)
+    for d, ds in datasets:
+        if d.role != "id" or type(ds) is not FolderDataset or not ds.name.startswith("folder:"):
+            continue  # OOD and synthetic splits carry no labels; lists and packaged data sets give theirs
+        names = getattr(ds, "class_names", None)
+        if not names:
+            raise OodError(
+                f"split '{d.name}' ({d.source}) is an ID split but its images have no labels (no class sub-folders); "
+                "put them in one folder per class, or give --role ood (or ood-near / ood-far) if it is OOD data"
+            )
+        if reference is None:
+            reference, where = list(names), f"split '{d.name}'"  # the first labelled split sets the list
+            continue
+        if list(names) != reference:
+            missing = [c for c in reference if c not in names]
+            extra = [c for c in names if c not in reference]
+            detail = "; ".join(part for part in (
+                f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
+                f"not in the list {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else "",
+                "the same names in another order" if not missing and not extra else "",
+            ) if part)
+            raise OodError(
+                f"the class folders of split '{d.name}' ({len(names)}) are not the {len(reference)} classes of {where} "
+                f"({detail}); labels follow the folders' sorted names, so give it one folder per class, all of them"
+            )
+
+
 MAX_SHARDS = 100_000
 
 
@@ -164,6 +222,7 @@ def extract_splits(
     for d, ds in datasets:
         if len(ds) == 0:
             raise OodError(f"split '{d.name}' ({d.source}) has no samples; check the data source")
+    check_class_folders(Path(store), benchmark, datasets)
 
     store = Path(store)
     if any(p.kind == "mahalanobis" for p in perturbs):  # its train features must be there: refuse before writing

@@ -356,6 +356,8 @@ def prepare_split(
         store.write_array(f"{staged}/labels", labels)
         store.write_array(f"{staged}/ids", np.arange(len(labels), dtype=np.int64))
         store.set_attrs(staged, role=role, source=source, data=identity, n=int(len(labels)))
+        if getattr(data, "class_names", None) and (labels >= 0).any():  # image folders: their class folders
+            store.set_attrs(staged, class_names=list(data.class_names))
         for dependent in split_dependents(store, split):
             txn.remove(dependent)
 

@@ -71,6 +71,12 @@ def label_set(store: Store, labels: str | None = None) -> tuple[str, list[str]]:
         return f"labels-{path.stem}", names
     bench = store.attrs.get("benchmark")
     if not bench:
+        from oodcli.store import list_splits, split_node
+
+        for split in ["train", *list_splits(store)]:  # class folders recorded with an ID split
+            node = split_node(split)
+            if store.exists(node) and store.node_attrs(node).get("class_names"):
+                return f"folders-{split.replace('/', '-')}", list(store.node_attrs(node)["class_names"])
         raise OodError(
             f"store {store.path} names no benchmark, so the class names are unknown; "
             "pass a file with one name per line: --param METHOD.labels=FILE"

@@ -373,3 +373,41 @@ def test_replaced_images_are_not_a_cache_hit(tmp_path, capsys):
     assert run(capsys, *rel, "--data-root", tmp_path)[0] == 0
     code, _, err = run(capsys, *rel, "--data-root", other)
     assert code == 1 and one_line_error(err) and f"folder {folder} -> {other / 'imgs'}" in err
+
+
+def test_class_folders_are_matched_by_name(tmp_path, capsys):
+    """A folder missing a class would shift every later label: refused, naming it; names are stored."""
+    from PIL import Image
+
+    from conftest import one_line_error, run
+    from oodcli import text
+
+    def folder(name, classes):
+        for c in classes:
+            (tmp_path / name / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(tmp_path / name / c / f"{i}.png")
+        return f"folder:{tmp_path / name}"
+
+    store = tmp_path / "s.zarr"
+    base = ["-q", "extract", "--model", MODEL, "--store", store]
+    assert run(capsys, *base, "--data", folder("train", ["cat", "dog", "fox"]), "--split", "train")[0] == 0
+    with open_store(store) as st:
+        assert st.node_attrs("splits/train")["class_names"] == ["cat", "dog", "fox"]
+        assert text.label_set(st) == ("folders-train", ["cat", "dog", "fox"])  # CLIP methods need no labels file
+    code, _, err = run(capsys, *base, "--data", folder("test", ["cat", "fox"]), "--split", "test")
+    assert code == 1 and one_line_error(err) and "missing dog" in err and "split 'train'" in err
+    code, _, err = run(capsys, *base, "--data", folder("test2", ["cat", "dog", "fox", "owl"]), "--split", "test")
+    assert code == 1 and one_line_error(err) and "not in the list owl" in err
+    assert run(capsys, *base, "--data", folder("test3", ["cat", "dog", "fox"]), "--split", "test")[0] == 0
+    with open_store(store) as st:
+        assert not st.exists("splits/test2") and st.read("splits/test/labels").tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # a benchmark store: the folders must be the benchmark's classes
+    bench = tmp_path / "b.zarr"
+    assert run(capsys, "-q", "extract", "--model", MODEL, "--benchmark", "digits", "--split", "test", "--store", bench)[0] == 0
+    code, _, err = run(capsys, "-q", "extract", "--model", MODEL, "--data", folder("mine", ["zero", "one"]),
+                       "--split", "val2", "--store", bench)
+    assert code == 1 and "benchmark 'digits'" in err and "missing two, three, four, five" in err
+    # an OOD folder with class folders is fine (its labels are -1)
+    assert run(capsys, "-q", "extract", "--model", MODEL, "--data", f"folder:{tmp_path / 'mine'}",
+               "--split", "ood/far/mine", "--store", bench)[0] == 0
