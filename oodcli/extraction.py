@@ -424,6 +424,7 @@ def extract_split(
     node = features_node(split, spec.name)
     all_layers = tuple(layers) + tuple(perturbed)
 
+    source_notes: list[str] = []  # what the source's check of the images found worth saying
     with store.setup():  # sharded: one shard at a time changes the tree
         same_data = split_is_whole(store, split) and store.node_attrs(split_node(split)).get("data") == data.identity()
         start, fresh = 0, True
@@ -454,6 +455,7 @@ def extract_split(
                 )
         if shard is None:
             check_readable(data, split, start)  # refuse before writing: an unreadable image never leaves half a split
+            source_notes = data.notes() if hasattr(data, "notes") else []
         net = model.get()  # bad weights fail here, before the split is written
         if "featmap" in layers:  # a pooling grid too large for this map is refused before writing
             featmap_shape(tuple(net.layer_shapes["featmap"]), featmap_pool, spec.name)
@@ -559,7 +561,8 @@ def extract_split(
     store.set_attrs(marker, complete=True, nonfinite_rows=writer.nonfinite_rows)
     if shard is not None:
         _finish_shards(store, node, shard[1], n)
-    return ExtractResult(split, spec.name, status, n, hi - start, time.perf_counter() - t0, list(all_layers), writer.notes)
+    return ExtractResult(split, spec.name, status, n, hi - start, time.perf_counter() - t0, list(all_layers),
+                         source_notes + writer.notes)
 
 
 def _verify_content(store: Store, split: str, data: ImageDataset) -> None:

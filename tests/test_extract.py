@@ -411,3 +411,18 @@ def test_class_folders_are_matched_by_name(tmp_path, capsys):
     # an OOD folder with class folders is fine (its labels are -1)
     assert run(capsys, "-q", "extract", "--model", MODEL, "--data", f"folder:{tmp_path / 'mine'}",
                "--split", "ood/far/mine", "--store", bench)[0] == 0
+
+
+def test_an_animation_is_read_by_its_first_frame_and_said_once(tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import run
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[1].save(folder / "still.png")
+    code, out, err = run(capsys, "extract", "--model", MODEL, "--data", f"folder:{folder}", "--split", "ood/far/x",
+                         "--store", tmp_path / "s.zarr")
+    assert code == 0 and err.count("animated image") == 1 and "anim.gif" in err and "first frame" in err

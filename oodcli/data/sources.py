@@ -83,17 +83,22 @@ def _reason(exc: BaseException) -> str:
 def decode_check(path: Path) -> str | None:
     """Why ``path`` cannot be decoded, or None. JPEGs decode at 1/8 scale (``draft``): every
     byte is still parsed, so truncation shows, at a fraction of the full decode."""
+    return _decode(path)[0]
+
+
+def _decode(path) -> tuple[str | None, bool]:
+    """(why it cannot be decoded or None, whether it is an animation: only its first frame is read)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
+            return None, getattr(img, "n_frames", 1) > 1
     except FileNotFoundError:
-        return "not found"
+        return "not found", False
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return _reason(exc)
-    return None
+        return _reason(exc), False
 
 
 # --- torchvision ------------------------------------------------------------------------
@@ -236,12 +241,21 @@ class FolderDataset(ImageDataset):
         return _open_image(self.files[i], self.name)
 
     def unreadable(self, start: int = 0, stop: int | None = None) -> list[tuple[str, str]]:
-        bad = []
+        bad, self.animated = [], []
         for path in self.files[start:stop]:
-            reason = decode_check(path)
+            reason, animated = _decode(path)
             if reason is not None:
                 bad.append((str(path), reason))
+            elif animated:
+                self.animated.append(str(path))
         return bad
+
+    def notes(self) -> list[str]:
+        """What the last ``unreadable`` check found worth saying: animations, of which the first frame is read."""
+        animated = getattr(self, "animated", [])
+        if not animated:
+            return []
+        return [f"{len(animated)} animated image(s) (e.g. {animated[0]}): the first frame of each is used"]
 
 
 @register_source("folder")
