@@ -7,6 +7,7 @@ network is built, so listing models or fingerprinting a run stays fast.
 """
 
 from oodcli.backbones import registry  # noqa: F401  (declares every family's specs)
+from oodcli.backbones import sources  # noqa: F401  (resolves SOURCE:NAME models)
 from oodcli.backbones.spec import BackboneSpec, Preprocess, all_specs, get_spec
 
 __all__ = ["Backbone", "BackboneSpec", "Preprocess", "all_specs", "get_spec"]

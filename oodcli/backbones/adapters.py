@@ -10,14 +10,18 @@ logits, so the head-based scorers get the right weights or none at all.
 
 from __future__ import annotations
 
+import difflib
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from oodcli.backbones.modules import Backbone, read_state_dict
-from oodcli.backbones.sources import ModelSource
 from oodcli.errors import OodError, UsageError
+
+if TYPE_CHECKING:  # the torch-free side; it imports this module, never the other way round
+    from oodcli.backbones.sources import ModelSource
 
 POOL_TYPES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -25,13 +29,8 @@ POOL_TYPES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 # ---- making the module -------------------------------------------------------------------------
 
 
-def make_module(source: ModelSource, weights: str | None) -> nn.Module:
-    """The bare network of ``source`` with its weights, in eval mode."""
-    kind, value = source.details["weights"]
-    if weights != source.weights:  # a later call with other weights (not what extract does)
-        from oodcli.backbones.sources import parse_weights
-
-        kind, value = parse_weights(weights)
+def make_module(source: ModelSource, kind: str, value) -> nn.Module:
+    """The bare network of ``source`` with its weights (``parse_weights``' kind and value), in eval mode."""
     torch.manual_seed(value if kind == "random" else 0)
     net = _MAKERS[source.source](source, kind, value)
     if not isinstance(net, nn.Module):
@@ -105,10 +104,10 @@ def _python(source: ModelSource, kind: str, value) -> nn.Module:
         raise OodError(f"{label}: importing {target} failed: {_one_line(exc)}") from None
     make = getattr(module, factory, None)
     if not callable(make):
-        near = [n for n in vars(module) if callable(getattr(module, n)) and not n.startswith("_")]
-        from oodcli.backbones.sources import close_matches
-
-        raise UsageError(close_matches(factory, near, f"{label}: {target} has no callable '{factory}'"))
+        near = difflib.get_close_matches(
+            factory, [n for n in vars(module) if callable(getattr(module, n)) and not n.startswith("_")], n=5)
+        raise UsageError(f"{label}: {target} has no callable '{factory}'"
+                         + (f"; close matches: {', '.join(near)}" if near else ""))
     try:
         net = make()
     except Exception as exc:
@@ -191,8 +190,6 @@ def module_at(net: nn.Module, path: str, label: str, option: str) -> nn.Module:
             break
     parent = names[known]
     children = [f"{known}.{n}" if known else n for n, _ in parent.named_children()]
-    import difflib
-
     near = list(dict.fromkeys(children + difflib.get_close_matches(path, [n for n in names if n], n=4, cutoff=0.5)))
     raise UsageError(f"{option} '{path}': {label} has no module '{path}'; near it: "
                      f"{', '.join(near[:10]) or '(no submodules)'}")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from oodcli.backbones.spec import (
-    PREPROCESS_KEYS, BackboneSpec, Preprocess, parse_preprocess, sha256_dir, sha256_file,
+    PREPROCESS_KEYS, BackboneSpec, Preprocess, parse_preprocess, register_source_resolver, sha256_dir, sha256_file,
 )
 from oodcli.errors import OodError, UsageError
 
@@ -125,7 +125,8 @@ class ModelSource:
         if key not in self._built:
             from oodcli.backbones import adapters
 
-            self._built[key] = adapters.make_module(self, key)
+            kind, value = self.details["weights"] if key == self.weights else parse_weights(key)
+            self._built[key] = adapters.make_module(self, kind, value)
         return self._built[key]
 
     def build(self, weights: str | None, input_size: int):
@@ -409,3 +410,4 @@ def _carried_preprocess(resolved: ModelSource, preprocess: str | None) -> Prepro
 
 
 _RESOLVERS = {"torchvision": _torchvision, "timm": _timm, "hf": _hf, "python": _python}
+register_source_resolver(resolve)

@@ -253,6 +253,15 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
+#: set by ``oodcli.backbones.sources`` (imported with the package, like the registry): resolves
+#: ``SOURCE:NAME`` names, so this module needs no import of it
+_SOURCE_RESOLVER: list[Callable[..., BackboneSpec]] = []
+
+
+def register_source_resolver(resolve: Callable[..., BackboneSpec]) -> None:
+    _SOURCE_RESOLVER[:] = [resolve]
+
+
 def register(spec: BackboneSpec) -> BackboneSpec:
     if spec.name in _REGISTRY:
         raise ValueError(f"backbone {spec.name!r} registered twice")
@@ -271,10 +280,8 @@ def get_spec(name: str, weights: str | None = None, head: str | None = None, lay
             raise UsageError(f"{given[0]} goes with SOURCE:NAME models (e.g. torchvision:{name}); "
                              f"'{name}' is a built-in with its own layers")
         return _REGISTRY[name]
-    if ":" in name:
-        from oodcli.backbones.sources import resolve
-
-        return resolve(name, weights, head, layers, strict, preprocess)
+    if ":" in name and _SOURCE_RESOLVER:
+        return _SOURCE_RESOLVER[0](name, weights, head, layers, strict, preprocess)
     import difflib
 
     near = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
