@@ -203,14 +203,20 @@ def recorded_backbone(store: Store, backbone: str, split: str):
 
     attrs = store.node_attrs(features_node(split, backbone))
     parts, weights = attrs.get("parts") or {}, attrs.get("weights_source")
-    spec = get_spec(parts.get("backbone", backbone))
+    pre = {k: tuple(v) if isinstance(v, list) else v for k, v in (parts.get("preprocess") or {}).items()}
     try:
+        source = attrs.get("model_source")
+        if source:  # SOURCE:NAME: named again as extract named it, with the recorded preprocessing
+            text = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in pre.items())
+            spec = get_spec(source["model"], weights, source.get("head"), source.get("layers") or (),
+                            source.get("strict", True), preprocess=text)
+        else:
+            spec = get_spec(parts.get("backbone", backbone))
         spec = spec.for_weights(weights)
-        pre = {k: tuple(v) if isinstance(v, list) else v for k, v in (parts.get("preprocess") or {}).items()}
         spec = dataclasses.replace(spec, preprocess=Preprocess(**pre))
         built_id = model_id(spec, weights)
-    except OodError as exc:
-        raise OodError(f"the '{backbone}' weights the store's features were made with cannot be loaded ({exc}); "
+    except (OodError, UsageError) as exc:
+        raise OodError(f"the '{backbone}' model or weights the store's features were made with cannot be loaded ({exc}); "
                        f"restore {weights} or re-extract the store") from None
     if built_id != attrs.get("model_id"):
         raise OodError(
@@ -328,6 +334,8 @@ class Detector:
             except (KeyError, OodError):
                 names = getattr(scorer, "class_names", None)
             spec, weights = recorded_backbone(store, backbone, id_split)
+            if hasattr(spec, "requesting"):  # SOURCE:NAME models build the layers asked for
+                spec = spec.requesting(tuple(dtypes))
         return cls(str(store_path), method, scorer, backbone, model_id, id_split, record, value, reference, dtypes,
                    pool, spec, weights, head, names, device, batch_size)
 

@@ -480,6 +480,7 @@ def extract_split(
                     parts=parts,
                     model_id=this_model,
                     weights_source=weights_source(weights),
+                    model_source=getattr(spec, "rebuild", None),  # SOURCE:NAME models: how to name them again
                     activation=spec.activation,
                     layers=list(layers),
                     perturbed=perturbed,

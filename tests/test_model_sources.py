@@ -306,3 +306,33 @@ def test_list_models_names_every_source(capsys):
 def test_builtin_names_keep_their_specs():
     spec = get_spec("resnet18-tiny")
     assert type(spec).__name__ == "BackboneSpec" and spec.weights_identity(None) == "torchvision:random"
+
+
+def test_detector_rebuilds_a_user_model_from_the_store(tmp_path, one_thread):
+    """predict and the Detector name a SOURCE:NAME model again as extract did (files made absolute),
+    from any folder, and give the stored scores."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "user_models.py").write_text(USER_MODULE)
+    hf = _hf_folder(work)
+    store_py, store_hf = tmp_path / "py.zarr", tmp_path / "hf.zarr"
+    script = (
+        "import os, sys, json\nfrom oodcli.cli import main\n"
+        f"os.chdir({str(work)!r})\n"
+        f"assert main(['-q', 'extract', '--model', 'python:user_models.py:build', '--preprocess', {PRE32!r}, "
+        f"'--benchmark', 'digits', '--split', 'train', '--split', 'test', '--split', 'ood/far/noise', "
+        f"'--store', {str(store_py)!r}]) == 0\n"
+        f"assert main(['-q', 'extract', '--model', 'hf:tiny-hf-resnet', '--benchmark', 'digits', '--split', 'train', "
+        f"'--split', 'test', '--split', 'ood/far/noise', '--store', {str(store_hf)!r}]) == 0\n"
+        f"for s in ({str(store_py)!r}, {str(store_hf)!r}):\n"
+        "    assert main(['-q', 'score', 'msp,knn', '--store', s]) == 0\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from oodcli.deploy import Detector
+
+    for store in (store_py, store_hf):  # this process runs elsewhere: the relative names must not be needed
+        det = Detector.from_store(store, "knn", threshold=None)
+        with open_store(store) as st:
+            stored = st.read("scores/knn/ood/far/noise")
+        assert np.allclose(det.score("digits:ood/far/noise"), stored, atol=1e-6)

@@ -142,6 +142,9 @@ class SourceSpec(BackboneSpec):
     (``requesting``), each checked against the built network before anything is written."""
 
     source: ModelSource | None = field(default=None, repr=False, compare=False)
+    #: how to name this model again from any folder (``Detector`` rebuilds it from the store):
+    #: the --model text with local files made absolute, --head, --layer and --strict
+    rebuild: dict | None = field(default=None, repr=False, compare=False)
 
     def weights_identity(self, weights: str | None) -> str:
         return self.source.identity()
@@ -203,8 +206,20 @@ def resolve(model: str, weights: str | None = None, head: str | None = None, lay
     return SourceSpec(
         name=resolved.store_name, family=source, description=f"{source} model {name}", layers=layer_names,
         default_layers=defaults, preprocess=pre, builder=resolved.module, default_weights=weights,
-        source=resolved,
+        source=resolved, rebuild={"model": _absolute_model(source, name), "head": head, "layers": list(layers or ()),
+                                  "strict": strict},
     )
+
+
+def _absolute_model(source: str, name: str) -> str:
+    """``SOURCE:NAME`` with a local file or folder (python: module files, hf: saved folders) made absolute."""
+    if source == "python":
+        module, colon, factory = name.rpartition(":")
+        if module.endswith(".py") and Path(module).exists():
+            return f"python:{Path(module).resolve()}:{factory}"
+    elif source == "hf" and Path(name).exists():
+        return f"hf:{Path(name).resolve()}"
+    return f"{source}:{name}"
 
 
 def _store_name(source: str, name: str) -> str:
