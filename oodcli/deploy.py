@@ -226,6 +226,35 @@ def recorded_backbone(store: Store, backbone: str, split: str):
     return spec, weights
 
 
+def add_to_store(store_path: str | Path, method: str, source: str, split: str, role: str | None = None,
+                 id_split: str | None = None, device: str = "auto", batch_size: int = 64) -> list:
+    """``predict --split NAME``: the new images as an ordinary split, extracted with the model, weights,
+    preprocessing and dtype of the method's features, then scored by the method with its settings."""
+    from oodcli.api import extract_splits
+    from oodcli.scoring import default_id_split, score_store
+
+    with open_store(store_path, "r") as store:
+        id_split = id_split or default_id_split(store)
+        identity = score_identity(store, method, id_split)
+        node = features_node(id_split, identity["backbone"])
+        attrs = store.node_attrs(node)
+        parts, rebuild = attrs.get("parts") or {}, attrs.get("model_source") or {}
+        layers = list(attrs.get("layers") or [])
+        pool = parts.get("featmap_pool")
+    pre = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}"
+                   for k, v in (parts.get("preprocess") or {}).items())
+    extract_splits(rebuild.get("model", identity["backbone"]), store_path, data=source, splits=[split], role=role,
+                   weights=attrs.get("weights_source"), layers=layers, batch_size=batch_size, device=device,
+                   dtype=parts.get("dtype", "float16"), featmap_pool=pool if "featmap" in layers else None,
+                   preprocess=pre, head=rebuild.get("head"), layer_paths=rebuild.get("layers") or None,
+                   strict=rebuild.get("strict", True))
+    with open_store(store_path, "r+") as store:
+        return score_store(store, [identity["method"]], backbone=identity["backbone"], id_split=id_split,
+                           train_split=identity.get("train_split") or "train",
+                           hparams={identity["method"]: identity.get("hparams") or {}},
+                           save_as=method if method != identity["method"] else None)
+
+
 # ---- the Detector -------------------------------------------------------------------------------
 
 

@@ -346,3 +346,17 @@ def test_import_oodcli_is_light(digits):
             "assert 'torch' not in sys.modules, 'torch imported'" % str(digits["store"]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_predict_split_adds_the_images_as_an_ordinary_split(digits, tmp_path, capsys):
+    from conftest import run
+
+    store = _copy(digits, tmp_path)
+    code, out, err = run(capsys, "-q", "predict", "knn", "--store", store, "--data", "digits:ood/far/noise",
+                         "--threshold", "none", "--split", "ood/far/noise")
+    assert code == 0, err
+    scores = np.array([json.loads(line)["score"] for line in out.splitlines()], np.float32)
+    with open_store(store) as st:
+        assert st.node_attrs("splits/ood/far/noise")["role"] == "ood-far"
+        assert np.array_equal(st.read("scores/knn/ood/far/noise").astype(np.float32), scores)
+        assert st.node_attrs("scores/knn/ood/far/noise")["hparams"]["k"] == 3

@@ -66,12 +66,18 @@ def predict(
     id_split: Optional[str] = typer.Option(None, "--id", help="ID test split whose scores define the method (default: test)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="Also add the images to the store as split NAME (an ordinary extract + score of the "
+        "method; the role follows the name, e.g. ood/far/new, or --role)."
+    ),
+    role: Optional[str] = typer.Option(None, "--role", help="Role of the --split (default: from its name)."),
 ) -> None:
     """Score new images with a store's method and decide, per image, in- or out-of-distribution.
 
     Rebuilds the backbone the store records for the method (the same weights, checked by
     their hash, and preprocessing), runs it over the images in batches and scores them with
-    the method's fitted state; nothing is added to the store. One record per image: id
+    the method's fitted state; nothing is added to the store unless --split NAME asks for
+    it (then it is an ordinary extract + score). One record per image: id
     (its path), score, decision (in: score >= threshold), percentile among the threshold
     split's ID scores, and the predicted class and its probability where the backbone has a
     head. Unreadable images are listed on stderr, the others predicted, and the exit code
@@ -117,6 +123,12 @@ def predict(
         atomic_write(out_path, lambda tmp: tmp.write_text(_render(lines, out_path.suffix)))
         if not STATE["quiet"]:
             err.print(f"wrote {len(lines)} predictions to {out_path}", markup=False)
+    if split is not None and not result.failed:
+        from oodcli.deploy import add_to_store
+
+        add_to_store(store, method, data, split, role=role, id_split=id_split, device=device, batch_size=batch_size)
+        if not STATE["quiet"]:
+            err.print(f"added the images as split '{split}' with '{method}' scores", markup=False)
     if result.failed:
         for name, why in result.failed:
             err.print(f"unreadable: {name} ({why})", markup=False)
