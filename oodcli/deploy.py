@@ -387,6 +387,15 @@ class Detector:
             batch[layer] = x
         return np.asarray(self.scorer.score_features(batch), np.float32)
 
+    def _score_forwarded(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        """``score_features`` right after a forward pass, with the BLAS pool at one thread: on CPU,
+        numpy's BLAS threads and torch's still-spinning OpenMP threads contend for the same cores,
+        which made a Mahalanobis batch cost 2-3 forward passes (benchmarks/predict.py)."""
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self.score_features(feats)
+
     # ---- images -> features ------------------------------------------------------------------
 
     def network(self):
@@ -451,7 +460,7 @@ class Detector:
         for _, x, bad in self._batches(images):
             failed += bad
             if x is not None:
-                out.append(self.score_features(self.forward(x)))
+                out.append(self._score_forwarded(self.forward(x)))
         if failed:
             raise OodError(f"{len(failed)} image(s) could not be read, e.g. {failed[0][0]} ({failed[0][1]})")
         return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -468,7 +477,7 @@ class Detector:
             if x is None:
                 continue
             feats = self.forward(x)
-            part = self._predictions(names, self.score_features(feats), feats)
+            part = self._predictions(names, self._score_forwarded(feats), feats)
             if on_batch is not None:
                 on_batch(part)
             if collect:
