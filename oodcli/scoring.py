@@ -41,7 +41,9 @@ from oodcli.scorers.base import (
     check_train_split,
     get_scorer,
     load_head,
+    is_scorer,
     scorer_names,
+    unknown_method,
     train_fingerprint,
 )
 from oodcli.store import (
@@ -104,15 +106,14 @@ class MethodOutcome:
 
 
 def parse_methods(text: str) -> list[str]:
-    names = scorer_names()
     if text.strip() == "all":
-        return names
+        return scorer_names(plugins=True)
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
         raise UsageError("no method given; name one or more, e.g. 'msp,energy', or 'all'")
     for m in methods:
-        if m not in names:
-            raise UsageError(f"unknown method '{m}'; choose from: {', '.join(names)}, or 'all'")
+        if not is_scorer(m):
+            raise unknown_method(m, ", or 'all'")
     return list(dict.fromkeys(methods))
 
 

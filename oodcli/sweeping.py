@@ -34,7 +34,7 @@ from oodcli import __version__
 from oodcli.errors import OodError, UsageError
 from oodcli.metrics import ood_metrics
 from oodcli.scorers.base import (
-    Progress, get_scorer, no_progress, param_value, scorer_names, scorer_params, train_fingerprint,
+    Progress, get_scorer, is_scorer, no_progress, param_value, scorer_params, train_fingerprint, unknown_method,
 )
 from oodcli.scoring import (  # noqa: F401  (SWEEPS, load_sweep, check_sweep_matches: their old home)
     SWEEPS, _pick_backbone, check_splits_exist, check_sweep_matches, load_sweep, sweep_node, val_ood_splits,
@@ -187,8 +187,8 @@ def run_sweep(
     AUROC; record the whole grid under ``fitted/sweeps/<method>`` (unless ``write`` is false)
     and return the record."""
     progress = progress or no_progress
-    if method not in scorer_names():
-        raise UsageError(f"unknown method '{method}'; choose from: {', '.join(scorer_names())}")
+    if not is_scorer(method):
+        raise unknown_method(method)
     for name, what in ((val_id, "--val-id"), (train_split, "--train"), *((o, "--val-ood") for o in val_ood or [])):
         check_name(name, what)
     grid = grid if grid is not None else default_grid(method)

@@ -26,7 +26,9 @@ PROBE = f"""
 import json, sys
 from oodcli.cli import main
 rc = main(sys.argv[1:])
-print(json.dumps({{"rc": rc, "imported": [m for m in {WATCHED!r} if m in sys.modules]}}), file=sys.stderr)
+plugins = getattr(sys.modules.get("oodcli.plugins"), "_loaded", False)
+print(json.dumps({{"rc": rc, "imported": [m for m in {WATCHED!r} if m in sys.modules], "plugins": plugins}}),
+      file=sys.stderr)
 """
 
 
@@ -100,6 +102,19 @@ def test_commands_without_a_network_import_no_torch(made, tmp_path, command):
     shutil.copytree(made[0], store)
     result, _ = probe(*command.replace("STORE", str(store)).split())
     assert not set(NETWORK) & set(result["imported"]), result
+
+
+@pytest.mark.parametrize("command", ["report --store STORE", "store info STORE", "score msp --store STORE"])
+def test_commands_that_use_no_plugin_load_none(made, tmp_path, command):
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(made[0], store)
+    result, _ = probe(*command.replace("STORE", str(store)).split())
+    assert result["plugins"] is False, result
+
+
+def test_listings_load_the_plugins():  # the control: the probe does see a load
+    for command in ("score --list", "extract --list-models"):
+        assert probe(*command.split())[0]["plugins"] is True
 
 
 def test_device_cuda_without_cuda_fails_before_any_work(made, tmp_path, capsys):

@@ -9,6 +9,10 @@ network is built, so listing models or fingerprinting a run stays fast.
 from oodcli.backbones import registry  # noqa: F401  (declares every family's specs)
 from oodcli.backbones import sources  # noqa: F401  (resolves SOURCE:NAME models)
 from oodcli.backbones.spec import BackboneSpec, Preprocess, all_specs, get_spec
+from oodcli.backbones.spec import _REGISTRY
+from oodcli.plugins import track
+
+track("backbone", _REGISTRY)  # every built-in spec is declared: plugins may add theirs
 
 __all__ = ["Backbone", "BackboneSpec", "Preprocess", "all_specs", "get_spec"]
 

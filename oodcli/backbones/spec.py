@@ -274,6 +274,10 @@ def get_spec(name: str, weights: str | None = None, head: str | None = None, lay
     """The spec of a built-in name, or of ``SOURCE:NAME`` (``oodcli.backbones.sources``), which alone
     takes ``head`` (--head), ``layers`` (--layer NAME=PATH), ``strict`` and, to know whether the
     model's own preprocessing is needed, the ``--preprocess`` text."""
+    if name not in _REGISTRY and ":" not in name:  # not a built-in: perhaps a plugin's
+        from oodcli.plugins import load_plugins
+
+        load_plugins()
     if name in _REGISTRY:
         given = [opt for opt, value in (("--head", head), ("--layer", layers), ("--strict false", not strict)) if value]
         if given:
@@ -284,12 +288,14 @@ def get_spec(name: str, weights: str | None = None, head: str | None = None, lay
         return _SOURCE_RESOLVER[0](name, weights, head, layers, strict, preprocess)
     import difflib
 
+    from oodcli.plugins import failure_note
+
     near = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
     raise UsageError(
         f"unknown model '{name}'"
         + (f" (close matches: {', '.join(near)})" if near else "")
         + f"; choose one of: {', '.join(sorted(_REGISTRY))}, or SOURCE:NAME with a source of "
-        "torchvision, timm, hf, python (see --list-models)"
+        "torchvision, timm, hf, python (see --list-models)" + failure_note()
     )
 
 

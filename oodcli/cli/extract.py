@@ -29,14 +29,18 @@ def _list_models(value: bool) -> None:
     for source, (how, weights) in SOURCES.items():
         sources.add_row(source, escape(how), escape(weights))
     _print_wide(sources)
-    table = Table(title="built-in backbones (the -tiny twins are random-initialised test models)")
-    for col in ("model", "family", "layers (default first)", "default weights"):
+    from oodcli.plugins import load_plugins, origin
+
+    load_plugins()
+    table = Table(title="named backbones, built-in or from plugins "
+                        "(the -tiny twins are random-initialised test models)")
+    for col in ("model", "family", "layers (default first)", "default weights", "from"):
         table.add_column(col)
     for name, spec in sorted(all_specs().items()):
         rest = [layer for layer in spec.layers if layer not in spec.default_layers]
         layers = ", ".join(spec.default_layers) + (f" (+ {', '.join(rest)})" if rest else "")
         weights = "--weights PATH" if spec.needs_weights_file else str(spec.default_weights)
-        table.add_row(name, spec.family, layers, weights)
+        table.add_row(name, spec.family, layers, weights, origin("backbone", name))
     _print_wide(table)
     raise typer.Exit()
 

@@ -23,11 +23,11 @@ def _print_scorer_list(as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title="scorers (higher score = more in-distribution); set a parameter with -p METHOD.NAME=VALUE")
-    for col in ("method", "parameters (defaults)", "needs", "what"):
+    for col in ("method", "parameters (defaults)", "needs", "what", "from"):
         table.add_column(col)
     for r in rows:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
-        table.add_row(r["method"], params, r["needs"], r["summary"])
+        table.add_row(r["method"], params, r["needs"], r["summary"], r["origin"])
     _print_wide(table)
 
 
@@ -205,10 +205,10 @@ def sweep(
     """
     from oodcli.store import open_store
     from oodcli.sweeping import parse_grid, run_sweep
-    from oodcli.scorers.base import scorer_names
+    from oodcli.scorers.base import is_scorer, unknown_method
 
-    if method not in scorer_names():
-        raise UsageError(f"unknown method '{method}'; choose from: {', '.join(scorer_names())}")
+    if not is_scorer(method):
+        raise unknown_method(method)
     parsed = parse_grid(grid, method) if grid is not None else None
     bar = _progress()
 

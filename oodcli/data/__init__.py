@@ -18,6 +18,10 @@ from oodcli.data.base import (
 from oodcli.data.benchmarks import Benchmark, get_benchmark, list_benchmarks
 from oodcli.data import sources  # noqa: F401  (registers the source kinds; imports no PIL)
 from oodcli.data import external  # noqa: F401  (hf:, webdataset:, csv:, jsonl:; imports no datasets)
+from oodcli.data.base import _SOURCES
+from oodcli.plugins import track
+
+track("data source", _SOURCES)  # every built-in kind is registered: plugins may add theirs
 
 __all__ = [
     "DATA_ROOT_ENV",

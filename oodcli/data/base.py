@@ -112,9 +112,12 @@ _SOURCES: dict[str, Callable[[str, Path, bool], ImageDataset]] = {}
 
 
 def register_source(kind: str):
-    """Register a factory ``(argument, data_root, is_ood) -> ImageDataset`` for ``kind:argument``."""
+    """Register a factory ``(argument, data_root, is_ood) -> ImageDataset`` for ``kind:argument``;
+    a kind already taken is refused, so a plugin cannot silently replace a built-in."""
 
     def deco(fn):
+        if kind in _SOURCES:
+            raise ValueError(f"data source kind {kind!r} registered twice")
         _SOURCES[kind] = fn
         return fn
 
@@ -122,9 +125,14 @@ def register_source(kind: str):
 
 
 def open_source(spec: str, root: Path, is_ood: bool = False) -> ImageDataset:
+    from oodcli.plugins import failure_note, load_plugins
+
     kind, _, arg = spec.partition(":")
+    if kind not in _SOURCES:  # not a built-in kind: perhaps a plugin's
+        load_plugins()
     if kind not in _SOURCES:
         raise UsageError(
             f"unknown data source '{spec}'; use one of {', '.join(k + ':...' for k in sorted(_SOURCES))}"
+            + failure_note()
         )
     return _SOURCES[kind](arg, root, is_ood)

@@ -13,5 +13,9 @@ from oodcli.scorers.base import (
     scorer_names,
     scorer_params,
 )
+from oodcli.scorers.base import _REGISTRY
+from oodcli.plugins import track
+
+track("scorer", _REGISTRY)  # every built-in family is imported: plugins may add theirs
 
 __all__ = ["Scorer", "describe_scorers", "get_scorer", "iter_feature_blocks", "register", "scorer_names", "scorer_params"]

@@ -40,14 +40,35 @@ def register(cls: type["Scorer"]) -> type["Scorer"]:
     return cls
 
 
-def scorer_names() -> list[str]:
+def scorer_names(plugins: bool = False) -> list[str]:
+    """Every registered method; ``plugins`` loads the plugins' scorers first (listings, 'all')."""
     from oodcli import scorers  # noqa: F401  (imports every family module)
 
+    if plugins:
+        from oodcli.plugins import load_plugins
+
+        load_plugins()
     return sorted(_REGISTRY)
 
 
+def is_scorer(name: str) -> bool:
+    """Whether a method of that name exists; a name no built-in has loads the plugins first."""
+    return name in scorer_names() or name in scorer_names(plugins=True)
+
+
+def unknown_method(name: str, also: str = "") -> UsageError:
+    """The one-line error for a method nobody registered, naming the failed plugins' reasons."""
+    from oodcli.plugins import failure_note
+
+    return UsageError(f"unknown method '{name}'; choose from: {', '.join(scorer_names())}{also}{failure_note()}")
+
+
 def _init_params(name: str) -> dict[str, inspect.Parameter]:
-    return {k: p for k, p in inspect.signature(_REGISTRY[name].__init__).parameters.items() if k != "self"}
+    """The hyperparameters: named keyword arguments (a scorer without its own ``__init__``, as a
+    plugin may write it, has object's ``*args, **kwargs``, which are none)."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {k: p for k, p in inspect.signature(_REGISTRY[name].__init__).parameters.items()
+            if k != "self" and p.kind not in variadic}
 
 
 def scorer_params(name: str) -> dict:
@@ -56,9 +77,12 @@ def scorer_params(name: str) -> dict:
 
 
 def describe_scorers() -> list[dict]:
-    """Name, family module, one-line summary and parameters of every scorer (``score --list``)."""
+    """Name, family module, one-line summary, parameters and origin (built-in or plugin) of every
+    scorer (``score --list``)."""
+    from oodcli.plugins import origin
+
     rows = []
-    for name in scorer_names():
+    for name in scorer_names(plugins=True):
         cls = _REGISTRY[name]
         rows.append({
             "method": name,
@@ -66,6 +90,7 @@ def describe_scorers() -> list[dict]:
             "summary": (cls.__doc__ or "").strip().splitlines()[0],
             "needs": ", ".join(cls.layers) + (", head" if cls.uses_head else "") + (", train" if cls.needs_fit else ""),
             "params": scorer_params(name),
+            "origin": origin("scorer", name),
         })
     return rows
 
@@ -122,9 +147,8 @@ def check_param(method: str, key: str, value, default, annotation: str = ""):
 
 
 def get_scorer(name: str, **hparams) -> "Scorer":
-    names = scorer_names()
-    if name not in _REGISTRY:
-        raise UsageError(f"unknown method '{name}'; choose from: {', '.join(names)}")
+    if not is_scorer(name):
+        raise unknown_method(name)
     params = _init_params(name)
     unknown = set(hparams) - set(params)
     if unknown:
