@@ -50,62 +50,79 @@ def resolve_splits(
     raise UsageError("say what to extract: --benchmark NAME or --data SOURCE")
 
 
-def _reference_classes(store: Path, benchmark: str | None) -> tuple[list[str] | None, str]:
-    """The class list a labelled split must match, and where it comes from: the benchmark's
-    (given or recorded in the store), else the class folders recorded with the store's train split."""
-    recorded = None
+def _reference_classes(store: Path, benchmark: str | None) -> tuple[list[str] | None, list[str] | None, str]:
+    """(class folders recorded with an ID split of the store, the benchmark's class names, where
+    the folders come from): what a labelled folder split must match."""
+    recorded, where = None, ""
     if store.exists():
         from oodcli.store import list_splits, split_node
 
-        with open_store(store, "r") as existing:
-            benchmark = benchmark or existing.attrs.get("benchmark")
-            splits = list_splits(existing)
-            for split in (["train"] if "train" in splits else []) + splits:
-                names = existing.node_attrs(split_node(split)).get("class_names")
-                if names and existing.node_attrs(split_node(split)).get("role") == "id":
-                    recorded = (list(names), f"split '{split}'")
-                    break
+        try:
+            existing = open_store(store, "r")
+        except OodError:  # e.g. a store whose creation was killed: opening it to write decides what to do
+            existing = None
+        if existing is not None:
+            with existing:
+                benchmark = benchmark or existing.attrs.get("benchmark")
+                splits = list_splits(existing)
+                for split in (["train"] if "train" in splits else []) + splits:
+                    attrs = existing.node_attrs(split_node(split))
+                    if attrs.get("class_names") and attrs.get("role") == "id":
+                        recorded, where = list(attrs["class_names"]), f"split '{split}'"
+                        break
+    names = None
     if benchmark:
         try:
             names = get_benchmark(benchmark).resolve_class_names()
         except OodError:
             names = None
-        if names:
-            return list(names), f"benchmark '{benchmark}'"
-    return recorded if recorded else (None, "")
+    return recorded, (list(names) if names else None), (where or f"benchmark '{benchmark}'")
+
+
+def _folder_mismatch(names: list[str], reference: list[str]) -> str:
+    missing = [c for c in reference if c not in names]
+    extra = [c for c in names if c not in reference]
+    return "; ".join(part for part in (
+        f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
+        f"not in the list {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else "",
+        "the same names in another order" if not missing and not extra else "",
+    ) if part)
 
 
 def check_class_folders(store: Path, benchmark: str | None, datasets: list) -> None:
-    """Labels of image folders come from their class sub-folders, matched by name: refuse an ID
+    """Labels of image folders come from their class sub-folders in sorted order: refuse an ID
     split whose folders are not the class list (a missing folder would shift every later label)
-    and an ID split without labels (a flat folder), in one line each."""
+    and an ID split without labels (a flat folder), in one line each. The list is the folders
+    recorded with the store's ID splits (or the first labelled split of this call); else the
+    benchmark's classes, by name where the folders carry the names, by count where they carry
+    ids (ImageNet's wnid folders)."""
     from oodcli.data.sources import FolderDataset
 
-    reference, where = _reference_classes(store, benchmark)
+    recorded, bench_names, where = _reference_classes(store, benchmark)
     for d, ds in datasets:
         if d.role != "id" or type(ds) is not FolderDataset or not ds.name.startswith("folder:"):
             continue  # OOD and synthetic splits carry no labels; lists and packaged data sets give theirs
-        names = getattr(ds, "class_names", None)
+        names = list(ds.class_names or [])
         if not names:
             raise OodError(
                 f"split '{d.name}' ({d.source}) is an ID split but its images have no labels (no class sub-folders); "
                 "put them in one folder per class, or give --role ood (or ood-near / ood-far) if it is OOD data"
             )
-        if reference is None:
-            reference, where = list(names), f"split '{d.name}'"  # the first labelled split sets the list
-            continue
-        if list(names) != reference:
-            missing = [c for c in reference if c not in names]
-            extra = [c for c in names if c not in reference]
-            detail = "; ".join(part for part in (
-                f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
-                f"not in the list {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else "",
-                "the same names in another order" if not missing and not extra else "",
-            ) if part)
-            raise OodError(
-                f"the class folders of split '{d.name}' ({len(names)}) are not the {len(reference)} classes of {where} "
-                f"({detail}); labels follow the folders' sorted names, so give it one folder per class, all of them"
-            )
+        fix = "labels follow the folders' sorted names, so give it one folder per class, all of them"
+        if recorded is not None:
+            if names != recorded:
+                raise OodError(f"the class folders of split '{d.name}' ({len(names)}) are not the {len(recorded)} of "
+                               f"{where} ({_folder_mismatch(names, recorded)}); {fix}")
+        elif bench_names is not None:
+            if any(n in bench_names for n in names):  # folders named by class
+                if names != bench_names:
+                    raise OodError(f"the class folders of split '{d.name}' ({len(names)}) are not the {len(bench_names)} "
+                                   f"classes of {where} ({_folder_mismatch(names, bench_names)}); {fix}")
+            elif len(names) != len(bench_names):  # folders named by id: at least as many as the classes
+                raise OodError(f"split '{d.name}' has {len(names)} class folders but {where} has {len(bench_names)} "
+                               f"classes; {fix}")
+        if recorded is None:
+            recorded, where = names, f"split '{d.name}'"  # the first labelled split sets the list for the rest
 
 
 MAX_SHARDS = 100_000

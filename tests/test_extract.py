@@ -407,7 +407,17 @@ def test_class_folders_are_matched_by_name(tmp_path, capsys):
     assert run(capsys, "-q", "extract", "--model", MODEL, "--benchmark", "digits", "--split", "test", "--store", bench)[0] == 0
     code, _, err = run(capsys, "-q", "extract", "--model", MODEL, "--data", folder("mine", ["zero", "one"]),
                        "--split", "val2", "--store", bench)
-    assert code == 1 and "benchmark 'digits'" in err and "missing two, three, four, five" in err
+    assert code == 1 and "are not the 6 of split 'test'" in err and "missing two, three, four, five" in err
+    # folders named by id (ImageNet's wnids) against a benchmark's class names: their count must match
+    from oodcli.api import check_class_folders
+    from oodcli.data.base import SplitDef, open_source
+
+    for n in range(5):
+        (tmp_path / "wnids" / f"n{n:08d}").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "wnids" / f"n{n:08d}" / "a.png")
+    ds = open_source(f"folder:{tmp_path / 'wnids'}", tmp_path)
+    with pytest.raises(OodError, match="has 5 class folders but benchmark 'digits' has 6 classes"):
+        check_class_folders(tmp_path / "none.zarr", "digits", [(SplitDef("train", "id", "x"), ds)])
     # an OOD folder with class folders is fine (its labels are -1)
     assert run(capsys, "-q", "extract", "--model", MODEL, "--data", f"folder:{tmp_path / 'mine'}",
                "--split", "ood/far/mine", "--store", bench)[0] == 0
