@@ -35,7 +35,7 @@ def threshold(
 
     Examples:
 
-      oodcli score knn --store stores/digits.zarr --id val
+      oodcli score knn --store stores/digits.zarr --id val --backbone digits_cnn
 
       oodcli threshold knn --store stores/digits.zarr
 
