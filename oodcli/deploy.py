@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
@@ -178,19 +177,6 @@ def read_threshold(store: Store, method: str, id_split: str | None = None) -> Th
     return recorded
 
 
-def recorded_thresholds(store: Store, id_split: str | None = None) -> dict[str, Threshold | str]:
-    """Every recorded threshold that still holds, and for each one that does not, why (for ``report``)."""
-    if not store.exists(THRESHOLDS):
-        return {}
-    out: dict[str, Threshold | str] = {}
-    for name in store.children(THRESHOLDS):
-        try:
-            out[name] = read_threshold(store, name, id_split)
-        except OodError as exc:
-            out[name] = str(exc)
-    return out
-
-
 # ---- the backbone a store records ----------------------------------------------------------------
 
 
@@ -198,7 +184,7 @@ def recorded_backbone(store: Store, backbone: str, split: str):
     """(spec, weights) rebuilt from what ``extract`` recorded for ``split``: the network, the weights
     (a file must still hash as it did) and the preprocessing it used."""
     from oodcli.backbones.base import get_spec
-    from oodcli.backbones.spec import Preprocess
+    from oodcli.backbones.spec import Preprocess, preprocess_option
     from oodcli.extraction import model_id
 
     attrs = store.node_attrs(features_node(split, backbone))
@@ -207,9 +193,8 @@ def recorded_backbone(store: Store, backbone: str, split: str):
     try:
         source = attrs.get("model_source")
         if source:  # SOURCE:NAME: named again as extract named it, with the recorded preprocessing
-            text = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in pre.items())
             spec = get_spec(source["model"], weights, source.get("head"), source.get("layers") or (),
-                            source.get("strict", True), preprocess=text)
+                            source.get("strict", True), preprocess=preprocess_option(pre))
         else:
             spec = get_spec(parts.get("backbone", backbone))
         spec = spec.for_weights(weights)
@@ -231,6 +216,7 @@ def add_to_store(store_path: str | Path, method: str, source: str, split: str, r
     """``predict --split NAME``: the new images as an ordinary split, extracted with the model, weights,
     preprocessing and dtype of the method's features, then scored by the method with its settings."""
     from oodcli.api import extract_splits
+    from oodcli.backbones.spec import preprocess_option
     from oodcli.scoring import default_id_split, score_store
 
     with open_store(store_path, "r") as store:
@@ -241,12 +227,10 @@ def add_to_store(store_path: str | Path, method: str, source: str, split: str, r
         parts, rebuild = attrs.get("parts") or {}, attrs.get("model_source") or {}
         layers = list(attrs.get("layers") or [])
         pool = parts.get("featmap_pool")
-    pre = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}"
-                   for k, v in (parts.get("preprocess") or {}).items())
     extract_splits(rebuild.get("model", identity["backbone"]), store_path, data=source, splits=[split], role=role,
                    weights=attrs.get("weights_source"), layers=layers, batch_size=batch_size, device=device,
                    dtype=parts.get("dtype", "float16"), featmap_pool=pool if "featmap" in layers else None,
-                   preprocess=pre, head=rebuild.get("head"), layer_paths=rebuild.get("layers") or None,
+                   preprocess=preprocess_option(parts.get("preprocess") or {}), head=rebuild.get("head"), layer_paths=rebuild.get("layers") or None,
                    strict=rebuild.get("strict", True))
     with open_store(store_path, "r+") as store:
         return score_store(store, [identity["method"]], backbone=identity["backbone"], id_split=id_split,
@@ -408,17 +392,10 @@ class Detector:
 
     def forward(self, x: "torch.Tensor") -> dict[str, np.ndarray]:
         """The layers of a preprocessed batch [N, 3, H, W], as extract computes them."""
-        import torch
-
-        from oodcli.extraction import run_backbone
+        from oodcli.extraction import forward_batch
 
         net = self.network()
-        device = next(net.parameters()).device
-        autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
-        with torch.inference_mode(), autocast:
-            out = run_backbone(net, x.to(device), tuple(self.layer_dtypes))
-            if self.featmap_pool is not None and "featmap" in out:
-                out["featmap"] = torch.nn.functional.adaptive_avg_pool2d(out["featmap"].float(), self.featmap_pool)
+        out = forward_batch(net, x.to(next(net.parameters()).device), tuple(self.layer_dtypes), self.featmap_pool)
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
     def _batches(self, images) -> Iterator[tuple[list, "torch.Tensor | None", list]]:

@@ -163,6 +163,20 @@ def run_backbone(model: Backbone, x: torch.Tensor, layers: tuple[str, ...]) -> d
     return model(x, layers)
 
 
+def forward_batch(model: Backbone, x: torch.Tensor, layers: tuple[str, ...],
+                  featmap_pool: int | None = None) -> dict[str, torch.Tensor]:
+    """A batch (on the model's device) through the network as extract stores it: inference mode,
+    fp16 autocast on CUDA, the featmap average-pooled to ``featmap_pool`` x ``featmap_pool``."""
+    import torch
+
+    autocast = torch.autocast("cuda", dtype=torch.float16) if x.device.type == "cuda" else nullcontext()
+    with torch.inference_mode(), autocast:
+        out = run_backbone(model, x, layers)
+        if featmap_pool is not None and "featmap" in out:
+            out["featmap"] = torch.nn.functional.adaptive_avg_pool2d(out["featmap"].float(), featmap_pool)
+    return out
+
+
 class _ChunkWriter(threading.Thread):
     """Collects batches into whole chunks and writes them, advancing ``rows_done``."""
 
@@ -539,14 +553,10 @@ def extract_split(
     pool = featmap_pool if "featmap" in layers else None
     writer = _ChunkWriter(store, node, all_layers, start, rows, DTYPES[dtype], advance, done_before, marker)
     writer.start()
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
     try:
         for images, _ in loader:
             x = images.to(device, non_blocking=True)
-            with torch.inference_mode(), autocast:
-                out = run_backbone(net, x, layers)
-                if pool is not None:
-                    out["featmap"] = torch.nn.functional.adaptive_avg_pool2d(out["featmap"].float(), pool)
+            out = forward_batch(net, x, layers, pool)
             for layer, step in steps.items():  # needs the input gradient: outside inference mode, in float32
                 out[layer] = step(x)
             writer.put({k: v.float().cpu().numpy() for k, v in out.items()})
@@ -615,7 +625,6 @@ def _add_layers(store: Store, spec: BackboneSpec, weights: str | None, data: Ima
     loader = torch.utils.data.DataLoader(TransformedDataset(data, spec.preprocess.to_transform()), batch_size=batch_size,
                                          shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     advance = progress(f"{split} (+{','.join(missing)})", n, 0) if progress else (lambda k: None)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
     bad = np.zeros(n, dtype=bool)
     with store.transaction() as txn:
         staged = {layer: txn.stage(f"{node}/{layer}") for layer in missing}
@@ -624,10 +633,7 @@ def _add_layers(store: Store, spec: BackboneSpec, weights: str | None, data: Ima
                                attrs=_layer_attrs(layer, net, pool, {}))
         start = 0
         for images, _ in loader:
-            with torch.inference_mode(), autocast:
-                out = run_backbone(net, images.to(device, non_blocking=True), missing)
-                if "featmap" in out and pool is not None:
-                    out["featmap"] = torch.nn.functional.adaptive_avg_pool2d(out["featmap"].float(), pool)
+            out = forward_batch(net, images.to(device, non_blocking=True), missing, pool)
             for layer in missing:
                 block = out[layer].float().cpu().numpy()
                 bad[start : start + len(block)] |= ~np.isfinite(block.reshape(len(block), -1)).all(axis=1)

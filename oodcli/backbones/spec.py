@@ -56,6 +56,12 @@ PREPROCESS_KEYS = ("resize", "crop", "mean", "std", "interpolation")
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 
+def preprocess_option(described: dict) -> str:
+    """The ``--preprocess`` text of a ``Preprocess.describe()`` (as stored: lists for the triples),
+    so that ``parse_preprocess`` gives the same preprocessing back."""
+    return ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in described.items())
+
+
 def parse_preprocess(text: str, base: Preprocess, option: str = "--preprocess") -> Preprocess:
     """``KEY=VALUE,...`` applied over ``base``: resize, crop (pixels), mean, std (three numbers
     separated by '/' or ';', so a value never contains the list's comma) and interpolation
