@@ -65,26 +65,32 @@ class ExtractResult:
 
 FLOAT16_NORMAL = float(np.finfo(np.float16).tiny)  # 6.1e-5: below it float16 keeps fewer bits, below 3e-8 none
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: above it, inf
-FLOAT16_LOSS_SHARE = 0.01  # a note once more than this share of a layer's nonzero values is out of range
+FLOAT16_ROW_ERROR = 1e-3  # float16's own rounding stays below 2**-11 (4.9e-4) of a row's norm
 
 
 def float16_range_notes(block: dict[str, np.ndarray]) -> list[str]:
-    """What storing these (float32) rows as float16 would lose, per layer: values above its
-    maximum (inf) and nonzero values below its normal range (rounded to few bits or to 0)."""
+    """What storing these (float32) rows as float16 would lose, per layer: values above its maximum
+    (inf), or rows whose values sit so far below its normal range that the rounding error exceeds
+    ``FLOAT16_ROW_ERROR`` of the row's norm (the median row). A few tiny entries beside larger
+    ones (post-ReLU features) lose nothing that matters and are not reported."""
     notes = []
     for layer, x in block.items():
-        a = np.abs(x[np.isfinite(x)])
-        nonzero = a[a > 0]
-        if not nonzero.size:
+        rows = x.reshape(len(x), -1).astype(np.float64)
+        rows = rows[np.isfinite(rows).all(axis=1)]
+        norm = np.linalg.norm(rows, axis=1)
+        rows, norm = rows[norm > 0], norm[norm > 0]
+        if not len(rows):
             continue
-        over = float(np.mean(nonzero > FLOAT16_MAX))
-        under = float(np.mean(nonzero < FLOAT16_NORMAL))
+        over = float(np.mean(np.abs(rows) > FLOAT16_MAX))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, not warned
+            error = float(np.median(np.linalg.norm(rows - rows.astype(np.float16).astype(np.float64), axis=1) / norm))
         if over > 0:
             notes.append(f"{layer}: {100 * over:.2g}% of the first chunk's values exceed float16's range "
                          f"({FLOAT16_MAX:g}) and are stored as inf; extract with --dtype float32")
-        elif under > FLOAT16_LOSS_SHARE:
-            notes.append(f"{layer}: {100 * under:.2g}% of the first chunk's nonzero values are below float16's normal "
-                         f"range ({FLOAT16_NORMAL:.1e}) and lose precision or become 0; extract with --dtype float32")
+        elif error > FLOAT16_ROW_ERROR:
+            notes.append(f"{layer}: its values lie below float16's normal range ({FLOAT16_NORMAL:.1e}): stored as "
+                         f"float16 a row loses {100 * error:.2g}% of its norm (median over the first chunk); "
+                         "extract with --dtype float32")
     return notes
 
 
