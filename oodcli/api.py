@@ -9,7 +9,7 @@ from pathlib import Path
 
 from oodcli.backbones.base import get_spec
 from oodcli.backbones.spec import parse_preprocess
-from oodcli.data.base import SplitDef, data_root as resolve_root, open_source, role_from_name
+from oodcli.data.base import CSID_ROLE, SplitDef, data_root as resolve_root, open_source, role_from_name
 from oodcli.data.benchmarks import ROLES, get_benchmark
 from oodcli.data.external import with_columns
 from oodcli.errors import OodError, UsageError
@@ -100,7 +100,7 @@ def check_class_folders(store: Path, benchmark: str | None, datasets: list) -> N
 
     recorded, bench_names, where = _reference_classes(store, benchmark)
     for d, ds in datasets:
-        if d.role != "id" or type(ds) is not FolderDataset or not ds.name.startswith("folder:"):
+        if d.role not in ("id", CSID_ROLE) or type(ds) is not FolderDataset or not ds.name.startswith("folder:"):
             continue  # OOD and synthetic splits carry no labels; lists and packaged data sets give theirs
         names = list(ds.class_names or [])
         if not names:

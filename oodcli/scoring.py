@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from oodcli.data.base import role_from_name
+from oodcli.data.base import CSID_ROLE, role_from_name
 from oodcli.errors import OodError, UsageError
 from oodcli.scorers.base import (
     OLDER_LAYERS,
@@ -151,6 +151,12 @@ def ood_splits(store: Store) -> list[str]:
     """Every test OOD split (validation OOD splits left out); refused while the store holds
     a half-made split, which might be one."""
     return [s for s in require_whole_splits(store) if is_test_ood(split_role(store, s))]
+
+
+def csid_splits(store: Store) -> list[str]:
+    """Every covariate-shifted ID split (role ``csid``): scored beside the OOD sets, counted as ID
+    by ``report --fsood``."""
+    return [s for s in require_whole_splits(store) if split_role(store, s) == CSID_ROLE]
 
 
 def val_ood_splits(store: Store) -> list[str]:
@@ -485,7 +491,7 @@ def score_methods(
     if ood and id_split in ood:
         raise UsageError(f"--ood '{id_split}' is the ID split (--id); name OOD splits, "
                          f"e.g. {', '.join(ood_splits(store)) or 'ood/far/...'}")
-    splits = list(dict.fromkeys([id_split] + (ood if ood else ood_splits(store))))
+    splits = list(dict.fromkeys([id_split] + (ood if ood else ood_splits(store) + csid_splits(store))))
     if len(splits) == 1:
         raise OodError(f"store {store.path} has no OOD split to score; extract one (e.g. ood/far/...) first")
     check_splits_exist(store, splits)

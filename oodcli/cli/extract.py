@@ -84,9 +84,10 @@ def extract(
         None, "--split", help="Split name(s) to extract; default: every split of the benchmark."
     ),
     role: Optional[str] = typer.Option(
-        None, "--role", help="With --data: id, ood-near, ood-far, ood, ood-val (held out for sweep) or synthetic "
-        "(generated OOD images for training); neither of the last two is ever a test set. Default: from the split "
-        "name: ood/near/..., ood/far/..., ood/val/..., synthetic/..., else id."
+        None, "--role", help="With --data: id, ood-near, ood-far, ood, ood-val (held out for sweep), synthetic "
+        "(generated OOD images for training; neither of these two is ever a test set) or csid (covariate-shifted "
+        "ID, labelled; see report --fsood). Default: from the split name: ood/near/..., ood/far/..., ood/val/..., "
+        "synthetic/..., csid/..., else id."
     ),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Checkpoint file or weights name (default: the model's)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers (default: the model's default layers)."),

@@ -76,7 +76,7 @@ class SplitDef:
     """One split of a benchmark: where its images come from and what role it plays."""
 
     name: str  # store split name, e.g. "test" or "ood/far/svhn"
-    role: str  # "id" | "ood-near" | "ood-far" | "ood" | "ood-val" (validation only) | "synthetic"
+    role: str  # "id" | "ood-near" | "ood-far" | "ood" | "ood-val" (validation only) | "synthetic" | "csid"
     source: str  # source spec, e.g. "torchvision:cifar10:test" or "imglist:benchmark_imglist/..."
 
     @property
@@ -90,12 +90,19 @@ def is_ood_role(role: str) -> bool:
     return role.startswith("ood") or role == "synthetic"
 
 
+#: covariate-shifted ID (OpenOOD v1.5 full-spectrum OOD): ID classes under another style or
+#: corruption (ImageNet-V2/-C/-R, CIFAR-10-C). Its rows keep their class labels; ``report --fsood``
+#: counts them as ID, a plain report shows only their accuracy.
+CSID_ROLE = "csid"
+
+
 def role_from_name(split: str) -> str:
     """The role a ``--data`` split gets from its name: ood/near/... -> ood-near, ood/far/... -> ood-far,
-    ood/val/... -> ood-val, other ood/... -> ood, synthetic/... -> synthetic, anything else -> id."""
+    ood/val/... -> ood-val, other ood/... -> ood, synthetic/... -> synthetic, csid/... -> csid,
+    anything else -> id."""
     parts = split.split("/")
-    if parts[0] == "synthetic":
-        return "synthetic"
+    if parts[0] in ("synthetic", CSID_ROLE):
+        return parts[0]
     if parts[0] != "ood":
         return "id"
     return {"near": "ood-near", "far": "ood-far", "val": "ood-val"}.get(parts[1] if len(parts) > 2 else "", "ood")

@@ -19,8 +19,9 @@ BENCHMARK_DIR = Path(__file__).with_name("benchmarks")
 #: ``ood``, ``ood-near`` and ``ood-far`` splits are OOD test sets; ``ood-val`` is OOD data held out
 #: for choosing hyperparameters (``oodcli sweep``); ``synthetic`` holds generated OOD images
 #: (SynOOD) used for training. All three kinds of OOD carry labels -1; score and report never
-#: count ``ood-val`` or ``synthetic`` as a test set.
-ROLES = ("id", "ood-near", "ood-far", "ood", "ood-val", "synthetic")
+#: count ``ood-val`` or ``synthetic`` as a test set. ``csid`` splits are covariate-shifted ID
+#: (full-spectrum OOD, ``report --fsood``): they keep their class labels and are scored like OOD sets.
+ROLES = ("id", "ood-near", "ood-far", "ood", "ood-val", "synthetic", "csid")
 
 
 @dataclass(frozen=True)
