@@ -24,6 +24,7 @@ from oodcli.extraction import (
     model_id,
     resolve_device,
 )
+from oodcli.fewshot import few_shot_subset
 from oodcli.perturb import check_perturbations, check_reference, parse_perturbations
 from oodcli.store import check_name, features_node, open_store, remove_store
 
@@ -39,7 +40,7 @@ def resolve_splits(
         if role:
             raise UsageError("--role goes with --data; a benchmark defines its splits' roles")
         bench = get_benchmark(benchmark)
-        return [bench.split(s) for s in splits] if splits else list(bench.splits)
+        return [bench.split(s) for s in splits] if splits else [s for s in bench.splits if not s.optional]
     if data:
         if not splits or len(splits) != 1:
             raise UsageError("--data needs exactly one --split NAME (e.g. --split ood/far/mydata)")
@@ -174,6 +175,9 @@ def extract_splits(
     head: str | None = None,
     layer_paths: list[str] | None = None,
     strict: bool = True,
+    shots: int | None = None,
+    seed: int | None = None,
+    classes: str | None = None,
 ) -> list[ExtractResult]:
     """Extract several splits with one lazily built backbone.
 
@@ -197,6 +201,9 @@ def extract_splits(
     ``model`` may be ``SOURCE:NAME`` (torchvision, timm, hf, python; see ``oodcli.backbones.sources``):
     ``head`` names its classifier module (--head), ``layer_paths`` adds layers read at submodules
     (``NAME=module.path[:in|:out]``) and ``strict=False`` loads a weights file whose keys do not all fit.
+
+    ``shots`` (with ``seed``, default 0, and ``classes`` ``FIRST-LAST``) extracts only a few-shot
+    subset of each (ID) split: the draw ``train --shots`` makes from a whole split (``oodcli.fewshot``).
     """
     spec = get_spec(model, weights=weights, head=head, layers=layer_paths or (), strict=strict,
                     preprocess=preprocess)
@@ -240,6 +247,8 @@ def extract_splits(
         if len(ds) == 0:
             raise OodError(f"split '{d.name}' ({d.source}) has no samples; check the data source")
     check_class_folders(Path(store), benchmark, datasets)
+    n_classes = get_benchmark(benchmark).num_classes if benchmark else None
+    datasets = [(d, few_shot_subset(d.name, d.role, ds, shots, seed, classes, n_classes)) for d, ds in datasets]
 
     store = Path(store)
     if any(p.kind == "mahalanobis" for p in perturbs):  # its train features must be there: refuse before writing

@@ -53,3 +53,28 @@ def test_score_scores_csid_splits_and_verify_accepts_their_labels(capsys, scored
         assert (st.read("splits/csid/shifted/labels") >= 0).all()
     code, out, err = run(capsys, "store", "verify", scored)
     assert code == 0, out + err
+
+
+def test_openood_csid_sets_are_optional_splits_with_their_labels(tmp_path):
+    from oodcli.api import resolve_splits
+    from oodcli.data.benchmarks import get_benchmark
+
+    want = {"cifar10": ["csid/cifar10c"], "imagenet200": ["csid/imagenet_v2", "csid/imagenet_c", "csid/imagenet_r"],
+            "imagenet": ["csid/imagenet_v2", "csid/imagenet_c", "csid/imagenet_r"]}
+    for name, csids in want.items():
+        bench = get_benchmark(name)
+        assert bench.split_names("csid") == csids
+        assert all(bench.split(s).optional for s in csids)
+        everything = [d.name for d in resolve_splits(name, None, None, None)]
+        assert not set(csids) & set(everything) and {"train", "test"} <= set(everything)
+        assert [d.name for d in resolve_splits(name, None, csids[:1], None)] == csids[:1]
+    assert get_benchmark("imagenet200").split("csid/imagenet_r").source == \
+        "imglist:benchmark_imglist/imagenet200/test_imagenet200_r.txt@images_largescale"
+    # an OpenOOD list with class labels: a cs-ID split keeps them (an OOD split would read -1)
+    lst = tmp_path / "benchmark_imglist" / "cifar10" / "test_cifar10c.txt"
+    lst.parent.mkdir(parents=True)
+    lst.write_text("cifar10c/a.png 3\ncifar10c/b.png 7\n")
+    (tmp_path / "images_classic" / "cifar10c").mkdir(parents=True)
+    for f in ("a", "b"):
+        (tmp_path / "images_classic" / "cifar10c" / f"{f}.png").write_bytes(b"")
+    assert get_benchmark("cifar10").open("csid/cifar10c", tmp_path).labels.tolist() == [3, 7]

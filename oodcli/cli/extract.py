@@ -57,7 +57,8 @@ def _list_benchmarks(value: bool) -> None:
         table.add_column(col)
     for name in list_benchmarks():
         bench = get_benchmark(name)
-        table.add_row(name, str(bench.num_classes), ", ".join(s.name for s in bench.splits))
+        table.add_row(name, str(bench.num_classes), ", ".join(s.name + "*" * s.optional for s in bench.splits))
+    table.caption = "* extracted only when named with --split (e.g. the cs-ID sets of report --fsood)"
     _print_wide(table)
     raise typer.Exit()
 
@@ -134,6 +135,15 @@ def extract(
         "true", "--strict", help="true: refuse a --weights file whose keys do not all fit; false: load the keys "
         "that fit and tell the rest."
     ),
+    shots: Optional[int] = typer.Option(
+        None, "--shots", help="Extract only N images per class of each (ID) split: the few shots CLIP prompt "
+        "methods learn from, the same draw as 'train ... --shots N --seed S' makes from a whole split; counts "
+        "nest (the 16-shot subset holds the 8-shot one, which 'train --shots 8' then reads)."
+    ),
+    seed: Optional[int] = typer.Option(None, "--seed", help="With --shots: the draw's seed (default 0)."),
+    classes: Optional[str] = typer.Option(
+        None, "--classes", help="With --shots: draw from classes FIRST-LAST only (default: all)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     list_models: bool = typer.Option(
         False, "--list-models", callback=_list_models, is_eager=True, help="List the backbones and exit."
@@ -153,6 +163,8 @@ def extract(
       oodcli extract --model resnet50 --benchmark imagenet --split test --store stores/imagenet.zarr --device cuda --workers 8
 
       for i in 0 1 2 3; do oodcli extract --model resnet50 --benchmark imagenet --store stores/imagenet.zarr --shard $i/4 & done; wait
+
+      oodcli extract --model clip-vit-b-16 --benchmark imagenet --split train --shots 16 --seed 1 --layers image_embeds,patch_values --store stores/imagenet_clip.zarr
 
       oodcli extract --model resnet50 --data hf:my_dataset_dir:test --split test --store stores/mine.zarr
 
@@ -192,6 +204,9 @@ def extract(
         head=head,
         layer_paths=layer_paths,
         strict=strict == "true",
+        shots=shots,
+        seed=seed,
+        classes=classes,
     )
     if as_json:
         out.print_json(json.dumps([r.as_dict() for r in results]))

@@ -78,6 +78,9 @@ class SplitDef:
     name: str  # store split name, e.g. "test" or "ood/far/svhn"
     role: str  # "id" | "ood-near" | "ood-far" | "ood" | "ood-val" (validation only) | "synthetic" | "csid"
     source: str  # source spec, e.g. "torchvision:cifar10:test" or "imglist:benchmark_imglist/..."
+    #: extracted only when named with --split: data a benchmark's usual download lacks or only
+    #: some evaluations use (OpenOOD's cs-ID sets, for full-spectrum OOD alone)
+    optional: bool = False
 
     @property
     def is_ood(self) -> bool:

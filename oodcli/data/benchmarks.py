@@ -98,7 +98,7 @@ class Benchmark:
 def _parse(path: Path) -> Benchmark:
     """Read and check one benchmark file; a malformed file is a bug in the package."""
     doc = json.loads(path.read_text())
-    splits = [SplitDef(s["name"], s["role"], s["source"]) for s in doc["splits"]]
+    splits = [SplitDef(s["name"], s["role"], s["source"], bool(s.get("optional", False))) for s in doc["splits"]]
     names = [s.name for s in splits]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: duplicate split names")
