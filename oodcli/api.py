@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from contextlib import nullcontext
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from oodcli.backbones.base import get_spec
@@ -29,6 +31,23 @@ from oodcli.perturb import check_perturbations, check_reference, parse_perturbat
 from oodcli.store import check_name, features_node, open_store, remove_store
 
 
+_PATTERN = re.compile(r"[*?\[]")  # a --split holding these is a shell-style pattern of a benchmark's split names
+
+
+def match_splits(bench, splits: list[str] | None) -> list[str] | None:
+    """Each --split name, or each of the benchmark's split names a pattern ('ood/*') matches."""
+    if not splits:
+        return splits
+    names = [d.name for d in bench.splits]
+    picked: list[str] = []
+    for s in splits:
+        found = [n for n in names if fnmatchcase(n, s)] if _PATTERN.search(s) else [s]
+        if not found:
+            raise UsageError(f"--split '{s}' matches no split of benchmark '{bench.name}' ({', '.join(names)})")
+        picked += [n for n in found if n not in picked]
+    return picked
+
+
 def resolve_splits(
     benchmark: str | None, data: str | None, splits: list[str] | None, role: str | None
 ) -> list[SplitDef]:
@@ -40,8 +59,11 @@ def resolve_splits(
         if role:
             raise UsageError("--role goes with --data; a benchmark defines its splits' roles")
         bench = get_benchmark(benchmark)
+        splits = match_splits(bench, splits)
         return [bench.split(s) for s in splits] if splits else [s for s in bench.splits if not s.optional]
     if data:
+        if any(_PATTERN.search(s) for s in splits or []):
+            raise UsageError("--split patterns ('ood/*') pick among a benchmark's splits; with --data name the split")
         if not splits or len(splits) != 1:
             raise UsageError("--data needs exactly one --split NAME (e.g. --split ood/far/mydata)")
         role = role or role_from_name(splits[0])

@@ -28,6 +28,7 @@ from oodcli import __version__
 from oodcli.backbones.spec import BackboneSpec
 from oodcli.data.base import ImageDataset, TransformedDataset
 from oodcli.errors import OodError, UsageError
+from oodcli.fewshot import check_replacing
 from oodcli.store import (
     Store,
     check_name,
@@ -161,6 +162,8 @@ def fingerprint_parts(
         parts["featmap_pool"] = featmap_pool
     if perturbed:
         parts["perturb"] = perturbed
+    if getattr(data, "few_shot", None):  # a few-shot subset (``extract --shots``): its draw and parent
+        parts["few_shot"] = data.few_shot
     return parts
 
 
@@ -374,8 +377,11 @@ def prepare_split(
         staged = txn.stage(node)
         store.require_group(staged)
         store.write_array(f"{staged}/labels", labels)
-        store.write_array(f"{staged}/ids", np.arange(len(labels), dtype=np.int64))
+        ids = getattr(data, "ids", None)  # a few-shot subset: its rows' positions in the parent data set
+        store.write_array(f"{staged}/ids", np.arange(len(labels), dtype=np.int64) if ids is None else ids)
         store.set_attrs(staged, role=role, source=source, data=identity, n=int(len(labels)))
+        if getattr(data, "few_shot", None):
+            store.set_attrs(staged, few_shot=data.few_shot)
         if getattr(data, "class_names", None) and (labels >= 0).any():  # image folders: their class folders
             store.set_attrs(staged, class_names=list(data.class_names))
         for dependent in split_dependents(store, split):
@@ -447,6 +453,8 @@ def extract_split(
     source_notes: list[str] = []  # what the source's check of the images found worth saying
     with store.setup():  # sharded: one shard at a time changes the tree
         same_data = split_is_whole(store, split) and store.node_attrs(split_node(split)).get("data") == data.identity()
+        if split_is_whole(store, split) and not same_data and not overwrite:  # refused before any work
+            check_replacing(split, store.node_attrs(split_node(split)).get("few_shot"), getattr(data, "few_shot", None))
         start, fresh = 0, True
         if same_data and store.exists(node):
             attrs = store.node_attrs(node)

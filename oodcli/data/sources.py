@@ -203,6 +203,17 @@ def _walk_images(folder: Path, suffixes, seen: set[str]) -> list[Path]:
     return out
 
 
+def hash_files(paths) -> str:
+    """A hash of the files' bytes, in order (``extract --verify-content``)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return f"sha256:{h.hexdigest()}"
+
+
 class FolderDataset(ImageDataset):
     """Image files on disk. Their identity covers each file's path (relative to ``root``), size
     and modification time, as make and rsync decide, and the absolute root: replacing the
@@ -229,13 +240,7 @@ class FolderDataset(ImageDataset):
         return self._identity
 
     def content_hash(self) -> str:
-        h = hashlib.sha256()
-        for path in self.files:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            h.update(b"\0")
-        return f"sha256:{h.hexdigest()}"
+        return hash_files(self.files)
 
     def load(self, i: int):
         return _open_image(self.files[i], self.name)
