@@ -48,10 +48,11 @@ BACKBONE, MODEL_ID = "synthetic", "synthetic-model"
 MIB = 1 << 20
 BASELINES = ["msp", "maxlogit", "energy", "gen", "mahalanobis", "rmds", "knn", "vim", "residual", "react",
              "ash-p", "ash-s", "ash-b", "temp-scaling", "entropy", "klm", "weighted-energy", "gradnorm", "dice",
-             "openmax", "she", "fdbd", "nci", "vra", "nnguide", "relation", "gmm"]
-# KNN's index and Relation's bank hold the train split by design; the ImageNet-size train split has no logits
-# (2.5 GB at full size)
-STREAMING = [m for m in BASELINES if m not in ("knn", "relation") and not (get_scorer(m).needs_fit and "logits" in get_scorer(m).layers)]
+             "openmax", "she", "fdbd", "nci", "vra", "nnguide", "relation", "gmm", "ssd", "mds-ensemble", "neco",
+             "caref", "cadref", "cfood"]  # rankfeat reads a featmap, which these synthetic stores do not hold
+# KNN's index, Relation's bank and CF-OOD's reference set hold (part of) the train split by design; the
+# ImageNet-size train split has no logits (2.5 GB at full size)
+STREAMING = [m for m in BASELINES if m not in ("knn", "relation", "cfood") and not (get_scorer(m).needs_fit and "logits" in get_scorer(m).layers)]
 
 
 # ---- synthetic stores -------------------------------------------------------------------
