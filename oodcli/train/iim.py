@@ -200,9 +200,8 @@ def ood_context(prompts: PromptFile) -> torch.Tensor | None:
 
 def ood_features(learner: PromptLearner, ood_ctx: torch.Tensor, grad: bool = False) -> torch.Tensor:
     """[C_n, D] L2-normalised features of the OOD prototype prompts (no class name)."""
-    if grad:
-        return learner([OOD_NAME], ood_ctx)[:, 0]
-    return learner.features([OOD_NAME], ood_ctx)[:, 0]
+    names = [OOD_NAME] * len(ood_ctx)  # each prompt its own context: only the start token is shared
+    return learner.class_specific(names, ood_ctx) if grad else learner.class_specific_features(names, ood_ctx)
 
 
 def local_features(learner: PromptLearner, names: list[str], ctx: torch.Tensor, grad: bool = False) -> torch.Tensor:
@@ -211,6 +210,18 @@ def local_features(learner: PromptLearner, names: list[str], ctx: torch.Tensor, 
     if ctx.shape[0] == 1 and len(names) != 1:
         return learner(names, ctx)[0] if grad else learner.features(names, ctx)[0]
     return learner.class_specific(names, ctx) if grad else learner.class_specific_features(names, ctx)
+
+
+def prototype_features(learner: PromptLearner, names: list[str], ctx: torch.Tensor,
+                       ood_ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local [C, D], OOD [C_n, D]) prototypes of a training step, with gradients. Class-specific
+    local contexts and the OOD prompts share nothing but the start token, so they go through the
+    text tower as one set of sequences (length buckets mix them); a shared local context keeps
+    its own pass, its prefix computed once."""
+    if ctx.shape[0] == 1 and len(names) != 1:
+        return learner(names, ctx)[0], learner.class_specific([OOD_NAME] * len(ood_ctx), ood_ctx)
+    feats = learner.class_specific(list(names) + [OOD_NAME] * len(ood_ctx), torch.cat([ctx, ood_ctx]))
+    return feats[: len(names)], feats[len(names) :]
 
 
 def local_context(prompts: PromptFile, names: list[str]) -> torch.Tensor:
@@ -315,8 +326,7 @@ def train_iim(
     patches = data.patches  # [N, H, D] float16 on the CPU; a batch at a time goes to the device
 
     def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        local = local_features(learner, train_names, learner.ctx, grad=True)
-        ood = ood_features(learner, ood_ctx, grad=True)
+        local, ood = prototype_features(learner, train_names, learner.ctx, ood_ctx)
         x = torch.nn.functional.normalize(patches[idx].to(device).float(), dim=-1)
         l_pos, l_neg = iim_terms(x, local, ood, labels_t[idx.to(device)], k, tau, denominators)
         l_div = diversity_term(ood, local)
