@@ -343,3 +343,9 @@ def test_bad_parameter_values_give_one_line(capsys, store, method, param, messag
     code, _, err = run(capsys, "score", method, "--store", store, "-p", param)
     assert code == 2 and one_line_error(err), err
     assert message in err
+
+
+def test_cfood_other_rho_and_fraction_follow_the_authors_loop(store):
+    got = scored(store, "cfood", {"rho": 0.2, "fraction": 0.5}, split="ood/near/a")
+    want = ref_cfood(arrays(store, "train"), arrays(store, "ood/near/a"), rho=0.2, fraction=0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # scores are stored as float32

@@ -29,6 +29,7 @@ from oodcli.scorers.knn import normalize
 from oodcli.store import features_node
 
 BLOCK = 1024  # reference rows whose distances are sorted at once
+QUERY = 256  # scored rows compared with the reference set at once (a QUERY x n distance matrix)
 
 
 def kappa_grid() -> np.ndarray:
@@ -99,17 +100,22 @@ class CFOOD(Scorer):
         # answers every row's search at once (squared distances of unit vectors are <= 4)
         self.offset = 2.0 * (float(knn.max()) + 4.0) * np.arange(len(knn))
         self.flat = (knn + self.offset[:, None]).ravel()
+        self.row_start = np.arange(len(knn)) * knn.shape[1]
+        n = len(knn)
+        self.needed = next(m for m in range(max(1, int(self.rho * n) - 1), n + 1) if m / n >= self.rho)
 
     def score_batch(self, batch):
+        x = normalize(batch["penultimate"].astype(np.float64))
+        return np.concatenate([self._kappa(x[lo : lo + QUERY]) for lo in range(0, len(x), QUERY)]) * -1.0
+
+    def _kappa(self, x: np.ndarray) -> np.ndarray:
         ref, kappas = self._reference, self.state["kappas"]
         n, steps = len(ref), len(kappas)
-        dist = squared_distances(normalize(batch["penultimate"].astype(np.float64)), ref)  # [B, n]
-        # first grid step at which reference i's neighbourhood reaches x (steps: never)
-        first = np.searchsorted(self.flat, dist + self.offset, side="left") - np.arange(n) * steps
-        counts = np.cumsum(np.stack([np.bincount(row, minlength=steps + 1) for row in first])[:, :steps], axis=1)
-        reached = counts / n >= self.rho
-        kappa = np.where(reached.any(axis=1), kappas[reached.argmax(axis=1)], 1.0)
-        return -kappa
+        # first grid step at which reference i's neighbourhood reaches x (steps: never) ...
+        first = np.searchsorted(self.flat, squared_distances(x, ref) + self.offset, side="left") - self.row_start
+        # ... and the first step at which at least m of them do, m the fewest with m / n >= rho
+        step = np.partition(first, self.needed - 1, axis=1)[:, self.needed - 1]
+        return np.where(step < steps, kappas[np.minimum(step, steps - 1)], 1.0)
 
     def release(self):
         self.flat = self._reference = None
