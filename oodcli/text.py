@@ -101,14 +101,25 @@ class ClipSource:
     identity: str  # the weights identity recorded in the features' fingerprint parts
     model_id: str | None
     dim: int  # width of the image embeddings
+    #: SOURCE:NAME models (open_clip:...): how extract named the model, to name it again
+    model_source: dict | None = None
+
+
+def _spec(backbone: str, weights: str | None = None, model_source: dict | None = None):
+    """The spec of a store's CLIP: a built-in by its name, an open_clip model as extract named it."""
+    from oodcli.backbones.base import get_spec
+
+    if model_source:
+        return get_spec(model_source["model"], weights)
+    return get_spec(backbone)
 
 
 def clip_source(store: Store, backbone: str, model_id: str | None = None) -> ClipSource:
     """Read where the features' CLIP came from (any complete split with that model)."""
-    from oodcli.backbones.base import get_spec
+    from oodcli.backbones.sources import source_of
 
-    spec = get_spec(backbone)
-    if spec.family != "clip":
+    source = source_of(backbone)
+    if (source is None and _spec(backbone).family != "clip") or source not in (None, "open_clip"):
         raise UsageError(f"this method needs CLIP features, and '{backbone}' is not a CLIP model")
     lacking = None
     for split in list_splits(store):
@@ -125,7 +136,8 @@ def clip_source(store: Store, backbone: str, model_id: str | None = None) -> Cli
             continue
         shape = store.shape(f"{node}/image_embeds")[1:]
         return ClipSource(
-            backbone, attrs.get("weights_source"), attrs["parts"]["weights"], attrs.get("model_id"), int(shape[-1])
+            backbone, attrs.get("weights_source"), attrs["parts"]["weights"], attrs.get("model_id"), int(shape[-1]),
+            attrs.get("model_source"),
         )
     if lacking is not None:
         raise OodError(
@@ -140,10 +152,13 @@ def build_text_tower(source: ClipSource):
     that are not the ones that made the features."""
     import torch
 
-    from oodcli.backbones.base import get_spec
-
-    spec = get_spec(source.backbone)
-    where = source.weights or spec.default_weights
+    where = source.weights or (source.model_source or {}).get("model")
+    try:
+        spec = _spec(source.backbone, source.weights, source.model_source)
+    except OodError as exc:  # a file named in an open_clip:...@FILE model, or its folder, is gone
+        raise OodError(f"the CLIP that made these features ({where}) cannot be named again ({exc}); put its "
+                       "files back or re-extract the store") from None
+    where = source.weights or spec.default_weights or where
     if where and Path(where).is_absolute() and not Path(where).exists():
         raise OodError(
             f"the CLIP weights that made these features ({where}) are gone; put them back there "

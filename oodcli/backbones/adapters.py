@@ -347,4 +347,10 @@ class HookedBackbone(Backbone):
         return weight, bias
 
 
-_MAKERS = {"torchvision": _torchvision, "timm": _timm, "hf": _hf, "python": _python}
+def _open_clip(source: ModelSource, kind: str, value) -> nn.Module:
+    from oodcli.backbones import open_clip_source
+
+    return open_clip_source.make_module(source, kind, value)
+
+
+_MAKERS = {"torchvision": _torchvision, "timm": _timm, "hf": _hf, "python": _python, "open_clip": _open_clip}

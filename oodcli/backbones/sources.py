@@ -1,18 +1,22 @@
 """Models named ``SOURCE:NAME``: any torchvision, timm or Hugging Face classifier, or the user's own
-``nn.Module`` factory, run through the hook-based adapter (``oodcli.backbones.adapters``).
+``nn.Module`` factory, run through the hook-based adapter (``oodcli.backbones.adapters``), and any
+open_clip model with its text tower (``oodcli.backbones.open_clip_source``).
 
 This module imports no torch. It turns ``--model SOURCE:NAME`` (with ``--weights``, ``--head``,
 ``--layer``, ``--strict``, ``--preprocess``) into a ``SourceSpec``, whose identity (source, name,
 weights identity, preprocessing, layer paths) is the fingerprint. Where that identity needs the
 library to be known (torchvision's weights enums, timm's data config, a Hugging Face image
-processor), the library is imported; a ``python:`` model with a full ``--preprocess`` is known
-from its files alone, so its cache hits import no torch.
+processor, open_clip's table of pretrained tags), the library is imported; a ``python:`` model
+with a full ``--preprocess``, and an open_clip model with ``@random`` or a weights file (its
+configuration is a JSON file of the package, or of the user's folder), are known from their files
+alone, so their cache hits import no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,10 +134,22 @@ class ModelSource:
         return self._built[key]
 
     def build(self, weights: str | None, input_size: int):
-        """The hook-based ``Backbone`` over ``module(weights)``, its layers probed at ``input_size``."""
+        """The hook-based ``Backbone`` over ``module(weights)``, its layers probed at ``input_size``
+        (open_clip models: the CLIP image encoder's own layers)."""
+        if self.source == "open_clip":
+            from oodcli.backbones import open_clip_source
+
+            return open_clip_source.image_backbone(self, self.module(weights), input_size)
         from oodcli.backbones import adapters
 
         return adapters.HookedBackbone(self, self.module(weights), input_size)
+
+    def text_tower(self, weights: str | None = None):
+        """The text tower alone (open_clip models), with the weights that made the image features."""
+        from oodcli.backbones import open_clip_source
+
+        kind, value = self.details["weights"] if weights == self.weights else parse_weights(weights)
+        return open_clip_source.text_tower(self, kind, value)
 
 
 @dataclass(frozen=True)
@@ -153,7 +169,7 @@ class SourceSpec(BackboneSpec):
         net = self.source.build(weights, self.preprocess.crop)
         missing = [layer for layer in self.layers if layer not in net.layer_shapes]
         if missing:
-            reason = net.missing.get(missing[0], "it was not found")
+            reason = getattr(net, "missing", {}).get(missing[0], "it was not found")
             raise UsageError(f"model '{self.name}' has no layer '{missing[0]}': {reason}")
         return net
 
@@ -170,7 +186,13 @@ SOURCES = {
            "the repo's (default), FILE or random"),
     "python": ("python:<file.py or module>:<factory>  (returns an nn.Module; --preprocess unless it "
                "carries .preprocess)", "the factory's (default), FILE (--strict false: keys that fit) or random"),
+    "open_clip": ("open_clip:<arch>@<tag|FILE|random> or open_clip:<folder with open_clip_config.json>  "
+                  "(a CLIP: image_embeds, penultimate, patch_tokens, patch_values; its text tower for MCM, "
+                  "NegLabel, CoOp, ...)", "after '@' (or --weights): a pretrained tag (open_clip's hub), FILE or "
+                  "random; a folder: its checkpoint"),
 }
+#: the layers of a CLIP (the built-in clip-* models' names); which of them a model has is found when built
+CLIP_LAYERS = ("image_embeds", "patch_tokens", "patch_values", "penultimate")
 
 
 def source_of(name: str) -> str | None:
@@ -192,6 +214,9 @@ def resolve(model: str, weights: str | None = None, head: str | None = None, lay
     names = [t.name for t in taps]
     if len(set(names)) != len(names):
         raise UsageError(f"--layer: '{next(n for n in names if names.count(n) > 1)}' is named twice")
+    if source == "open_clip" and (head or taps):
+        raise UsageError(f"{'--head' if head else '--layer'} goes with classifiers; an open_clip model offers "
+                         f"{', '.join(CLIP_LAYERS)} (--layers)")
     resolved: ModelSource = _RESOLVERS[source](name, weights, preprocess)
     resolved.head, resolved.taps, resolved.strict = head, taps, strict
     pre = resolved.preprocess
@@ -203,11 +228,18 @@ def resolve(model: str, weights: str | None = None, head: str | None = None, lay
                    *(n for n in names if n not in STANDARD_LAYERS))
     defaults = (*(("logits", "penultimate") if resolved.has_logits else ("penultimate",)),
                 *(n for n in names if n not in STANDARD_LAYERS))
+    rebuild = {"model": _absolute_model(source, name), "head": head, "layers": list(layers or ()), "strict": strict}
+    if source == "open_clip":  # a CLIP: its family's layers and its text tower
+        return SourceSpec(
+            name=resolved.store_name, family="clip", description=f"open_clip model {name}", layers=CLIP_LAYERS,
+            default_layers=("image_embeds",), preprocess=pre, builder=resolved.module, default_weights=weights,
+            text_builder=resolved.text_tower, activation=resolved.details["activation"], source=resolved,
+            rebuild=rebuild,
+        )
     return SourceSpec(
         name=resolved.store_name, family=source, description=f"{source} model {name}", layers=layer_names,
         default_layers=defaults, preprocess=pre, builder=resolved.module, default_weights=weights,
-        source=resolved, rebuild={"model": _absolute_model(source, name), "head": head, "layers": list(layers or ()),
-                                  "strict": strict},
+        source=resolved, rebuild=rebuild,
     )
 
 
@@ -219,6 +251,12 @@ def _absolute_model(source: str, name: str) -> str:
             return f"python:{Path(module).resolve()}:{factory}"
     elif source == "hf" and Path(name).exists():
         return f"hf:{Path(name).resolve()}"
+    elif source == "open_clip":  # a folder and a weights file after '@', each made absolute
+        arch, at, tail = name.partition("@")
+        local = arch.removeprefix("local-dir:")
+        arch = str(Path(local).resolve()) if Path(local).is_dir() else arch
+        tail = str(Path(tail).resolve()) if tail and Path(tail).is_file() else tail
+        return f"open_clip:{arch}{at}{tail}"
     return f"{source}:{name}"
 
 
@@ -424,5 +462,117 @@ def _carried_preprocess(resolved: ModelSource, preprocess: str | None) -> Prepro
                      "resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225")
 
 
-_RESOLVERS = {"torchvision": _torchvision, "timm": _timm, "hf": _hf, "python": _python}
+# ---- open_clip ---------------------------------------------------------------------------------
+
+#: open_clip's defaults for what a pretrained tag or a folder's preprocess_cfg does not set (its PreprocessCfg)
+OPEN_CLIP_PREPROCESS = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
+                        "interpolation": "bicubic", "resize_mode": "shortest"}
+#: where open_clip's from_pretrained saves a model's weights in a folder, in the order it looks for them
+OPEN_CLIP_CHECKPOINTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pt",
+                         "model.safetensors", "pytorch_model.bin")
+
+
+def _open_clip_configs() -> dict[str, Path]:
+    """open_clip's architecture configurations (its package's model_configs/*.json), found without
+    importing it (and torch)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("open_clip")
+    if found is None or not found.submodule_search_locations:
+        raise OodError("open_clip is not installed; pip install open_clip_torch")
+    folder = Path(list(found.submodule_search_locations)[0]) / "model_configs"
+    return {p.stem: p for p in sorted(folder.glob("*.json"))}
+
+
+def _open_clip(name: str, weights: str | None, preprocess: str | None) -> ModelSource:
+    """``open_clip:ARCH@WEIGHTS`` (an architecture of open_clip's table; weights a pretrained tag, a file or
+    random) or ``open_clip:FOLDER[@WEIGHTS]`` (open_clip's own format: open_clip_config.json with model_cfg
+    and preprocess_cfg, and the checkpoint beside it). The preprocessing is what open_clip's
+    ``create_model`` attaches: its defaults, overlaid by the tag's (or the folder's) settings, at the
+    image size of the vision tower."""
+    arch, at, tail = name.partition("@")
+    if at and weights is not None:
+        raise UsageError(f"--model open_clip:{name} names its weights after '@'; drop --weights {weights} "
+                         "(or the '@...')")
+    if at and not tail:
+        raise UsageError(f"--model open_clip:{name}: name the weights after '@' (a pretrained tag, FILE or random)")
+    given = tail if at else weights
+    kind, value = parse_weights(given)
+    local = Path(arch.removeprefix("local-dir:"))
+    tag: dict = {}
+    if local.is_dir() or arch.startswith("local-dir:"):
+        config_file = local / "open_clip_config.json"
+        if not config_file.is_file():
+            raise OodError(f"open_clip:{arch}: the folder has no open_clip_config.json (open_clip's format, with "
+                           "model_cfg and preprocess_cfg)")
+        try:
+            config = json.loads(config_file.read_text())
+            model_cfg, pre_cfg = config["model_cfg"], config.get("preprocess_cfg") or {}
+        except (ValueError, KeyError, TypeError):
+            raise OodError(f"open_clip:{arch}: {config_file.name} is not JSON with a model_cfg") from None
+        if kind == "name":
+            raise UsageError(f"open_clip:{name}: a folder's weights are its checkpoint; give @FILE, @random or "
+                             "nothing after the folder")
+        if kind == "default":
+            found = next((local / f for f in OPEN_CLIP_CHECKPOINTS if (local / f).is_file()), None)
+            if found is None:
+                raise OodError(f"open_clip:{arch}: the folder holds no checkpoint ({OPEN_CLIP_CHECKPOINTS[0]}); "
+                               "give @FILE or @random")
+            kind, value = "file", found
+        base, label, tokenizer = f"open_clip:dir:{local.resolve().name}:config_sha256={sha256_file(config_file)}",             local.resolve().name, f"local-dir:{local.resolve()}"
+    else:
+        configs = _open_clip_configs()
+        if arch not in configs:
+            raise UsageError(close_matches(arch, configs, f"open_clip has no model '{arch}'")
+                             + " (or give a folder with open_clip_config.json)")
+        model_cfg, pre_cfg = json.loads(configs[arch].read_text()), {}
+        if kind == "default":
+            raise UsageError(f"--model open_clip:{arch}: name its weights: open_clip:{arch}@TAG (a pretrained tag; "
+                             f"'python -c \"import open_clip; print(open_clip.list_pretrained_tags_by_model('{arch}'))\"' "
+                             "lists them), @FILE or @random")
+        if kind == "name":  # a pretrained tag: open_clip's table says where it lives and how it was trained
+            import open_clip
+
+            tag = open_clip.get_pretrained_cfg(arch, value) or {}
+            if not tag:
+                raise UsageError(close_matches(value, open_clip.list_pretrained_tags_by_model(arch),
+                                               f"open_clip has no pretrained tag '{value}' for {arch}")
+                                 + "; or give a weights FILE or random")
+            pre_cfg = {k: tag[k] for k in OPEN_CLIP_PREPROCESS if tag.get(k) is not None}
+            value = f"pretrained:{value}:{tag.get('hf_hub') or tag.get('url') or ''}"
+        base, label, tokenizer = f"open_clip:{arch}", arch, arch
+    if not all(key in model_cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise OodError(f"open_clip:{arch}: the model configuration lacks embed_dim, vision_cfg or text_cfg")
+    from oodcli.backbones.registry import openai_checkpoint
+
+    quick_gelu = bool(model_cfg.get("quick_gelu") or tag.get("quick_gelu")
+                      or (kind == "file" and openai_checkpoint(value)))
+    return ModelSource(
+        "open_clip", name, _store_name("open_clip", label), weights, f"{base}:" + weights_text(kind, value),
+        _open_clip_preprocess(model_cfg, pre_cfg, name, preprocess), has_logits=False,
+        details={"arch": arch, "folder": str(local.resolve()) if tokenizer.startswith("local-dir:") else None,
+                 "tokenizer": tokenizer, "model_cfg": model_cfg, "quick_gelu": quick_gelu,
+                 "activation": "quick_gelu" if quick_gelu else None, "weights": (kind, value)},
+    )
+
+
+def _open_clip_preprocess(model_cfg: dict, pre_cfg: dict, name: str, preprocess: str | None) -> Preprocess:
+    """open_clip's inference transform (``image_transform`` of the model's preprocess cfg) as a ``Preprocess``."""
+    size = model_cfg["vision_cfg"].get("image_size", 224)
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise OodError(f"open_clip:{name} takes {size[0]}x{size[1]} images; oodcli crops square images only")
+        size = size[0]
+    cfg = {**OPEN_CLIP_PREPROCESS, **{k: v for k, v in pre_cfg.items() if k in OPEN_CLIP_PREPROCESS and v is not None}}
+    mode = cfg["resize_mode"]
+    if mode not in ("shortest", "squash") and "resize_mode" not in (preprocess or ""):
+        raise OodError(f"open_clip:{name} resizes with resize_mode '{mode}', which oodcli does not offer; "
+                       "give --preprocess resize_mode=shortest or resize_mode=squash")
+    triple = lambda v: tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else (float(v),) * 3  # noqa: E731
+    return Preprocess(resize=int(size), crop=int(size), mean=triple(cfg["mean"]), std=triple(cfg["std"]),
+                      interpolation="bilinear" if cfg["interpolation"] == "bilinear" else "bicubic",
+                      resize_mode=mode if mode in ("shortest", "squash") else "shortest")
+
+
+_RESOLVERS = {"torchvision": _torchvision, "timm": _timm, "hf": _hf, "python": _python, "open_clip": _open_clip}
 register_source_resolver(resolve)

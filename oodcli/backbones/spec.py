@@ -31,6 +31,9 @@ class Preprocess:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"  # or "bicubic"
+    #: "shortest": the shorter side to ``resize`` (aspect kept); "squash": both sides to ``resize``
+    #: (aspect lost), as open_clip's SigLIP weights were trained
+    resize_mode: str = "shortest"
 
     def to_transform(self):
         from torchvision import transforms as T
@@ -38,10 +41,11 @@ class Preprocess:
         mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[
             self.interpolation
         ]
+        size = (self.resize, self.resize) if self.resize_mode == "squash" else self.resize
         return T.Compose(
             [
                 T.Lambda(_to_rgb),
-                T.Resize(self.resize, interpolation=mode),
+                T.Resize(size, interpolation=mode),
                 T.CenterCrop(self.crop),
                 T.ToTensor(),
                 T.Normalize(self.mean, self.std),
@@ -49,11 +53,16 @@ class Preprocess:
         )
 
     def describe(self) -> dict:
-        return dataclasses.asdict(self)
+        """As data; ``resize_mode`` only when it is not the default, so older stores keep their fingerprints."""
+        described = dataclasses.asdict(self)
+        if self.resize_mode == "shortest":
+            del described["resize_mode"]
+        return described
 
 
-PREPROCESS_KEYS = ("resize", "crop", "mean", "std", "interpolation")
+PREPROCESS_KEYS = ("resize", "crop", "mean", "std", "interpolation", "resize_mode")
 INTERPOLATIONS = ("bilinear", "bicubic")
+RESIZE_MODES = ("shortest", "squash")
 
 
 def preprocess_option(described: dict) -> str:
@@ -65,7 +74,7 @@ def preprocess_option(described: dict) -> str:
 def parse_preprocess(text: str, base: Preprocess, option: str = "--preprocess") -> Preprocess:
     """``KEY=VALUE,...`` applied over ``base``: resize, crop (pixels), mean, std (three numbers
     separated by '/' or ';', so a value never contains the list's comma) and interpolation
-    (bilinear or bicubic). E.g. ``mean=0.507/0.487/0.441,std=0.267/0.256/0.276,crop=32``.
+    (bilinear or bicubic) and resize_mode (shortest or squash). E.g. ``mean=0.507/0.487/0.441,std=0.267/0.256/0.276,crop=32``.
     Any bad key or value is a one-line UsageError naming it."""
     changes: dict[str, Any] = {}
     for item in (part.strip() for part in text.split(",")):
@@ -98,6 +107,10 @@ def parse_preprocess(text: str, base: Preprocess, option: str = "--preprocess") 
                 raise UsageError(f"{option}: {key}={value} is not three {kind} separated by '/' "
                                  f"(e.g. {key}=0.5/0.5/0.5)")
             changes[key] = triple
+        elif key == "resize_mode":
+            if value not in RESIZE_MODES:
+                raise UsageError(f"{option}: resize_mode={value}; use {' or '.join(RESIZE_MODES)}")
+            changes[key] = value
         else:
             if value not in INTERPOLATIONS:
                 raise UsageError(f"{option}: interpolation={value}; use {' or '.join(INTERPOLATIONS)}")
@@ -301,7 +314,7 @@ def get_spec(name: str, weights: str | None = None, head: str | None = None, lay
         f"unknown model '{name}'"
         + (f" (close matches: {', '.join(near)})" if near else "")
         + f"; choose one of: {', '.join(sorted(_REGISTRY))}, or SOURCE:NAME with a source of "
-        "torchvision, timm, hf, python (see --list-models)" + failure_note()
+        "torchvision, timm, hf, open_clip, python (see --list-models)" + failure_note()
     )
 
 

@@ -65,7 +65,8 @@ def _list_benchmarks(value: bool) -> None:
 
 def extract(
     model: str = typer.Option(..., "--model", "-m", help="A built-in backbone or SOURCE:NAME: torchvision:NAME, "
-                              "timm:NAME, hf:REPO_OR_FOLDER, python:FILE.py:FACTORY (see --list-models)."),
+                              "timm:NAME, hf:REPO_OR_FOLDER, open_clip:ARCH@TAG_FILE_OR_random, "
+                              "python:FILE.py:FACTORY (see --list-models)."),
     store: Path = typer.Option(..., "--store", "-s", help="Store path: *.zarr (default format) or *.h5."),
     benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Benchmark name, e.g. digits, cifar10."),
     data: Optional[str] = typer.Option(
@@ -167,6 +168,8 @@ def extract(
       oodcli extract --model clip-vit-b-16 --benchmark imagenet --split train --shots 16 --seed 1 --layers image_embeds,patch_values --store stores/imagenet_clip.zarr
 
       oodcli extract --model resnet50 --data hf:my_dataset_dir:test --split test --store stores/mine.zarr
+
+      oodcli extract --model open_clip:ViT-L-14@laion2b_s32b_b82k --benchmark imagenet --layers image_embeds,patch_values --store stores/in-l14.zarr
 
       oodcli extract --model resnet50 --data 'webdataset:shards/ood-{000..009}.tar' --split ood/far/mine --store stores/mine.zarr
 

@@ -123,6 +123,10 @@ def preprocess_tensor(x01, pre):
     import torch.nn.functional as F
 
     h, w = x01.shape[-2:]
+    if getattr(pre, "resize_mode", "shortest") == "squash" and (h, w) != (pre.resize, pre.resize):
+        x01 = F.interpolate(x01, size=(pre.resize, pre.resize), mode=pre.interpolation, align_corners=False,
+                            antialias=True)
+        h, w = pre.resize, pre.resize
     if min(h, w) != pre.resize:
         if h <= w:
             size = (pre.resize, int(pre.resize * w / h))
