@@ -5,6 +5,11 @@ the renderers turn it into a rich table, JSON, CSV, Markdown or HTML, with the b
 of every column marked (highest AUROC, lowest FPR@95, lowest mean rank; compared as shown,
 to 0.1 %, so that values that read the same are marked alike). Validation splits
 (role ``ood-val``, for ``oodcli sweep``) are never among the OOD sets.
+
+Full-spectrum OOD (``fsood``, OpenOOD v1.5): the covariate-shifted ID splits (role ``csid``) join
+the ID test split as positives of every metric, and the accuracy over ID + cs-ID is reported
+beside each split's own. Without it cs-ID splits count nowhere, as in OpenOOD's plain OOD
+evaluation (``Evaluator.eval_ood(fsood=False)`` never loads them); the notes name them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 
 from oodcli.errors import OodError, UsageError
 from oodcli.metrics import ood_metrics
-from oodcli.scoring import check_splits_exist, default_id_split, ood_splits, read_scores, scored_methods
+from oodcli.scoring import check_splits_exist, csid_splits, default_id_split, ood_splits, read_scores, scored_methods
 from oodcli.store import Store, check_name, features_node, split_node, split_role
 
 FORMATS = ("table", "json", "csv", "markdown")
@@ -37,9 +42,10 @@ def _group(role: str) -> str:
 
 
 def build_report(store: Store, methods: list[str] | None = None, id_split: str | None = None,
-                 average_runs: bool = False, fpr: str = "id") -> dict:
+                 average_runs: bool = False, fpr: str = "id", fsood: bool = False) -> dict:
     """Metrics of every method on every OOD set. ``fpr`` (``id`` or ``openood``) only chooses
-    which FPR@95 the tables show; both are computed (see ``oodcli.metrics``)."""
+    which FPR@95 the tables show; both are computed (see ``oodcli.metrics``). ``fsood`` counts
+    the cs-ID splits as ID (OpenOOD's full-spectrum rule): a method needs scores on all of them."""
     if fpr not in FPR_CONVENTIONS:
         raise UsageError(f"unknown --fpr '{fpr}'; use one of {', '.join(FPR_CONVENTIONS)}")
     available = scored_methods(store)
@@ -53,16 +59,24 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
         check_name(id_split, "--id")
     id_split = id_split or default_id_split(store)
     oods = ood_splits(store)
-    check_splits_exist(store, [id_split, *oods])
+    csids = csid_splits(store)
+    if fsood and not csids:
+        raise OodError(f"store {store.path} has no cs-ID split (role csid) for --fsood; extract one, e.g. "
+                       "'oodcli extract ... --benchmark cifar10 --split csid/cifar10c' or --data SOURCE --split csid/NAME")
+    positives = [id_split, *csids] if fsood else [id_split]  # every row counted as ID
+    check_splits_exist(store, [*positives, *oods])
     labels = store.read(f"{split_node(id_split)}/labels")
     groups = {s: _group(split_role(store, s)) for s in oods}
     report: dict = {
         "store": str(store.path),
         "id_split": id_split,
         "fpr": fpr,
+        "fsood": fsood,
+        "csid_splits": csids if fsood else [],
+        "csid_not_counted": [] if fsood else csids,
         "ood_splits": {s: groups[s] for s in oods},
         "methods": {},
-        "left_out": {},  # method -> the command that scores it on the ID split
+        "left_out": {},  # method -> the command that scores it on the ID (and, with fsood, cs-ID) splits
     }
     for method in methods:
         id_node = f"scores/{method}/{id_split}"
@@ -74,19 +88,19 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
         id_scores = store.read(id_node)
         if len(id_scores) != len(labels):
             raise OodError(f"scores of '{method}' on '{id_split}' are stale (row count differs); re-score")
+        if fsood:
+            unscored = [s for s in csids if not _complete(store, f"scores/{method}/{s}")]
+            if unscored:  # ID rows missing from the positives would change every number: no row at all
+                report["left_out"][method] = _fill_command(store, method, id_split, ood=unscored)
+                continue
+            id_scores = np.concatenate([id_scores, *(_checked_scores(store, method, s, id_split, attrs) for s in csids)])
         per_set, missing, constant = {}, [], []
         for split in oods:
             node = f"scores/{method}/{split}"
             if not store.is_array(node):
                 missing.append(split)
                 continue
-            if store.node_attrs(node).get("model_id") != attrs.get("model_id"):
-                raise OodError(
-                    f"scores of '{method}' on '{split}' and '{id_split}' come from different models; re-score both"
-                )
-            ood_scores = read_scores(store, method, split)
-            if len(ood_scores) != store.shape(f"{split_node(split)}/labels")[0]:
-                raise OodError(f"scores of '{method}' on '{split}' are stale (row count differs); re-score")
+            ood_scores = _checked_scores(store, method, split, id_split, attrs)
             if np.ptp(np.r_[id_scores, ood_scores]) == 0:  # one value for every row: no ranking to measure
                 constant.append(split)
                 continue
@@ -107,12 +121,31 @@ def build_report(store: Store, methods: list[str] | None = None, id_split: str |
         }
         _add_threshold(store, report["methods"][method], method, id_split, id_scores, oods)
     if not report["methods"]:
-        raise OodError(f"no method has scores on ID split '{id_split}'; run "
+        raise OodError(f"no method has scores on {' and '.join(positives)}; run "
                        f"{next(iter(report['left_out'].values()))}")
-    report["id_accuracy"] = _id_accuracy(store, report, id_split, labels)
+    accuracy = _accuracies(store, report, positives)
+    report["id_accuracy"] = accuracy.get(id_split)
+    if fsood:  # each cs-ID split's accuracy, and OpenOOD's FS-OOD ACC: ID test and cs-ID pooled
+        report["csid_accuracy"] = {s: accuracy.get(s) for s in csids}
+        report["fsood_accuracy"] = accuracy.get(None)
     if average_runs:
         report["methods"] = average_over_runs(report["methods"])
     return report
+
+
+def _complete(store: Store, node: str) -> bool:
+    return store.is_array(node) and bool(store.node_attrs(node).get("complete"))
+
+
+def _checked_scores(store: Store, method: str, split: str, id_split: str, id_attrs: dict) -> np.ndarray:
+    """A method's scores on ``split``, refused when they come from another model than its ID
+    scores or no longer match the split's rows."""
+    if store.node_attrs(f"scores/{method}/{split}").get("model_id") != id_attrs.get("model_id"):
+        raise OodError(f"scores of '{method}' on '{split}' and '{id_split}' come from different models; re-score both")
+    scores = read_scores(store, method, split)
+    if len(scores) != store.shape(f"{split_node(split)}/labels")[0]:
+        raise OodError(f"scores of '{method}' on '{split}' are stale (row count differs); re-score")
+    return scores
 
 
 def _add_threshold(store: Store, entry: dict, method: str, id_split: str, id_scores: np.ndarray,
@@ -145,20 +178,20 @@ def _threshold_note(report: dict) -> str:
             continue
         sets = ", ".join(f"{s.split('/')[-1]} {100 * v:.1f}%" for s, v in t["fpr"].items())
         parts.append(f"{method} at t = {t['value']:.6g} (set on {t['split']} at TPR {100 * t['tpr_asked']:g}%): "
-                     f"TPR {report['id_split']} {100 * t['tpr']:.1f}%, FPR {sets}")
+                     f"TPR {_positives_name(report)} {100 * t['tpr']:.1f}%, FPR {sets}")
     return ("at the recorded thresholds (score >= t is ID): " + "; ".join(parts)) if parts else ""
 
 
-def _fill_command(store: Store, method: str, id_split: str) -> str:
+def _fill_command(store: Store, method: str, id_split: str, ood: list[str] = ()) -> str:
     """The command that gives ``method`` (a name written by ``score``, maybe an ``--as`` alias)
-    scores on ``id_split`` with the settings of its existing scores."""
+    scores on ``id_split`` (and the ``ood`` splits) with the settings of its existing scores."""
     base, alias = method, ""
     for child in store.children(f"scores/{method}"):
         attrs = store.node_attrs(f"scores/{method}/{child}") if store.is_array(f"scores/{method}/{child}") else {}
         if attrs.get("method") and attrs["method"] != method:
             base, alias = attrs["method"], f" --as {method}"
             break
-    return f"'oodcli score {base}{alias} --store {store.path} --id {id_split}'"
+    return f"'oodcli score {base}{alias} --store {store.path} --id {id_split}{''.join(f' --ood {s}' for s in ood)}'"
 
 
 def average_over_runs(methods: dict) -> dict:
@@ -192,19 +225,31 @@ def average_over_runs(methods: dict) -> dict:
     return merged
 
 
-def _id_accuracy(store: Store, report: dict, id_split: str, labels: np.ndarray) -> float | None:
+def _accuracies(store: Store, report: dict, splits: list[str]) -> dict[str | None, float]:
+    """Classification accuracy from the stored logits, per split and (key None) over all of them
+    pooled; a split without logits of the one classifier backbone, or with OOD labels, has none
+    (and then neither has the pool)."""
     backbones = {m["backbone"] for m in report["methods"].values()}
     # only a backbone with a classifier has an accuracy (APEX/PALM models beside it have none)
-    backbones = {b for b in backbones if store.is_array(f"{features_node(id_split, b)}/logits")}
+    backbones = {b for b in backbones if store.is_array(f"{features_node(splits[0], b)}/logits")}
     if len(backbones) != 1:
-        return None
-    node = f"{features_node(id_split, backbones.pop())}/logits"
-    if not store.is_array(node) or (labels < 0).any():
-        return None
-    correct = 0
-    for start, block in store.iter_rows(node):
-        correct += int((block.argmax(1) == labels[start : start + len(block)]).sum())
-    return correct / len(labels)
+        return {}
+    backbone = backbones.pop()
+    out: dict[str | None, float] = {}
+    counts = []
+    for split in splits:
+        node = f"{features_node(split, backbone)}/logits"
+        labels = store.read(f"{split_node(split)}/labels")
+        if not store.is_array(node) or (labels < 0).any():
+            continue
+        correct = 0
+        for start, block in store.iter_rows(node):
+            correct += int((block.argmax(1) == labels[start : start + len(block)]).sum())
+        out[split] = correct / len(labels)
+        counts.append((correct, len(labels)))
+    if len(counts) == len(splits):
+        out[None] = sum(c for c, _ in counts) / sum(n for _, n in counts)
+    return out
 
 
 def _columns(report: dict) -> list[tuple[str, str | None]]:
@@ -242,9 +287,17 @@ def _shown(value: float, metric: str) -> float:
 
 
 def add_ranks(report: dict) -> dict:
-    """Each method's mean rank over the OOD test sets: per set, methods ranked by AUROC (1 =
-    highest; ties share their mean rank, among the methods scored on that set), then averaged
-    over the sets the method has. Stored as ``methods[m]["mean_rank"]`` (None: no set)."""
+    """Each method's mean rank over the OOD test sets (``mean_ranks``), stored as
+    ``methods[m]["mean_rank"]`` (None: no set)."""
+    for m, r in mean_ranks(report).items():
+        report["methods"][m]["mean_rank"] = r
+    report["ranked"] = True
+    return report
+
+
+def mean_ranks(report: dict) -> dict[str, float | None]:
+    """Per set, methods ranked by AUROC (1 = highest; ties share their mean rank, among the
+    methods scored on that set), then averaged over the sets each method has (None: no set)."""
     from oodcli.metrics import average_ranks
 
     names = list(report["methods"])
@@ -256,10 +309,15 @@ def add_ranks(report: dict) -> dict:
         values = np.array([-report["methods"][m]["sets"][split]["auroc"] for m in have])
         for m, r in zip(have, average_ranks(values)):
             ranks[m].append(float(r))
-    for m in names:
-        report["methods"][m]["mean_rank"] = float(np.mean(ranks[m])) if ranks[m] else None
-    report["ranked"] = True
-    return report
+    return {m: float(np.mean(ranks[m])) if ranks[m] else None for m in names}
+
+
+def rank_order(report: dict) -> list[str]:
+    """The methods best mean rank first (the summary heatmap's rows); methods without one last,
+    equal ranks in the report's order."""
+    ranks = mean_ranks(report)
+    order = sorted(enumerate(ranks), key=lambda item: (ranks[item[1]] is None, ranks[item[1]] or 0.0, item[0]))
+    return [m for _, m in order]
 
 
 def _value(report: dict, method: str, key: str, metric: str) -> float | None:
@@ -352,13 +410,39 @@ def _mark_note(report: dict) -> str:
     return note
 
 
+def _positives_name(report: dict) -> str:
+    """What counts as ID: the ID split, with --fsood joined by the cs-ID splits."""
+    return " + ".join([report["id_split"], *report.get("csid_splits", [])])
+
+
+def accuracy_note(report: dict, digits: int = 1) -> str:
+    """'ID accuracy 97.1%' and, with --fsood, each cs-ID split's and the pooled ID + cs-ID one
+    (OpenOOD's FS-OOD ACC); empty without a classifier's logits."""
+    def pct(v):
+        return f"{100 * v:.{digits}f}%"
+
+    parts = [] if report.get("id_accuracy") is None else [f"ID accuracy {pct(report['id_accuracy'])}"]
+    csid = {s: v for s, v in report.get("csid_accuracy", {}).items() if v is not None}
+    if csid:
+        parts.append("cs-ID accuracy " + ", ".join(f"{s} {pct(v)}" for s, v in csid.items()))
+    if report.get("fsood_accuracy") is not None:
+        parts.append(f"ID + cs-ID {pct(report['fsood_accuracy'])}")
+    return ", ".join(parts)
+
+
+def _csid_note(report: dict) -> str:
+    if report.get("fsood"):
+        return "full-spectrum OOD: cs-ID splits counted as ID (OpenOOD v1.5 FS-OOD)"
+    if report.get("csid_not_counted"):
+        return f"cs-ID splits {', '.join(report['csid_not_counted'])} not counted (--fsood counts them as ID)"
+    return ""
+
+
 def render_table(report: dict):
     from rich.table import Table
 
-    acc = report["id_accuracy"]
-    title = f"OOD detection, AUROC / FPR@95 (%), ID = {report['id_split']}"
-    if acc is not None:
-        title += f", ID accuracy {100 * acc:.1f}%"
+    acc = accuracy_note(report)
+    title = f"OOD detection, AUROC / FPR@95 (%), ID = {_positives_name(report)}" + (f", {acc}" if acc else "")
     table = Table(title=title)
     from rich.text import Text
 
@@ -371,7 +455,7 @@ def render_table(report: dict):
         cells = [Text.assemble(*((t, "bold green") if b else t for t, b in _marked_parts(report, best, method, key)))
                  for _, key in cols]
         table.add_row(Text(_label(method, data)), *cells)
-    table.caption = "; ".join(n for n in (FPR_CAPTIONS[report.get("fpr", "id")], _mark_note(report),
+    table.caption = "; ".join(n for n in (FPR_CAPTIONS[report.get("fpr", "id")], _mark_note(report), _csid_note(report),
                                           _missing_note(report), _threshold_note(report)) if n)
     return table
 
@@ -384,7 +468,7 @@ def _missing_note(report: dict) -> str:
     if gaps:
         notes.append(f"- = not scored; no average over a group with a missing set: {'; '.join(gaps)}")
     if report.get("left_out"):
-        notes.append(f"left out, no scores on {report['id_split']}: "
+        notes.append(f"left out, no scores on {_positives_name(report)}: "
                      + "; ".join(f"{m} (run {cmd})" for m, cmd in report["left_out"].items()))
     if flat:
         notes.append(f"const = the same score for every ID and OOD row, no metric and no average: {'; '.join(flat)}")
@@ -401,32 +485,85 @@ def render_markdown(report: dict) -> str:
     for method, data in report["methods"].items():
         cells = ["".join(f"**{t}**" if b else t for t, b in _marked_parts(report, best, method, key)) for _, key in cols]
         lines.append(f"| {_label(method, data)} | " + " | ".join(cells) + " |")
-    acc = report["id_accuracy"]
-    footer = f"\nAUROC / FPR@95 in %, ID split `{report['id_split']}`; {FPR_CAPTIONS[report.get('fpr', 'id')]}"
-    if acc is not None:
-        footer += f", ID accuracy {100 * acc:.2f}%"
-    footer += f"; {_mark_note(report)}"
+    acc = accuracy_note(report, digits=2)
+    ids = ", ".join(f"`{s}`" for s in _positives_name(report).split(" + "))
+    footer = f"\nAUROC / FPR@95 in %, ID split{'s' * bool(report.get('csid_splits'))} {ids}; " \
+             f"{FPR_CAPTIONS[report.get('fpr', 'id')]}"
+    footer += (f", {acc}" if acc else "") + "".join(f"; {n}" for n in (_mark_note(report), _csid_note(report)) if n)
     for note in (_missing_note(report), _threshold_note(report)):
         if note:
             footer += f"\n\n{note}"
     return "\n".join(lines) + "\n" + footer + "\n"
 
 
-def render_csv(report: dict) -> str:
+CSV_STYLES = ("oodcli", "openood")
+OPENOOD_CSV_COLUMNS = ("FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC")
+
+
+def _acc_column(report: dict) -> float | None:
+    """OpenOOD's ACC: ID accuracy, or with --fsood the accuracy over ID and cs-ID pooled."""
+    return report.get("fsood_accuracy") if report.get("fsood") else report.get("id_accuracy")
+
+
+def render_csv(report: dict, style: str = "oodcli") -> str:
+    """Every metric per (method, OOD set) and near/far averages, fractions to 6 decimals, with
+    ``accuracy`` (OpenOOD's ACC) on each row; with --fsood one row per ID and cs-ID split holds
+    that split's accuracy alone. ``style="openood"``: OpenOOD's own table instead."""
+    if style not in CSV_STYLES:
+        raise UsageError(f"unknown --csv-style '{style}'; use one of {', '.join(CSV_STYLES)}")
+    if style == "openood":
+        return render_csv_openood(report)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["method", "ood_set", "group", *METRIC_NAMES, "threshold", "tpr_at_threshold", "fpr_at_threshold"])
+    writer.writerow(["method", "ood_set", "group", *METRIC_NAMES, "threshold", "tpr_at_threshold", "fpr_at_threshold",
+                     "accuracy"])
+    acc = _acc_column(report)
+    acc = "" if acc is None else f"{acc:.6f}"
+    blank = [""] * (len(METRIC_NAMES) + 3)
     for method, data in report["methods"].items():
         if data.get("mean_rank") is not None:  # --rank: one row with the mean rank in place of the metrics
-            writer.writerow([method, "mean_rank", "rank", f"{data['mean_rank']:.6f}", *[""] * (len(METRIC_NAMES) - 1 + 3)])
+            writer.writerow([method, "mean_rank", "rank", f"{data['mean_rank']:.6f}", *blank[1:], ""])
+        if report.get("fsood"):
+            for split, value in [(report["id_split"], report.get("id_accuracy")), *report["csid_accuracy"].items()]:
+                writer.writerow([method, split, "csid" if split in report["csid_splits"] else "id", *blank,
+                                 "" if value is None else f"{value:.6f}"])
         t = data.get("threshold") or {}
         at = [f"{t['value']:.9g}", f"{t['tpr']:.6f}"] if "value" in t else ["", ""]
         for split, m in data["sets"].items():
             fpr = f"{t['fpr'][split]:.6f}" if split in t.get("fpr", {}) else ""
             writer.writerow([method, split, report["ood_splits"][split], *(f"{m[k]:.6f}" for k in METRIC_NAMES),
-                             *at, fpr])
+                             *at, fpr, acc])
         for group, m in data["averages"].items():
-            writer.writerow([method, f"{group}_average", group, *(f"{m[k]:.6f}" for k in METRIC_NAMES), "", "", ""])
+            writer.writerow([method, f"{group}_average", group, *(f"{m[k]:.6f}" for k in METRIC_NAMES), "", "", "", acc])
+    return buf.getvalue()
+
+
+def openood_rows(report: dict, method: str) -> list[tuple[str, dict]]:
+    """(dataset, metrics) in the order of OpenOOD's evaluator table: near sets by their short
+    names, ``nearood`` (their mean), far sets, ``farood``; sets of neither group after them."""
+    data = report["methods"][method]
+    rows = []
+    for group in ("near", "far", "ood"):
+        rows += [(s.split("/")[-1], data["sets"][s]) for s, g in report["ood_splits"].items()
+                 if g == group and s in data["sets"]]
+        if group in data["averages"]:
+            rows.append((f"{group}ood", data["averages"][group]))
+    return rows
+
+
+def render_csv_openood(report: dict) -> str:
+    """OpenOOD v1.5's CSV (what ``eval_ood.py --save-csv`` writes per method: the evaluator's
+    table, values in % to 2 decimals), one block per method after a ``method`` column. Its
+    metrics are OpenOOD's own whatever --fpr says: FPR@95 with OOD positive, trapezoid
+    AUPR_IN / AUPR_OUT, and ACC the ID accuracy (with --fsood over ID and cs-ID pooled)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "dataset", *OPENOOD_CSV_COLUMNS])
+    acc = _acc_column(report)
+    for method in report["methods"]:
+        for name, m in openood_rows(report, method):
+            values = [m["fpr95_openood"], m["auroc"], m["aupr_in_openood"], m["aupr_out_openood"], acc]
+            writer.writerow([method, name, *("" if v is None else f"{100 * v:.2f}" for v in values)])
     return buf.getvalue()
 
 
@@ -449,27 +586,100 @@ def roc_points(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarra
     return np.r_[0.0, fp / len(ood_scores)], np.r_[0.0, tp / len(id_scores)]
 
 
-def _png(fig) -> bytes:
+def _png(fig, dpi: int = 90) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
+SUMMARY_PNG = "summary_heatmap.png"
+
+
+def summary_heatmap(report: dict) -> bytes:
+    """One figure for many methods: heatmaps of AUROC and of FPR@95 (the report's convention),
+    methods (rows, best mean rank first, the rank beside the name) by OOD set and near/far
+    average (columns, OpenOOD's order), the value printed in every cell and the best of each
+    column (as the tables mark it) in bold with a box. A cell's colour is its method's rank in
+    the column, worst red to best green: sets differ too much in difficulty, and a few failing
+    methods stretch a value scale too far, for one scale to tell methods apart."""
+    from oodcli.metrics import average_ranks
+
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    methods = rank_order(report)
+    ranks = mean_ranks(report)
+    cols = _columns(report)
+    best = best_cells(report)
+    labels = [_label(m, report["methods"][m]) + ("" if ranks[m] is None else f"  ({ranks[m]:.1f})") for m in methods]
+    n, k = len(methods), len(cols)
+    width = 2 * (0.55 * k + 0.9) + 0.075 * max(len(t) for t in labels)
+    fig = Figure(figsize=(width, 0.24 * n + 1.9), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    colours = colormaps["RdYlGn"].with_extremes(bad="#e6e6e6")
+    for ax, (metric, title) in zip(axes, (("auroc", "AUROC (%), higher is better"),
+                                          (fpr_key(report), "FPR@95 (%), lower is better"))):
+        values = np.array([[np.nan if (v := _value(report, m, key, metric)) is None else 100 * v for _, key in cols]
+                           for m in methods], dtype=np.float64)
+        scaled = np.full_like(values, np.nan)  # 0 worst .. 1 best within each column
+        for j in range(k):
+            have = np.isfinite(values[:, j])
+            if have.any():
+                ranks = average_ranks(values[have, j] * (-1.0 if metric in LOWER_IS_BETTER else 1.0))
+                scaled[have, j] = (ranks - 1) / max(have.sum() - 1, 1)
+        ax.imshow(np.ma.masked_invalid(scaled), cmap=colours, norm=Normalize(0, 1), aspect="auto",
+                  interpolation="nearest")
+        for i, m in enumerate(methods):
+            for j, (_, key) in enumerate(cols):
+                v = values[i, j]
+                top = m in best.get(key, {}).get(metric, [])
+                if np.isfinite(v):
+                    r, g, b, _ = colours(scaled[i, j])
+                    ink = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.45 else "black"
+                    text = f"{v:.1f}"
+                else:
+                    ink, text = "#555555", "const" if key in report["methods"][m].get("constant", ()) else "-"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color=ink,
+                        fontweight="bold" if top else "normal")
+                if top:
+                    ax.add_patch(Rectangle((j - 0.46, i - 0.42), 0.92, 0.84, fill=False, edgecolor="#1030ff", lw=2))
+        for j, (_, key) in enumerate(cols[:-1]):
+            if key.startswith("avg:"):  # a white gap after each group's average
+                ax.axvline(j + 0.5, color="white", lw=3)
+        ax.set_xticks(range(k), [t for t, _ in cols], rotation=35, ha="right", fontsize=8)
+        ax.set_yticks(range(n), labels, fontsize=8)
+        ax.tick_params(length=0)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{n} method{'s' * (n != 1)}, ID = {_positives_name(report)}: rows by mean rank (AUROC) over the "
+                 "OOD sets; colour per column, best bold and boxed", fontsize=9)
+    return _png(fig, dpi=110)
+
+
+def _positive_scores(store: Store, report: dict, method: str) -> np.ndarray:
+    """A method's scores on every row counted as ID: the ID split, with --fsood the cs-ID splits too."""
+    return np.concatenate([read_scores(store, method, s) for s in [report["id_split"], *report.get("csid_splits", [])]])
+
+
 def make_plots(store: Store, report: dict, progress=None) -> dict[str, bytes]:
-    """Per method: histograms of ID vs each OOD set's scores, and ROC curves; PNG bytes by file name.
+    """The summary heatmap of every method (``summary_heatmap``) and, per method, histograms of ID
+    vs each OOD set's scores and ROC curves; PNG bytes by file name.
 
     Uses matplotlib's Agg canvas directly (no pyplot, no display, no global backend change).
     """
     from matplotlib.figure import Figure
 
-    id_split = report["id_split"]
+    id_split = _positives_name(report)
     advance = progress("plots", len(report["methods"])) if progress else (lambda n: None)
     images: dict[str, bytes] = {}
+    if _columns(report):
+        images[SUMMARY_PNG] = summary_heatmap(report)
     for method, data in report["methods"].items():
         if data.get("runs"):  # a mean over runs has no score distribution of its own
             advance(1)
             continue
-        id_scores = read_scores(store, method, id_split)
+        id_scores = _positive_scores(store, report, method)
         order = [key for _, key in _columns(report) if key in data["sets"]]  # near sets first
         sets = {s: read_scores(store, method, s) for s in order}
         cols = min(3, max(1, len(sets)))
@@ -510,7 +720,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 
     cols = _table_keys(report)
     best = best_cells(report)
-    acc = report["id_accuracy"]
+    acc = accuracy_note(report, digits=2)
     head = "".join(f"<th>{escape(name)}</th>" for name, _ in cols)
     rows = "".join(
         f"<tr><td>{escape(_label(m, d))}</td>"
@@ -537,7 +747,18 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
         + "</div>"
         for m in report["methods"]
     )
-    accuracy = f", ID accuracy {100 * acc:.2f}%" if acc is not None else ""
+    summary = "" if SUMMARY_PNG not in images else (
+        '<h2>Summary</h2><p>Every method by OOD set, best mean rank first.</p>'
+        f'<img alt="summary heatmap" src="data:image/png;base64,{base64.b64encode(images[SUMMARY_PNG]).decode()}">')
+    accuracies = "" if not report.get("fsood") else (
+        "<h2>Accuracy (%)</h2><table><tr><th>split</th><th>role</th><th>accuracy</th></tr>" + "".join(
+            f"<tr><td>{escape(name)}</td><td>{role}</td><td>{'-' if v is None else f'{100 * v:.2f}'}</td></tr>"
+            for name, role, v in [(report["id_split"], "id", report.get("id_accuracy")),
+                                  *((s, "csid", v) for s, v in report["csid_accuracy"].items()),
+                                  ("ID + cs-ID", "pooled (OpenOOD's ACC)", report.get("fsood_accuracy"))])
+        + "</table>")
+    accuracy = (f", {escape(acc)}" if acc else "") + (f". {escape(_csid_note(report))}" if _csid_note(report) else "")
+    ids = ", ".join(f"<code>{escape(s)}</code>" for s in _positives_name(report).split(" + "))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>oodcli report: {escape(report['store'])}</title>
 <style>
@@ -549,13 +770,15 @@ td:first-child, th:first-child {{ text-align: left; }}
 b.best {{ color: #0a6e31; }}
 </style></head><body>
 <h1>OOD detection report</h1>
-<p>Store <code>{escape(report['store'])}</code>, ID split <code>{escape(report['id_split'])}</code>{accuracy}.
+<p>Store <code>{escape(report['store'])}</code>, ID split{'s' * bool(report.get('csid_splits'))} {ids}{accuracy}.
 Higher score = more in-distribution. The detail table holds both conventions: <code>fpr95</code>,
 <code>aupr_in</code>, <code>aupr_out</code> with ID positive (step-sum AUPR); the <code>*_openood</code>
 columns as OpenOOD v1.5 computes them (OOD positive, trapezoid AUPR).</p>
 <h2>AUROC / FPR@95 (%)</h2>
 <p>{escape(FPR_CAPTIONS[report.get('fpr', 'id')])}; {escape(_mark_note(report))}.</p>
 <table><tr><th>method</th>{head}</tr>{rows}</table>
+{accuracies}
+{summary}
 <h2>Every metric (%)</h2>
 <table><tr><th>method</th><th>OOD set</th><th>group</th>{''.join(f'<th>{k}</th>' for k in METRIC_NAMES)}</tr>{detail}</table>
 <h2>Hyperparameters</h2>

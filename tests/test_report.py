@@ -122,12 +122,12 @@ def test_plots_and_self_contained_html(capsys, tmp_path, scored):
     code, out, err = run(capsys, "report", "--store", scored, "--plots", plots, "--html", page)
     assert code == 0, err
     names = sorted(p.name for p in plots.iterdir())
-    assert names == sorted([f"hist_{m}.png" for m in METHODS] + [f"roc_{m}.png" for m in METHODS])
+    assert names == sorted([f"hist_{m}.png" for m in METHODS] + [f"roc_{m}.png" for m in METHODS] + ["summary_heatmap.png"])
     for p in plots.iterdir():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = page.read_text()
     embedded = html.split('src="data:image/png;base64,')[1:]
-    assert len(embedded) == 2 * len(METHODS)
+    assert len(embedded) == 2 * len(METHODS) + 1  # and the summary heatmap
     assert base64.b64decode(embedded[0].split('"')[0])[:4] == b"\x89PNG"
     assert "http" not in html.replace("http-equiv", "")  # nothing fetched from elsewhere
     assert "<table>" in html and "near avg" in html and "vim" in html

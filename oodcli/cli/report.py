@@ -27,6 +27,14 @@ def report(
         "'rank'), METRIC auroc (default), fpr95, fpr95_openood, aupr_in, aupr_out (or their _openood forms)."
     ),
     rank: bool = typer.Option(False, "--rank", help="Add each method's mean rank (by AUROC) over the OOD sets."),
+    fsood: bool = typer.Option(
+        False, "--fsood", help="Full-spectrum OOD (OpenOOD v1.5): count the cs-ID splits (role csid) as ID in every "
+        "metric and report their accuracy; without it they count nowhere, as in OpenOOD's plain OOD evaluation."
+    ),
+    csv_style: str = typer.Option(
+        "oodcli", "--csv-style", help="With --format csv: 'oodcli' (every metric, fractions) or 'openood' (OpenOOD's "
+        "table per method: dataset,FPR@95,AUROC,AUPR_IN,AUPR_OUT,ACC in %, nearood/farood averages)."
+    ),
     fpr: str = typer.Option(
         "id", "--fpr", help="FPR@95 convention of the tables: 'id' (ID positive: share of OOD kept at 95% ID "
         "recall; MCM, NegLabel) or 'openood' (OOD positive: share of ID flagged at 95% OOD recall; OpenOOD v1.5). "
@@ -51,7 +59,12 @@ def report(
 
       oodcli report --store stores/cifar10.zarr --fpr openood   # FPR@95 as OpenOOD v1.5 tables print it
 
-    The best value of every column is marked (bold) in the table, Markdown and HTML.
+      oodcli report --store stores/digits.zarr --fsood   # cs-ID splits (csid/...) counted as ID
+
+      oodcli report --store stores/digits.zarr --format csv --csv-style openood > digits-openood.csv
+
+    The best value of every column is marked (bold) in the table, Markdown and HTML. --plots and
+    --html include a summary heatmap of every method (AUROC and FPR@95 by OOD set, by mean rank).
     """
     from oodcli import reporting as rep
     from oodcli.store import open_store
@@ -59,6 +72,10 @@ def report(
     fmt = "json" if as_json else fmt
     if fmt not in rep.FORMATS:
         raise UsageError(f"unknown --format '{fmt}'; use one of {', '.join(rep.FORMATS)}")
+    if csv_style not in rep.CSV_STYLES:
+        raise UsageError(f"unknown --csv-style '{csv_style}'; use one of {', '.join(rep.CSV_STYLES)}")
+    if csv_style != "oodcli" and fmt != "csv":
+        raise UsageError(f"--csv-style {csv_style} goes with --format csv")
     from oodcli.outputs import atomic_write, check_output_file, check_output_folder
 
     if plots is not None:
@@ -67,7 +84,7 @@ def report(
         check_output_file(html, "--html")
     images = {}
     with open_store(store, "r") as st:
-        data = rep.build_report(st, _split_list(methods), id_split, average_runs, fpr=fpr)
+        data = rep.build_report(st, _split_list(methods), id_split, average_runs, fpr=fpr, fsood=fsood)
         if rank:
             rep.add_ranks(data)
         if sort is not None:
@@ -92,6 +109,6 @@ def report(
     elif fmt == "json":
         print(rep.render_json(data))
     elif fmt == "csv":
-        sys.stdout.write(rep.render_csv(data))
+        sys.stdout.write(rep.render_csv(data, csv_style))
     else:
         sys.stdout.write(rep.render_markdown(data))
