@@ -41,16 +41,18 @@ def test_pipeline_extract_score_report(capsys, digits_store):
     code, out, _ = run(capsys, "-q", "extract", "--model", "digits_cnn", "--weights", ckpt, "--benchmark", "digits",
                        "--store", store, "--json")
     assert code == 0
-    assert [r["status"] for r in json.loads(out)] == ["cached"] * 7  # the second run does no work (5 test splits + 2 validation splits)
+    assert [r["status"] for r in json.loads(out)] == ["cached"] * 9  # the second run does no work (7 test splits + 2 validation splits)
     code, out, _ = run(capsys, "-q", "score", "all", "--store", store, "--json")
     assert code == 0
     scored = json.loads(out)
     assert {r["method"] for r in scored} >= {"msp", "maxlogit", "energy"}
-    assert {r["split"] for r in scored} == {"test", "ood/near/digits6-9", "ood/far/textures", "ood/far/noise"}
+    assert {r["split"] for r in scored} == {"test", "ood/near/digits6-9", "ood/near/letters", "ood/far/textures",
+                                            "ood/far/noise", "csid/digits-shifted"}
     code, out, _ = run(capsys, "report", "--store", store, "--json")
     assert code == 0
     report = json.loads(out)
-    assert report["ood_splits"] == {"ood/far/noise": "far", "ood/far/textures": "far", "ood/near/digits6-9": "near"}
+    assert report["ood_splits"] == {"ood/far/noise": "far", "ood/far/textures": "far", "ood/near/digits6-9": "near",
+                                    "ood/near/letters": "near"}
     msp = report["methods"]["msp"]
     assert set(msp["averages"]) == {"near", "far"}
     for m in msp["sets"].values():

@@ -16,7 +16,7 @@ from oodcli.data.sources import parse_imglist_line
 from oodcli.errors import OodError, UsageError
 
 ID_PARTS = ("train", "val", "test")
-OOD_PARTS = ("ood/near/digits6-9", "ood/far/textures", "ood/far/noise")
+OOD_PARTS = ("ood/near/digits6-9", "ood/near/letters", "ood/far/textures", "ood/far/noise")
 
 
 # --- digits -------------------------------------------------------------------------------
@@ -47,6 +47,10 @@ def test_digits_sizes_classes_and_labels():
     assert 400 <= len(digits.digits_8x8("ood/far/textures")[1]) <= 600
     assert 250 <= len(digits.digits_8x8("ood/far/noise")[1]) <= 350
     assert len(digits.digits_8x8("ood/val/textures")[1]) == 200
+    assert len(digits.digits_8x8("ood/near/letters")[1]) == 48 * 10  # letters x fonts
+    shifted = digits.digits_part("csid/digits-shifted")  # the test digits: their labels and class names
+    np.testing.assert_array_equal(shifted.labels, digits.digits_8x8("test")[1])
+    assert shifted.class_names == digits.DIGITS_CLASS_NAMES
     for part in (*OOD_PARTS, "ood/val/textures"):
         ds = digits.digits_part(part)
         assert (ds.labels == -1).all() and ds.class_names is None
@@ -72,6 +76,58 @@ def test_digits_train_val_and_test_do_not_overlap():
     assert not train & test and not val & test and not train & val
 
 
+# identity() and a hash of the pixels of each part as the benchmark first had it: a new part must
+# leave every existing store's splits (fingerprints and images) as they were
+_EXISTING_PARTS = {
+    "train": ("digits:train:n=609:labels=520b00c770728b40", "45d6b6509ed05173"),
+    "val": ("digits:val:n=149:labels=f32556080567ad92", "3a5a10968d237267"),
+    "test": ("digits:test:n=325:labels=9d523386cfbe9ffc", "60d254f39fc36227"),
+    "ood/val/textures": ("digits:ood/val/textures:n=200:labels=eac3349c2bcfb431", "38b10c40df14665d"),
+    "ood/near/digits6-9": ("digits:ood/near/digits6-9:n=714:labels=f251cfaec602d387", "981ec72ee943bde8"),
+    "ood/far/textures": ("digits:ood/far/textures:n=500:labels=68c5f18d405dd0fb", "e15ef1061801772d"),
+    "ood/far/noise": ("digits:ood/far/noise:n=300:labels=50ee3bf5d25a296b", "fa97fc656dee0ceb"),
+}
+
+
+def test_digits_existing_parts_are_unchanged():
+    import hashlib
+
+    for part, (identity, pixels) in _EXISTING_PARTS.items():
+        assert digits.digits_part(part).identity() == identity, part
+        assert hashlib.sha256(digits.digits_arrays(part)[0].tobytes()).hexdigest()[:16] == pixels, part
+
+
+def test_digits_letters_are_drawn_like_the_digits():
+    """Full height, at most the digits' width, centred, ink in the digits' range; no letter is an ID image."""
+    x = digits.digits_8x8("ood/near/letters")[0]
+    ink = x > 0
+    assert ink[:, 0].any(1).all() and ink[:, 7].any(1).all()  # top and bottom rows, as every digit
+    edges = ink[:, :, 0].any(1) | ink[:, :, 7].any(1)  # 24 of 32 pixels wide, centred: only thickened
+    assert 0.05 < edges.mean() < 0.3  # strokes reach the edge columns (as 14% of the digits do)
+    id_ink = digits.digits_8x8("train")[0].mean(axis=(1, 2))
+    lo, hi = np.quantile(id_ink, [0.05, 0.95])
+    assert lo - 0.05 < np.median(x.mean(axis=(1, 2))) < hi + 0.05
+    assert len({r.tobytes() for r in x}) > 0.95 * len(x)  # fonts differ
+    id_rows = {r.tobytes() for p in ID_PARTS for r in digits.digits_8x8(p)[0]}
+    assert not id_rows & {r.tobytes() for r in x}
+
+
+def test_digits_shifted_is_covariate_shift():
+    """The shifted test digits are other images of the same classes: a classifier trained on
+    train loses accuracy on them, but far less than chance."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = digits.digits_8x8("train")
+    clf = LogisticRegression(max_iter=2000).fit(x.reshape(len(x), -1), y)
+    test, y_test = digits.digits_8x8("test")
+    shifted, y_shifted = digits.digits_8x8("csid/digits-shifted")
+    np.testing.assert_array_equal(y_shifted, y_test)
+    assert (np.abs(shifted - test).reshape(len(test), -1).max(1) > 0).all()  # every image shifted
+    acc_test = (clf.predict(test.reshape(len(test), -1)) == y_test).mean()
+    acc_shifted = (clf.predict(shifted.reshape(len(shifted), -1)) == y_shifted).mean()
+    assert 0.5 < acc_shifted < acc_test - 0.05, (acc_test, acc_shifted)
+
+
 def test_digits_unknown_part():
     with pytest.raises(UsageError):
         open_source("digits:nope", Path("unused"))
@@ -95,6 +151,7 @@ def test_digits_is_not_trivial():
     x_test = digits.digits_8x8("test")[0]
     aurocs = {p: _auroc_msp(clf, x_test, digits.digits_8x8(p)[0]) for p in OOD_PARTS}
     assert 0.6 < aurocs["ood/near/digits6-9"] < 0.99, aurocs
+    assert 0.6 < aurocs["ood/near/letters"] < aurocs["ood/near/digits6-9"], aurocs  # the harder near set
     assert min(aurocs.values()) < 0.99, aurocs
 
 
@@ -137,8 +194,11 @@ def test_openood_benchmarks_match_v15():
 
 def test_digits_benchmark_opens_every_split():
     bench = get_benchmark("digits")
-    assert [s.name for s in bench.splits] == ["train", "val", "test", "ood/val/textures", *OOD_PARTS]
+    assert [s.name for s in bench.splits] == ["train", "val", "test", "ood/val/textures", *OOD_PARTS,
+                                              "csid/digits-shifted"]
     assert bench.split("ood/val/textures").role == "ood-val"
+    assert bench.split("ood/near/letters").role == "ood-near"
+    assert bench.split("csid/digits-shifted").role == "csid" and not bench.split("csid/digits-shifted").optional
     for s in bench.splits:
         ds = bench.open(s.name, Path("unused"))
         assert len(ds) > 0 and ((ds.labels == -1).all() == s.is_ood)

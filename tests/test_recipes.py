@@ -167,7 +167,7 @@ def test_apex_digits_recipe(data_root, work):
     assert code.returncode == 0, code.stderr
     _recipe("apex-digits.sh", data_root, work, store, MODEL="digits_cnn-tiny", EPOCHS=1)
     _report(work / "digits" / "digits-apex.json", "id", {"palm", "apex"},
-            {"ood/near/digits6-9", "ood/far/textures", "ood/far/noise"})
+            {"ood/near/digits6-9", "ood/near/letters", "ood/far/textures", "ood/far/noise"})
 
 
 def test_negprompt_recipe(data_root, work):
