@@ -64,13 +64,15 @@ def few_shot_rows(labels: np.ndarray, classes: list[int], shots: int, seed: int,
                   ids: np.ndarray | None = None) -> np.ndarray:
     """Positions (sorted) of ``shots`` rows of each class in ``classes``: per class, the rows of
     smallest ``shot_keys(ids, seed)``. ``ids`` are the rows' positions in the parent data set
-    (default: the rows are the parent); a class with fewer rows than ``shots`` is refused, named."""
+    (default: the rows are the parent); a class with fewer rows than ``shots`` is refused, named.
+    The keys of distinct rows differ (the hash is a bijection of the position), so there are no ties."""
     if shots < 1:
         raise UsageError(f"--shots must be at least 1, not {shots}")
     labels = np.asarray(labels, np.int64)
     ids = np.arange(len(labels), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-    order = np.lexsort((ids, shot_keys(ids, seed), labels))  # by class, then key (then position: no ties)
-    grouped = labels[order]
+    keys = shot_keys(ids, seed)
+    by_class = np.argsort(labels, kind="stable")
+    grouped = labels[by_class]
     wanted = np.asarray(classes, np.int64)
     starts, stops = np.searchsorted(grouped, wanted, "left"), np.searchsorted(grouped, wanted, "right")
     short = np.flatnonzero(stops - starts < shots)
@@ -79,9 +81,11 @@ def few_shot_rows(labels: np.ndarray, classes: list[int], shots: int, seed: int,
         name = f" ('{names[c]}')" if names is not None and c < len(names) else ""
         more = f" (and {len(short) - 1} more class(es))" if len(short) > 1 else ""
         raise UsageError(f"class {c}{name} has {count} training image(s), fewer than --shots {shots}{more}; lower --shots")
-    if not len(wanted):
-        return np.zeros(0, np.int64)
-    return np.sort(np.concatenate([order[a : a + shots] for a in starts]))
+    picked = [np.zeros(0, np.int64)]
+    for a, b in zip(starts, stops):
+        rows = by_class[a:b]
+        picked.append(rows[np.argpartition(keys[rows], shots - 1)[:shots]] if shots < len(rows) else rows)
+    return np.sort(np.concatenate(picked))
 
 
 def span(classes: list[int]) -> str:
