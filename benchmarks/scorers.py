@@ -49,7 +49,8 @@ MIB = 1 << 20
 BASELINES = ["msp", "maxlogit", "energy", "gen", "mahalanobis", "rmds", "knn", "vim", "residual", "react",
              "ash-p", "ash-s", "ash-b", "temp-scaling", "entropy", "klm", "weighted-energy", "gradnorm", "dice",
              "openmax", "she", "fdbd", "nci", "vra", "nnguide", "relation", "gmm", "ssd", "mds-ensemble", "neco",
-             "caref", "cadref", "cfood"]  # rankfeat reads a featmap, which these synthetic stores do not hold
+             "caref", "cadref", "cfood", "lts", "pnml", "gradnorm-kl", "maxcosine", "l1norm"]
+# rankfeat reads a featmap and ensemble several backbones, which these synthetic stores do not hold
 # KNN's index, Relation's bank and CF-OOD's reference set hold (part of) the train split by design; the
 # ImageNet-size train split has no logits (2.5 GB at full size)
 STREAMING = [m for m in BASELINES if m not in ("knn", "relation", "cfood") and not (get_scorer(m).needs_fit and "logits" in get_scorer(m).layers)]

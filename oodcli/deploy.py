@@ -313,6 +313,9 @@ class Detector:
             identity = score_identity(store, method, id_split)
             scorer = get_scorer(identity["method"], **(identity.get("hparams") or {}))
             backbone, model_id = identity["backbone"], identity["model_id"]
+            if scorer.multi_backbone:
+                raise OodError(f"method '{method}' combines the backbones {backbone}; new images cannot be scored "
+                               "by it yet (extract them with each member and run 'oodcli score')")
             perturbed = [layer for layer in scorer.layers if "@" in layer]
             if perturbed:
                 raise OodError(f"method '{method}' reads {perturbed[0]}, made by perturbing the input at extraction; "

@@ -43,6 +43,7 @@ from oodcli.scorers.base import (
     load_head,
     is_scorer,
     scorer_names,
+    split_members,
     unknown_method,
     train_fingerprint,
 )
@@ -296,6 +297,14 @@ def _check_on(store: Store, scorer: Scorer, backbone: str, splits: list[str], tr
               memo: dict) -> str | None:
     """Everything the scorer needs from ``backbone``, checked without computing anything;
     returns the model id of its features, or raises the one-line reason."""
+    if scorer.multi_backbone:
+        return _check_members(store, scorer, backbone, splits, train_split, memo)
+    return _check_one(store, scorer, backbone, splits, train_split, memo)
+
+
+def _check_one(store: Store, scorer: Scorer, backbone: str, splits: list[str], train_split: str,
+               memo: dict) -> str | None:
+    """``_check_on`` for one backbone."""
     needed = list(dict.fromkeys(splits + ([train_split] if scorer.needs_fit else [])))
     for split in needed:
         node = features_node(split, backbone)
@@ -321,6 +330,49 @@ def _check_on(store: Store, scorer: Scorer, backbone: str, splits: list[str], tr
     return model_id
 
 
+def _check_members(store: Store, scorer: Scorer, backbone: str, splits: list[str], train_split: str,
+                   memo: dict) -> str:
+    """A multi-backbone method's members (``--backbone a,b,c``), each checked as one backbone is,
+    their layers of one shape on every split; returns the members' model ids joined by commas."""
+    members = split_members(backbone)
+    if len(members) < 2:
+        others = [b for b in store_backbones(store) if b not in members]
+        raise OodError(f"'{scorer.name}' combines several backbones; name two or more with --backbone A,B"
+                       + (f" (this store also holds {', '.join(others)})" if others else
+                          f" (this store holds only '{backbone}': extract another model's features beside it)"))
+    ids = [_check_one(store, scorer, member, splits, train_split, memo) for member in members]
+    for split in splits:
+        for layer in scorer.layers:
+            shapes = {m: store.shape(f"{features_node(split, m)}/{layer}")[1:] for m in members}
+            if len(set(shapes.values())) > 1:
+                raise OodError(f"the members' {layer} on '{split}' differ in shape ("
+                               + ", ".join(f"{m}: {'x'.join(map(str, v))}" for m, v in shapes.items())
+                               + f"); '{scorer.name}' combines models of the same classes")
+    return ",".join(str(i) for i in ids)
+
+
+def check_backbone_option(store: Store, backbone: str | None, backbones: list[str], scorers: list[Scorer]) -> None:
+    """``--backbone`` names one backbone of the store, or, for methods that combine several
+    (``multi_backbone``), a comma-separated list of them; else one line saying what to do."""
+    if backbone is None or backbone in backbones:
+        return
+    members = split_members(backbone)
+    if len(members) > 1:
+        single = [s.name for s in scorers if not s.multi_backbone]
+        if single:
+            raise UsageError(f"--backbone {backbone} names several backbones, which only a method that combines "
+                             f"them takes (ensemble); score {', '.join(single[:3])}"
+                             f"{f' and {len(single) - 3} more' if len(single) > 3 else ''} with one backbone")
+        if len(set(members)) < len(members):
+            raise UsageError(f"--backbone {backbone} names a backbone twice")
+        missing = [m for m in members if m not in backbones]
+        if not missing:
+            return
+        backbone = missing[0]
+    raise OodError(f"store {store.path} has no '{backbone}' features on any split; its backbones: "
+                   f"{', '.join(backbones)}")
+
+
 def _not_served(scorer: Scorer, backbone: str) -> OodError:
     doc = (type(scorer).applicable.__doc__ or "").strip().splitlines()
     why = f" ({doc[0].rstrip('.')})" if doc and type(scorer).applicable is not Scorer.applicable else ""
@@ -339,8 +391,8 @@ def _pick_backbone(store: Store, scorer: Scorer, backbones: list[str], explicit:
         except OodError as exc:
             return b, None, exc
 
-    if explicit is not None or len(backbones) == 1:
-        b, mid, err = check(explicit or backbones[0])
+    if explicit is not None or len(backbones) == 1 or scorer.multi_backbone:
+        b, mid, err = check(explicit or backbones[0])  # a multi-backbone method takes only the members named
         return b, mid, None, err
     if scorer.name in backbones:
         b, mid, err = check(scorer.name)
@@ -498,9 +550,7 @@ def score_methods(
     backbones = store_backbones(store)
     if not backbones:
         raise OodError(f"store {store.path} has no extracted features; run 'oodcli extract' first")
-    if backbone is not None and backbone not in backbones:
-        raise OodError(f"store {store.path} has no '{backbone}' features on any split; its backbones: "
-                       f"{', '.join(backbones)}")
+    check_backbone_option(store, backbone, backbones, scorers)
     none_applies = False
     if only_applicable:
         candidates = [backbone] if backbone else backbones
@@ -572,6 +622,8 @@ def _run_one(store: Store, plan: _Plan, splits: list[str], train_split: str, pro
             notes.append(note)
         attrs = {"method": scorer.name, "backbone": backbone, "model_id": model_id, "hparams": scorer.hparams(),
                  "splits": list(splits)}  # scored together: store verify notices one of them gone
+        if scorer.multi_backbone:
+            attrs["members"] = split_members(backbone)
         if scorer.needs_fit:
             attrs |= {"train_split": train_split, "fitted": f"fitted/{scorer.name}"}
         if plan.sweep:

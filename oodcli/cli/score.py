@@ -70,7 +70,8 @@ def score(
     methods: Optional[str] = typer.Argument(None, help="Method name(s), comma-separated, or 'all' (see --list)."),
     store: Optional[Path] = typer.Option(None, "--store", "-s", help="Store to read features from and write scores to."),
     backbone: Optional[str] = typer.Option(
-        None, "--backbone", help="Which backbone's features (default: per method, the one that has what it needs)."
+        None, "--backbone", help="Which backbone's features (default: per method, the one that has what it needs); "
+        "for ensemble, its members A,B,C."
     ),
     id_split: Optional[str] = typer.Option(None, "--id", help="ID evaluation split (default: test)."),
     ood: Optional[list[str]] = typer.Option(None, "--ood", help="OOD split(s) to score (default: every OOD split)."),
@@ -103,7 +104,8 @@ def score(
     the ID, OOD and train splits, and the head if it reads one), and says which on stderr;
     a backbone named after the method (apex, palm) comes first; several that qualify ask for
     --backbone. When a method's backbone lacks a split, the reason names the extract command
-    that makes it.
+    that makes it. 'ensemble' combines several backbones of the store, named with --backbone
+    A,B,C (e.g. one architecture trained from three seeds); its scores record the members.
 
     Methods that learn from the ID train split (mahalanobis, rmds, knn, vim, residual,
     react) keep what they learned under fitted/<method>; the next run with the same
@@ -124,6 +126,8 @@ def score(
       oodcli score apex,palm --store stores/digits.zarr --backbone apex -p apex.layer=embedding
 
       oodcli score knn,react --store stores/digits.zarr --from-sweep   # after 'oodcli sweep knn' and 'sweep react'
+
+      oodcli score ensemble --store stores/seeds.zarr --backbone python:nets.py:seed0,python:nets.py:seed1
     """
     if list_methods:
         _print_scorer_list(as_json)

@@ -1,8 +1,8 @@
 """Scorers by name. Each family lives in its own module and registers itself on import."""
 
 from oodcli.scorers import (  # noqa: F401
-    apex, ash, boundary, cadref, cfood, clip_iim, clip_prompts, clip_synood, clip_zeroshot, gmm, gram, grood, head, knn,
-    logits, mahalanobis, nci, neco, nnguide, openmax, perturbed, rankfeat, react, relation, she, vim, vra,
+    apex, ash, boundary, cadref, cfood, clip_iim, clip_prompts, clip_synood, clip_zeroshot, ensemble, gmm, gram, grood,
+    head, knn, logits, mahalanobis, nci, neco, nnguide, openmax, perturbed, rankfeat, react, relation, she, vim, vra,
 )
 from oodcli.scorers.base import (
     Scorer,

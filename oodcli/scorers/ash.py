@@ -1,4 +1,5 @@
-"""Activation shaping, ASH (Djurisic et al., 2023), and SCALE (Xu et al., 2024).
+"""Activation shaping, ASH (Djurisic et al., 2023), SCALE (Xu et al., 2024), and logit scaling,
+LTS (Djurisic et al., 2024), which scales the logits by the same per-sample activation ratio.
 
 Per sample, over its activations a (by default the D values of the pooled penultimate
 vector): keep the k = n - round(n * p / 100) largest, i.e. zero those below the sample's
@@ -158,3 +159,32 @@ class SCALE(_Shaping):
 
     def shape(self, x, mask, k):
         return x * rescale_factor(x, np.where(mask, x, 0.0))[:, None]
+
+
+@register
+class LTS(Scorer):
+    """LTS: energy of the logits times (sum / sum above the 95th percentile)^2 of relu(h) (Djurisic et al., 2024).
+
+    Logit Scaling's factor S = (sum_i relu(h_i) / sum of the k largest relu(h_i))^2, k = D -
+    round(D * p / 100), from the pooled penultimate vector h; the score is the energy of S * z,
+    z the stored logits (the head's output on h itself, unshaped). p = 95 as in every config of
+    the authors' code (andrijazz/lts, ``lts@95``), which is what pytorch-ood's LTS follows
+    (its p = 0.05 is the kept fraction). The ReLU is the code's (the paper leaves it out); it
+    only matters for features that can be negative (transformers). A row with no positive
+    activation has no ratio and keeps its logits (S = 1).
+    """
+
+    name = "lts"
+    layers = ("penultimate", "logits")
+
+    def __init__(self, percentile: float = 95.0):
+        self.percentile = float(percentile)
+        if not 0.0 <= self.percentile < 100.0:
+            raise UsageError(f"lts.percentile must be in [0, 100), not {self.percentile}")
+
+    def score_batch(self, batch):
+        h = np.maximum(batch["penultimate"].astype(np.float64), 0.0)
+        mask, _ = top_k_mask(h, self.percentile)
+        total, top = h.sum(axis=1), np.where(mask, h, 0.0).sum(axis=1)
+        ratio = np.divide(total, top, out=np.ones_like(total), where=top > 0)
+        return energy(batch["logits"].astype(np.float64) * (ratio**2)[:, None])

@@ -177,6 +177,7 @@ class Scorer:
     needs_fit: ClassVar[bool] = False
     uses_head: ClassVar[bool] = False  # reads backbones/<backbone>/head/{weight,bias}
     min_train_classes: ClassVar[int] = 1  # class-conditional methods need 2
+    multi_backbone: ClassVar[bool] = False  # scores several backbones together (--backbone a,b,c; ensemble)
 
     progress: Progress = staticmethod(no_progress)
     state: dict  # what fit learned: numpy arrays and plain numbers
@@ -288,6 +289,11 @@ class Scorer:
         for name in store.children(node):
             state[name] = store.read(f"{node}/{name}")
         return state
+
+
+def split_members(backbone: str) -> list[str]:
+    """The backbones a multi-backbone method combines, as ``--backbone a,b,c`` names them."""
+    return [b.strip() for b in backbone.split(",") if b.strip()]
 
 
 def fitted_node(method: str) -> str:

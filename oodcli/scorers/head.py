@@ -1,13 +1,17 @@
-"""Scores that read the penultimate features through the saved classifier head (W [C, D], b [C]):
-GradNorm (Huang et al., 2021) and DICE (Sun & Li, 2022)."""
+"""Scores that read the penultimate features, most through the saved classifier head (W [C, D],
+b [C]): GradNorm (Huang et al., 2021) and its feature factor, the L1 norm; DICE (Sun & Li, 2022);
+the largest cosine to a class prototype (Techapanurak et al., 2020); the pNML regret (Bibas et
+al., 2021)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from oodcli.errors import UsageError
+from oodcli.errors import OodError, UsageError
 from oodcli.scorers.base import Scorer, register, train_mean
-from oodcli.scorers.logits import energy, softmax
+from oodcli.scorers.mahalanobis import class_sums
+from oodcli.store import features_node
+from oodcli.scorers.logits import energy, kl_gradient_l1, log_softmax
 
 
 def gradnorm(h: np.ndarray, logits: np.ndarray, temperature: float = 1.0, include_bias: bool = False) -> np.ndarray:
@@ -17,9 +21,7 @@ def gradnorm(h: np.ndarray, logits: np.ndarray, temperature: float = 1.0, includ
     gradient w.r.t. W is the outer product g h^T, whose L1 norm is ||g||_1 ||h||_1 (the
     paper's U * V); the bias gradient is g itself and adds ||g||_1."""
     h = np.asarray(h, dtype=np.float64)
-    z = np.asarray(logits, dtype=np.float64)
-    g = np.abs(softmax(z / temperature, axis=1) - 1.0 / z.shape[1]).sum(axis=1) / temperature
-    return g * (np.abs(h).sum(axis=1) + (1.0 if include_bias else 0.0))
+    return kl_gradient_l1(logits, temperature) * (np.abs(h).sum(axis=1) + (1.0 if include_bias else 0.0))
 
 
 @register
@@ -80,3 +82,135 @@ class DICE(Scorer):
 
     def release(self):
         self.masked_weight = None
+
+
+@register
+class L1Norm(Scorer):
+    """L1 norm ||h||_1 of the penultimate feature, GradNorm's feature-space factor V (Huang et al., 2021).
+
+    The GradNorm paper's analysis (Sec. 5) finds ID features larger in norm, so a larger norm
+    scores as more ID here. The ``detectors`` package (Dadalto et al.), which has this method
+    under the same name and cites that paper, returns -||h||_1 under its own sign convention.
+    """
+
+    name = "l1norm"
+    layers = ("penultimate",)
+
+    def __init__(self):
+        pass
+
+    def score_batch(self, batch):
+        return np.abs(batch["penultimate"].astype(np.float64)).sum(axis=1)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm; an all-zero row stays zero (its cosine to anything is 0)."""
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+PROTOTYPES = ("means", "head")
+
+
+@register
+class MaxCosine(Scorer):
+    """Largest cosine similarity between the feature and a class prototype (Techapanurak et al., 2020).
+
+    The paper trains a cosine classifier and scores its largest cosine, prototypes being the
+    class weight vectors. For any classifier, post hoc, ``prototypes=means`` (the default)
+    takes the class means of the train features, as the ``detectors`` package's MaxCosine does
+    (classes absent from the train split have no mean and are left out); ``prototypes=head``
+    takes the rows of the saved head W, the paper's reading.
+    """
+
+    name = "maxcosine"
+    layers = ("penultimate",)
+    needs_fit = True
+
+    def __init__(self, prototypes: str = "means"):
+        if prototypes not in PROTOTYPES:
+            raise UsageError(f"maxcosine.prototypes must be one of {', '.join(PROTOTYPES)}, not {prototypes!r}")
+        self.prototypes = prototypes
+        self.uses_head = prototypes == "head"
+        self.needs_fit = prototypes == "means"
+
+    def fit(self, store, backbone, split):
+        dim = store.shape(f"{features_node(split, backbone)}/penultimate")[1]
+        blocks = ((b["penultimate"], b["labels"]) for b in self.blocks(store, backbone, split, "fit pass 1/1",
+                                                                        labels=True))
+        sums, counts = class_sums(blocks, dim)
+        seen = np.flatnonzero(counts)
+        return {"classes": seen, "means": sums[seen] / counts[seen, None]}
+
+    def ready(self, store, backbone, split):
+        self.unit_prototypes = unit_rows(self.state["means"] if self.needs_fit else self.weight)
+
+    def prepare(self, store, backbone, train_split, model_id):
+        status = super().prepare(store, backbone, train_split, model_id)
+        if not self.needs_fit:
+            self.ready(store, backbone, train_split)
+        return status
+
+    def score_batch(self, batch):
+        return (unit_rows(batch["penultimate"].astype(np.float64)) @ self.unit_prototypes.T).max(axis=1)
+
+    def release(self):
+        self.unit_prototypes = None
+
+
+@register
+class PNML(Scorer):
+    """1 - pNML regret of the single-layer pNML learner over the normalised features (Bibas et al., 2021).
+
+    Features are scaled to unit L2 norm (train and test alike) and the head is applied to them:
+    p = softmax(W x + b). With X the normalised train features, x^T g = x^T (X^T X)^+ x /
+    (1 + x^T (X^T X)^+ x), and the regret is log(sum_c p_c / (p_c + (1 - p_c) p_c^(x^T g))) /
+    log C, in [0, 1]; the score is 1 - regret, the quantity the authors' code evaluates.
+    X^T X is accumulated in float64 over one streamed pass. When it is singular (fewer train
+    rows than dimensions) a test feature can leave the train span; the authors' code then
+    takes x^T g = max(||x_perp||^2, the above), x_perp the part outside the span, and so does
+    this (it is 0 whenever X^T X is invertible). The pseudo-inverse drops eigenvalues below
+    numpy's rank tolerance (D * eps * the largest), where the authors' 1e-15 would invert
+    rounding noise.
+    """
+
+    name = "pnml"
+    layers = ("penultimate",)
+    needs_fit = True
+    uses_head = True
+
+    def __init__(self):
+        pass
+
+    def fit(self, store, backbone, split):
+        dim = store.shape(f"{features_node(split, backbone)}/penultimate")[1]
+        gram = np.zeros((dim, dim))
+        for block in self.blocks(store, backbone, split, "fit pass 1/1"):
+            x = unit_rows(block["penultimate"].astype(np.float64))
+            gram += x.T @ x
+        values, vectors = np.linalg.eigh(gram)
+        keep = values > dim * np.finfo(np.float64).eps * max(values.max(), 0.0)
+        if not keep.any():
+            raise OodError(f"pnml: the train features of '{split}' are all zero; nothing spans them")
+        basis = vectors[:, keep]
+        return {"inverse": (basis / values[keep]) @ basis.T, "basis": basis, "rank": int(keep.sum())}
+
+    def ready(self, store, backbone, split):
+        if self.weight.shape[0] < 2:
+            raise OodError("pnml needs a head with at least two classes (the regret is normalised by log C)")
+        if self.weight.shape[1] != self.state["inverse"].shape[0]:
+            raise OodError(f"pnml: the head takes {self.weight.shape[1]} features but the train features have "
+                           f"{self.state['inverse'].shape[0]}; re-extract")
+
+    def score_batch(self, batch):
+        x = unit_rows(batch["penultimate"].astype(np.float64))
+        inside = np.abs(np.einsum("nd,de,ne->n", x, self.state["inverse"], x))
+        xtg = inside / (1.0 + inside)
+        if self.state["rank"] < x.shape[1]:  # the part of x outside the train span counts fully
+            outside = np.maximum(np.sum(x * x, axis=1) - np.sum((x @ self.state["basis"]) ** 2, axis=1), 0.0)
+            xtg = np.maximum(xtg, outside)
+        log_p = log_softmax(x @ self.weight.T + self.bias, axis=1)
+        # p / (p + (1 - p) p^a) = 1 / (1 + (1 - p) p^(a - 1)), no 0/0 where p underflows
+        with np.errstate(over="ignore"):
+            terms = 1.0 / (1.0 + -np.expm1(log_p) * np.exp((xtg[:, None] - 1.0) * log_p))
+        return 1.0 - np.log(terms.sum(axis=1)) / np.log(log_p.shape[1])

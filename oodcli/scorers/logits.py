@@ -1,5 +1,6 @@
 """Scores computed from the classifier's logits alone: MSP, MaxLogit, Energy, GEN, entropy,
-temperature scaling, KL matching and weighted energy. Everything is computed in float64."""
+temperature scaling, KL matching, weighted energy and GradNorm's KL term. Everything is computed
+in float64."""
 
 from __future__ import annotations
 
@@ -32,6 +33,13 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Negative free energy T * logsumexp(logits / T); shared by every energy-based scorer."""
     return temperature * logsumexp(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+
+
+def kl_gradient_l1(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """||d KL(u || softmax(z / T)) / d z||_1 = ||softmax(z / T) - u||_1 / T for u uniform over the
+    C classes: GradNorm's output-space factor U, also the L1 norm of the head bias's gradient."""
+    z = np.asarray(logits, dtype=np.float64)
+    return np.abs(softmax(z / temperature, axis=1) - 1.0 / z.shape[1]).sum(axis=1) / temperature
 
 
 @register
@@ -301,3 +309,26 @@ class WeightedEnergy(Scorer):
         with np.errstate(divide="ignore"):
             log_w = np.log(np.maximum(self.class_weights, 0.0))  # relu; log 0 = -inf drops the class
         return logsumexp(z + log_w, axis=1)
+
+
+@register
+class GradNormKL(Scorer):
+    """GradNorm's KL term U = ||softmax(z / T) - u||_1 / T, the head-only gradient norm (Huang et al., 2021).
+
+    GradNorm scores ||d KL(u || softmax(z / T)) / dW||_1 for the head z = W h + b, which factors
+    into U * V: U, the gradient's L1 norm at the head's output (equal to the L1 norm of the bias
+    gradient, the head's only part not multiplied by h), and V = ||h||_1, the feature norm (paper
+    Sec. 5 analyses the two factors). ``gradnorm`` is U * V and needs the penultimate features
+    and the head; this is U alone, read from the logits of any store; ``l1norm`` is V alone.
+    T = 1 as published.
+    """
+
+    name = "gradnorm-kl"
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = float(temperature)
+        if not self.temperature > 0:
+            raise UsageError(f"gradnorm-kl.temperature must be positive, not {self.temperature}")
+
+    def score_batch(self, batch):
+        return kl_gradient_l1(batch["logits"], self.temperature)
