@@ -40,6 +40,7 @@ demo: venv $(CKPT) $(CLIP_CKPT) $(INPAINT)
 	$(PY) -m oodcli threshold knn --store $(STORE)
 	$(PY) -m oodcli predict knn --store $(STORE) --data digits:ood/near/digits6-9 --out stores/digits-predictions.jsonl
 	$(PY) -m oodcli report --store $(STORE)
+	$(PY) -m oodcli report --store $(STORE) --fsood  # the shifted test digits (csid/digits-shifted) counted as ID
 	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --benchmark digits --layers image_embeds,penultimate,patch_values --store $(CLIP_STORE) --overwrite
 	$(PY) -m oodcli score mcm,gl-mcm,r-mcm --store $(CLIP_STORE)
 	$(PY) -m oodcli -q train coop --store $(CLIP_STORE) --shots 16 --epochs 20 --out stores/digits-coop.safetensors
