@@ -83,7 +83,8 @@ def extract(
         "(default: the ClassLabel feature, the cls member, a label column; none = unlabelled)."
     ),
     split: Optional[list[str]] = typer.Option(
-        None, "--split", help="Split name(s) to extract; default: every split of the benchmark."
+        None, "--split", help="Split name(s) to extract, or patterns of a benchmark's split names (e.g. 'ood/*'); "
+        "default: every split of the benchmark."
     ),
     role: Optional[str] = typer.Option(
         None, "--role", help="With --data: id, ood-near, ood-far, ood, ood-val (held out for sweep), synthetic "
