@@ -1,12 +1,14 @@
 """Full-spectrum OOD: the csid role (covariate-shifted ID), report --fsood, cs-ID accuracy,
 OpenOOD's CSV shape and the summary heatmap."""
 
+import csv
+import io
 import json
 
 import numpy as np
 import pytest
 
-from conftest import run
+from conftest import one_line_error, run
 from oodcli.cli import main
 from oodcli.data.base import role_from_name
 from oodcli.store import open_store
@@ -78,3 +80,136 @@ def test_openood_csid_sets_are_optional_splits_with_their_labels(tmp_path):
     for f in ("a", "b"):
         (tmp_path / "images_classic" / "cifar10c" / f"{f}.png").write_bytes(b"")
     assert get_benchmark("cifar10").open("csid/cifar10c", tmp_path).labels.tolist() == [3, 7]
+
+
+def _id_and_csid(st, method):
+    return np.concatenate([st.read(f"scores/{method}/{s}") for s in ["test", *CSID]])
+
+
+def test_fsood_counts_csid_as_id_in_every_metric(capsys, scored):
+    from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
+
+    code, out, _ = run(capsys, "report", "--store", scored, "--fsood", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["fsood"] and report["csid_splits"] == sorted(CSID)
+    assert report["ood_splits"] == {"ood/far/b": "far", "ood/near/a": "near"}
+    with open_store(scored) as st:
+        for method in METHODS:
+            pos = _id_and_csid(st, method)
+            for split in report["ood_splits"]:
+                neg = st.read(f"scores/{method}/{split}")
+                y, score = np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]
+                cell = report["methods"][method]["sets"][split]
+                assert cell["auroc"] == pytest.approx(roc_auc_score(y, score))
+                fpr, tpr, _ = roc_curve(1 - y, -score)  # OpenOOD: OOD positive, first threshold at 95% recall
+                assert cell["fpr95_openood"] == pytest.approx(fpr[np.argmax(tpr >= 0.95)])
+                precision, recall, _ = precision_recall_curve(y, score)
+                assert cell["aupr_in_openood"] == pytest.approx(auc(recall, precision))
+                # ID positive: share of OOD at or above the score that keeps 95% of ID + cs-ID
+                t = np.sort(pos)[int(np.floor(0.05 * len(pos)))]
+                assert cell["fpr95"] == pytest.approx(np.mean(neg >= t), abs=1.5 / len(neg))
+    code, out, _ = run(capsys, "report", "--store", scored, "--json")
+    plain = json.loads(out)  # without --fsood the cs-ID rows count nowhere (OpenOOD's plain OOD evaluation)
+    assert plain["csid_not_counted"] == sorted(CSID) and "csid_accuracy" not in plain
+    with open_store(scored) as st:
+        id_only = roc_auc_score(np.r_[np.ones(120), np.zeros(100)],
+                                np.r_[st.read("scores/msp/test"), st.read("scores/msp/ood/near/a")])
+    assert plain["methods"]["msp"]["sets"]["ood/near/a"]["auroc"] == pytest.approx(id_only)
+    assert plain["methods"]["msp"]["sets"]["ood/near/a"]["auroc"] != report["methods"]["msp"]["sets"]["ood/near/a"]["auroc"]
+
+
+def test_csid_accuracy_in_every_format(capsys, scored):
+    with open_store(scored) as st:
+        right = {}
+        for split in ["test", *CSID]:
+            logits, labels = st.read(f"splits/{split}/{BACKBONE}/logits"), st.read(f"splits/{split}/labels")
+            right[split] = (logits.argmax(1) == labels)
+    pooled = np.concatenate(list(right.values())).mean()
+    code, out, _ = run(capsys, "report", "--store", scored, "--fsood", "--json")
+    report = json.loads(out)
+    assert report["id_accuracy"] == pytest.approx(right["test"].mean())
+    assert report["csid_accuracy"] == pytest.approx({s: right[s].mean() for s in CSID})
+    assert report["fsood_accuracy"] == pytest.approx(pooled)
+    shown = f"{100 * right['csid/shifted'].mean():.1f}%"
+    code, out, _ = run(capsys, "report", "--store", scored, "--fsood")
+    assert code == 0 and f"csid/shifted {shown}" in " ".join(out.split())
+    code, out, _ = run(capsys, "report", "--store", scored, "--fsood", "--format", "markdown")
+    assert f"csid/shifted {100 * right['csid/shifted'].mean():.2f}%" in out and "`csid/noisy`" in out
+    code, out, _ = run(capsys, "report", "--store", scored, "--fsood", "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    acc = {r["ood_set"]: float(r["accuracy"]) for r in rows if r["method"] == "msp" and r["group"] in ("id", "csid")}
+    assert acc == pytest.approx({"test": right["test"].mean(), **{s: right[s].mean() for s in CSID}}, abs=1e-6)
+    near = [float(r["accuracy"]) for r in rows if r["group"] == "near"]
+    assert near and np.allclose(near, pooled, atol=1e-6)  # OpenOOD's FS-OOD ACC: ID and cs-ID pooled
+    page = tmp_html(scored, capsys)
+    assert f"{100 * right['csid/noisy'].mean():.2f}" in page and "ID + cs-ID" in page
+
+
+def tmp_html(store, capsys, methods="msp"):
+    out = store.parent / "r.html"
+    code, _, err = run(capsys, "-q", "report", "--store", store, "--fsood", "--html", out, "--methods", methods)
+    assert code == 0, err
+    return out.read_text()
+
+
+def test_fsood_without_csid_splits_or_scores_is_one_line(capsys, tmp_path):
+    path = make_store(tmp_path / "plain.zarr")
+    assert run(capsys, "-q", "score", "msp", "--store", path)[0] == 0
+    code, out, err = run(capsys, "report", "--store", path, "--fsood")
+    assert code == 1 and one_line_error(err) and "cs-ID" in err
+    add_csid(path)  # cs-ID splits without scores: the method is left out with the command that scores it
+    assert run(capsys, "-q", "score", "energy", "--store", path)[0] == 0
+    code, out, err = run(capsys, "report", "--store", path, "--fsood", "--json")
+    report = json.loads(out)
+    assert code == 0 and list(report["methods"]) == ["energy"]
+    assert "--ood csid/noisy --ood csid/shifted" in report["left_out"]["msp"]
+    code, out, err = run(capsys, "report", "--store", path, "--csv-style", "openood")
+    assert code == 2 and one_line_error(err) and "--format csv" in err
+
+
+def test_openood_csv_shape(capsys, scored):
+    code, out, _ = run(capsys, "report", "--store", scored, "--format", "csv", "--csv-style", "openood")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "method,dataset,FPR@95,AUROC,AUPR_IN,AUPR_OUT,ACC"
+    report = json.loads(run(capsys, "report", "--store", scored, "--json")[1])
+    per_method = {}
+    for row in csv.reader(lines[1:]):
+        per_method.setdefault(row[0], []).append(row)
+    assert list(per_method) == list(report["methods"])
+    for method, rows in per_method.items():
+        assert [r[1] for r in rows] == ["a", "nearood", "b", "farood"]  # OpenOOD's order and names
+        data = report["methods"][method]
+        for name, cell in (("a", data["sets"]["ood/near/a"]), ("farood", data["averages"]["far"])):
+            row = next(r for r in rows if r[1] == name)
+            want = [cell["fpr95_openood"], cell["auroc"], cell["aupr_in_openood"], cell["aupr_out_openood"],
+                    report["id_accuracy"]]
+            assert row[2:] == [f"{100 * v:.2f}" for v in want]
+    fs = run(capsys, "report", "--store", scored, "--fsood", "--format", "csv", "--csv-style", "openood")[1]
+    fs_report = json.loads(run(capsys, "report", "--store", scored, "--fsood", "--json")[1])
+    assert next(csv.reader(fs.splitlines()[1:2]))[-1] == f"{100 * fs_report['fsood_accuracy']:.2f}"
+
+
+def test_heatmap_rows_follow_mean_rank(capsys, scored, tmp_path):
+    from oodcli.reporting import SUMMARY_PNG, mean_ranks, rank_order
+
+    report = json.loads(run(capsys, "report", "--store", scored, "--json")[1])
+    ranks = {}
+    for split in report["ood_splits"]:  # rank 1 = highest AUROC on the set, mean over sets
+        order = sorted(report["methods"], key=lambda m: -report["methods"][m]["sets"][split]["auroc"])
+        for i, m in enumerate(order, 1):
+            ranks.setdefault(m, []).append(i)
+    want = {m: np.mean(r) for m, r in ranks.items()}
+    assert mean_ranks(report) == pytest.approx(want)
+    assert rank_order(report) == sorted(want, key=lambda m: want[m])
+    # ties keep the report's order; a method without sets goes last
+    fake = {"ood_splits": {"s": "far"}, "methods": {
+        "none": {"sets": {}}, "b": {"sets": {"s": {"auroc": 0.7}}}, "a": {"sets": {"s": {"auroc": 0.7}}},
+        "c": {"sets": {"s": {"auroc": 0.9}}}}}
+    assert rank_order(fake) == ["c", "b", "a", "none"]
+    code, _, err = run(capsys, "-q", "report", "--store", scored, "--plots", tmp_path / "plots", "--methods", "msp,energy")
+    png = (tmp_path / "plots" / SUMMARY_PNG).read_bytes()
+    assert code == 0 and png.startswith(b"\x89PNG")
+    page = tmp_html(scored, capsys)
+    assert 'alt="summary heatmap"' in page
