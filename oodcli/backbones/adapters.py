@@ -347,6 +347,84 @@ class HookedBackbone(Backbone):
         return weight, bias
 
 
+# ---- re-entering the network after an early module (GROOD's mixup) -------------------------------
+
+#: the first stage of the architectures torchvision, timm and transformers name this way, in the order
+#: tried: ResNets, ConvNeXt/RegNet (timm), Swin (timm), ViT/DeiT/EfficientNet (timm), torchvision's ViT,
+#: RegNet and its features-sequence models (ConvNeXt, EfficientNet, MobileNet, Swin), Hugging Face's
+EARLY_PATHS = ("layer1", "stages.0", "layers.0", "blocks.0", "encoder.layers.encoder_layer_0",
+               "trunk_output.block1", "features.1", "resnet.encoder.stages.0", "convnext.encoder.stages.0",
+               "vit.encoder.layer.0")
+
+
+class ReEntry:
+    """One forward pass of a ``HookedBackbone`` with a forward hook on its early module: ``run(x)`` gives
+    (early output, logits, penultimate), and ``run(x, edit)`` replaces the early output by ``edit(it)``
+    before the rest of the network sees it (GROOD's eq. 9: the rest runs on the mixed map). Valid only
+    where that output is the only path from the image to the head, which ``check`` tests."""
+
+    def __init__(self, net: HookedBackbone, path: str):
+        self.net, self.path = net, path
+        self.module = module_at(net.net, path, net.label, "--early")
+        self.classes = int(net._head.out_features)
+
+    def run(self, x: torch.Tensor, edit=None):
+        seen: list[torch.Tensor] = []
+
+        def hook(module, args, output):
+            first = output[0] if isinstance(output, tuple) and output else output
+            if not isinstance(first, torch.Tensor):
+                raise OodError(f"--early {self.path}: the module returns a {type(output).__name__}, not a tensor")
+            seen.append(first.clone())  # a later in-place op must not change what was seen
+            if edit is None:
+                return None
+            new = edit(first)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            out = self.net._layers(x, ("logits", "penultimate"))
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise OodError(f"--early {self.path}: the module ran {len(seen)} times in one forward pass of "
+                           f"{self.net.label}; GROOD re-enters after a module that runs once")
+        return seen[0], out["logits"], out["penultimate"].flatten(1)
+
+    def check(self, size: int) -> None:
+        """The network on image b equals the network on image a with a's early output replaced by b's:
+        otherwise something passes around the early module and re-entering there would be wrong."""
+        param = next(iter(self.net.net.parameters()))
+        generator = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(1, 3, size, size, generator=generator).to(param.device, param.dtype) for _ in range(2))
+        with torch.no_grad():
+            early_b, logits_b, _ = self.run(b)
+            _, logits_ab, _ = self.run(a, lambda e: early_b)
+        if not torch.allclose(logits_ab, logits_b, rtol=1e-4, atol=1e-4):
+            raise OodError(f"--early {self.path}: the output of that module is not the only path from the image "
+                           f"to the head of {self.net.label} (a connection passes around it); name a module whose "
+                           "output feeds all the rest with --early MODULE.PATH")
+
+
+def reentry(net: HookedBackbone, path: str | None, size: int) -> ReEntry:
+    """Where GROOD re-enters ``net``: ``path`` (``--early``), else the first stage its architecture
+    names (``EARLY_PATHS``); refused in one line where the model offers neither or has no head."""
+    if net._head is None or not net.has_logits:
+        raise OodError(f"{net.label} has no classifier head computing its logits, which GROOD's mixup needs "
+                       "(the head classifies the mixed maps); use --ood-prototype noise, val or mean")
+    if path is None:
+        names = dict(net.net.named_modules())
+        path = next((p for p in EARLY_PATHS if p in names), None)
+        if path is None:
+            kind = "an nn.Sequential: give the index of the module, e.g. --early 2" if isinstance(net.net, nn.Sequential) \
+                else "e.g. --early layer1"
+            raise UsageError(f"{net.label} names no first stage GROOD knows; name the module whose output is its "
+                             f"early map with --early MODULE.PATH ({kind})")
+    split = ReEntry(net, path)
+    split.check(size)
+    return split
+
+
 def _open_clip(source: ModelSource, kind: str, value) -> nn.Module:
     from oodcli.backbones import open_clip_source
 

@@ -34,6 +34,11 @@ def synthesize_grood(
     samples: int = typer.Option(100, "--samples", help="noise/val: candidate OOD samples before the filter."),
     seed: int = typer.Option(0, "--seed", help="noise/val: random seed."),
     train_split: str = typer.Option("train", "--train", help="ID train split the prototypes come from."),
+    early: Optional[str] = typer.Option(
+        None, "--early", help="mixup, SOURCE:NAME models: the module whose output is the early map, where the "
+        "mixed map re-enters the network (default: the first stage: layer1, stages.0, blocks.0, features.1, ...; "
+        "an nn.Sequential: its index, e.g. 2)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
@@ -50,6 +55,8 @@ def synthesize_grood(
       oodcli synthesize grood --store stores/digits.zarr
 
       oodcli synthesize grood --store stores/cifar10.zarr --ood-prototype val --val-split ood/val/tin
+
+      oodcli synthesize grood --store stores/in-convnext.zarr --early features.3
     """
     from oodcli.store import open_store
     from oodcli.synth.grood import synthesize_grood as run
@@ -61,7 +68,7 @@ def synthesize_grood(
                 st, backbone=model, weights=weights, train_split=train_split, ood_prototype=ood_prototype,
                 quantile=quantile, mixup_lambda=mixup_lambda, val_split=val_split, samples=samples, seed=seed,
                 device=device, batch_size=batch_size, workers=workers, data_root_dir=data_root,
-                progress=_row_progress(bar),
+                progress=_row_progress(bar), early=early,
             )
     finally:
         if bar.live.is_started:

@@ -8,6 +8,8 @@
   ``mixup``  every train image's early map mixed with the early prototype of its
              second-highest predicted class, then through the rest of the network:
              h = f_mid(lambda f_early(x) + (1 - lambda) p_early[c2]) (eq. 9, lambda 0.5);
+             a SOURCE:NAME model is re-entered by a forward hook that replaces its early
+             module's output (``--early``, default its first stage; ``adapters.ReEntry``);
   ``noise``  images of uniform noise; the ``samples`` with the lowest energy
              (logsumexp of the logits: the most OOD-looking) of 10x as many;
   ``val``    ``samples`` random rows of an auxiliary OOD split of the store;
@@ -56,7 +58,7 @@ def proximity_filter(distances: np.ndarray, quantile: float) -> tuple[np.ndarray
 
 
 def options(ood_prototype: str, quantile: float, mixup_lambda: float, samples: int, val_split: str | None,
-            seed: int) -> dict:
+            seed: int, early: str | None = None) -> dict:
     """Check the options and keep those that shape this kind of prototype (the cache key)."""
     if ood_prototype not in OOD_PROTOTYPES:
         raise UsageError(f"unknown --ood-prototype '{ood_prototype}'; use one of {', '.join(OOD_PROTOTYPES)}")
@@ -68,8 +70,10 @@ def options(ood_prototype: str, quantile: float, mixup_lambda: float, samples: i
         raise UsageError(f"--samples must be at least 1, not {samples}")
     if (ood_prototype == "val") != (val_split is not None):
         raise UsageError("--val-split SPLIT goes with --ood-prototype val (and only with it)")
+    if early is not None and ood_prototype != "mixup":
+        raise UsageError("--early MODULE.PATH goes with --ood-prototype mixup (and only with it)")
     relevant = {
-        "mixup": {"quantile": quantile, "mixup_lambda": mixup_lambda},
+        "mixup": {"quantile": quantile, "mixup_lambda": mixup_lambda, **({"early": early} if early else {})},
         "noise": {"quantile": quantile, "samples": samples, "seed": seed},
         "val": {"quantile": quantile, "samples": samples, "seed": seed, "val_split": val_split},
         "mean": {},
@@ -87,6 +91,10 @@ def resolve_weights(store: Store, backbone: str, split: str, weights: str | None
 
     attrs = store.node_attrs(features_node(split, backbone))
     parts = attrs.get("parts", {})
+    if attrs.get("model_source"):  # SOURCE:NAME: rebuilt as extract named it (deploy.recorded_backbone)
+        if weights is not None:
+            raise UsageError(f"--weights goes with built-in models; '{backbone}' is rebuilt as extract named it")
+        return attrs.get("weights_source")
     weights = weights if weights is not None else attrs.get("weights_source")
     spec = get_spec(backbone).for_weights(weights)
     identity = spec.weights_identity(weights)
@@ -101,15 +109,22 @@ def resolve_weights(store: Store, backbone: str, split: str, weights: str | None
     return weights
 
 
-def _build(backbone: str, weights: str | None, device: torch.device, recorded: dict | None = None):
+def _build(backbone: str, weights: str | None, device: torch.device, recorded: dict | None = None,
+           store: Store | None = None, split: str | None = None):
     """The network, and its spec with the preprocessing the store's features were made with
     (``recorded``: the benchmark's normalisation or ``--preprocess``), so images are read again
-    exactly as they were extracted."""
+    exactly as they were extracted. A SOURCE:NAME model is named again as extract recorded it."""
     import dataclasses
 
     from oodcli.backbones.base import get_spec
     from oodcli.backbones.spec import Preprocess
 
+    if store is not None and store.node_attrs(features_node(split, backbone)).get("model_source"):
+        from oodcli.deploy import recorded_backbone
+
+        spec, weights = recorded_backbone(store, backbone, split)
+        spec = spec.requesting(("logits", "penultimate")) if hasattr(spec, "requesting") else spec
+        return spec, spec.build(weights).to(device).eval()
     spec = get_spec(backbone).for_weights(weights)
     if recorded:
         spec = dataclasses.replace(spec, preprocess=Preprocess(
@@ -137,19 +152,33 @@ def _train_loader(store: Store, split: str, spec, data_root_dir: str | None, bat
 # ---- OOD candidates ------------------------------------------------------------------------------
 
 
+class Staged:
+    """A built-in ``StagedClassifier``'s (early, mid, head) as the one call both mixup passes make:
+    ``run(x, edit)`` -> (early map, logits, penultimate), the rest running on ``edit(early map)``
+    (``adapters.ReEntry`` is the same call over any hooked model)."""
+
+    def __init__(self, stages):
+        self.early, self.mid, self.fc = stages
+        self.classes = int(self.fc.out_features)
+
+    def run(self, x, edit=None):
+        fmap = self.early(x)
+        pen = self.mid(edit(fmap) if edit is not None else fmap)
+        return fmap, self.fc(pen), pen
+
+
 @torch.inference_mode()
-def early_prototypes(stages, loader, labels: np.ndarray, present: np.ndarray, device, advance):
+def early_prototypes(split, loader, labels: np.ndarray, present: np.ndarray, device, advance):
     """Pass 1 of mixup: per-class means of the early maps (labels index the classes) and
     every image's second-highest predicted class among the classes that have samples."""
-    early, mid, fc = stages
     sums, c2 = None, np.zeros(len(labels), np.int64)
     absent = torch.as_tensor(~present, device=device)
     for images, idx in loader:
-        fmap = early(images.to(device))
+        fmap, logits, _ = split.run(images.to(device))
         if sums is None:
             sums = torch.zeros((len(present), *fmap.shape[1:]), dtype=torch.float32, device=device)
         sums.index_add_(0, torch.as_tensor(labels[idx.numpy()], device=device), fmap.float())
-        logits = fc(mid(fmap)).masked_fill(absent, float("-inf"))
+        logits = logits.masked_fill(absent, float("-inf"))
         c2[idx.numpy()] = logits.topk(2, dim=1).indices[:, 1].cpu().numpy()
         advance(len(idx))
     counts = torch.as_tensor(np.bincount(labels, minlength=len(present)), device=device).clamp(min=1)
@@ -157,13 +186,13 @@ def early_prototypes(stages, loader, labels: np.ndarray, present: np.ndarray, de
 
 
 @torch.inference_mode()
-def mixup_features(stages, loader, p_early: torch.Tensor, c2: np.ndarray, mixup_lambda: float, device, advance):
+def mixup_features(split, loader, p_early: torch.Tensor, c2: np.ndarray, mixup_lambda: float, device, advance):
     """Pass 2 of mixup (eq. 9), one block of synthetic penultimate features per batch."""
-    early, mid, _ = stages
     for images, idx in loader:
-        fmap = early(images.to(device))
-        mixed = mixup_lambda * fmap + (1.0 - mixup_lambda) * p_early[torch.as_tensor(c2[idx.numpy()], device=device)]
-        yield mid(mixed).float().cpu().numpy()
+        proto = p_early[torch.as_tensor(c2[idx.numpy()], device=device)]
+        _, _, pen = split.run(images.to(device),
+                              lambda fmap: mixup_lambda * fmap + (1.0 - mixup_lambda) * proto.to(fmap.dtype))
+        yield pen.float().cpu().numpy()
         advance(len(idx))
 
 
@@ -222,12 +251,14 @@ def synthesize_grood(
     workers: int = 0,
     data_root_dir: str | None = None,
     progress: Progress = no_progress,
+    early: str | None = None,
 ) -> dict:
-    """Make (or find) the GROOD prototypes, then the gradient store. Returns a summary."""
+    """Make (or find) the GROOD prototypes, then the gradient store. Returns a summary. ``early``: the
+    module path of a SOURCE:NAME model after which mixup re-enters it (default: its first stage)."""
     from oodcli.scoring import default_backbone
 
     t0 = time.perf_counter()
-    hparams = options(ood_prototype, quantile, mixup_lambda, samples, val_split, seed)
+    hparams = options(ood_prototype, quantile, mixup_lambda, samples, val_split, seed, early)
     if not store.is_array(f"{split_node(train_split)}/labels"):
         raise OodError(f"store {store.path} has no train split '{train_split}'; GROOD builds its prototypes from "
                        "the ID train split: extract it first (oodcli extract ... --split train)")
@@ -297,12 +328,12 @@ def _make_prototypes(store, key, weights, samples, seed, device_name, batch_size
     else:
         device = resolve_device(device_name)
         recorded = store.node_attrs(features_node(train_split, backbone)).get("parts", {}).get("preprocess")
-        spec, net = _build(backbone, weights, device, recorded)
+        spec, net = _build(backbone, weights, device, recorded, store, train_split)
         if kind == "noise":
             candidates = noise_features(net, spec, samples, seed, batch_size, device)
         else:
-            stages = _stages(net, backbone, classes)
-            present = np.isin(np.arange(stages[2].out_features), classes)
+            stages = _stages(net, backbone, classes, hp.get("early"), spec.preprocess.crop)
+            present = np.isin(np.arange(stages.classes), classes)
             loader = _train_loader(store, train_split, spec, data_root_dir, batch_size, workers)
             p_early, c2 = early_prototypes(stages, loader, labels, present, device,
                                            progress("grood: early class means", len(labels)))
@@ -336,15 +367,24 @@ def _make_prototypes(store, key, weights, samples, seed, device_name, batch_size
                         oodcli_version=__version__, complete=True)
 
 
-def _stages(net, backbone: str, classes: np.ndarray):
-    """(early, mid, head) of a CNN classifier, or a one-line error naming the alternatives."""
-    if not hasattr(net, "stages"):
+def _stages(net, backbone: str, classes: np.ndarray, early: str | None = None, size: int = 224):
+    """Where mixup re-enters the network: a built-in CNN's early/mid/head split, a SOURCE:NAME model's
+    early module (``--early``, or its architecture's first stage), or a one-line error naming the
+    alternatives."""
+    from oodcli.backbones.adapters import HookedBackbone, reentry
+
+    if isinstance(net, HookedBackbone):
+        split = reentry(net, early, size)
+    elif early is not None:
+        raise UsageError(f"--early goes with SOURCE:NAME models; '{backbone}' splits after its first block")
+    elif hasattr(net, "stages"):
+        split = Staged(net.stages())
+    else:
         raise OodError(f"model '{backbone}' has no early/mid/head split, which the mixup OOD prototype needs; "
                        "use --ood-prototype noise, val or mean")
-    stages = net.stages()
-    if classes.max() >= stages[2].out_features:
-        raise OodError(f"train labels go up to {classes.max()} but '{backbone}' has {stages[2].out_features} classes")
-    return stages
+    if classes.max() >= split.classes:
+        raise OodError(f"train labels go up to {classes.max()} but '{backbone}' has {split.classes} classes")
+    return split
 
 
 def _filtered_mean(store: Store, node: str, class_prototypes: np.ndarray, quantile: float):
