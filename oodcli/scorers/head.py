@@ -204,7 +204,7 @@ class PNML(Scorer):
 
     def score_batch(self, batch):
         x = unit_rows(batch["penultimate"].astype(np.float64))
-        inside = np.abs(np.einsum("nd,de,ne->n", x, self.state["inverse"], x))
+        inside = np.abs(np.sum((x @ self.state["inverse"]) * x, axis=1))  # x^T (X^T X)^+ x, through BLAS
         xtg = inside / (1.0 + inside)
         if self.state["rank"] < x.shape[1]:  # the part of x outside the train span counts fully
             outside = np.maximum(np.sum(x * x, axis=1) - np.sum((x @ self.state["basis"]) ** 2, axis=1), 0.0)
