@@ -127,7 +127,8 @@ def _prompt_trainer(method: str):
         out_path: Path = typer.Option(..., "--out", "-o", help="Prompt file to write (safetensors)."),
         backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP backbone in the store (default: the only one)."),
         split: str = typer.Option("train", "--split", help="ID split to draw the few shots from."),
-        shots: int = typer.Option(16, "--shots", min=1, help="Images per class (1, 2, 4, 8, 16 in the papers)."),
+        shots: int = typer.Option(16, "--shots", min=1, help="Images per class (1, 2, 4, 8, 16 in the papers); "
+                                   "from a split made by 'extract --shots', at most the shots it holds."),
         epochs: int = typer.Option(50, "--epochs", min=1),
         batch_size: int = typer.Option(32, "--batch-size", min=1),
         lr: float = typer.Option(0.002, "--lr", min=0.0),
@@ -222,7 +223,8 @@ def train_iim(
     out_path: Path = typer.Option(..., "--out", "-o", help="Prompt file to write (local + OOD prototype prompts)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP backbone in the store (default: the only one)."),
     split: str = typer.Option("train", "--split", help="ID split to draw the few shots from."),
-    shots: int = typer.Option(16, "--shots", min=1, help="Images per class."),
+    shots: int = typer.Option(16, "--shots", min=1, help="Images per class; from a split made by 'extract --shots', "
+                              "at most the shots it holds."),
     epochs: int = typer.Option(50, "--epochs", min=1),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     lr: float = typer.Option(2.5e-4, "--lr", min=0.0),
