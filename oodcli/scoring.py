@@ -338,8 +338,8 @@ def _check_members(store: Store, scorer: Scorer, backbone: str, splits: list[str
     if len(members) < 2:
         others = [b for b in store_backbones(store) if b not in members]
         raise OodError(f"'{scorer.name}' combines several backbones; name two or more with --backbone A,B"
-                       + (f" (this store also holds {', '.join(others)})" if others else
-                          f" (this store holds only '{backbone}': extract another model's features beside it)"))
+                       + (f" (the store also holds {', '.join(others)})" if others else
+                          f" (the store holds only '{backbone}': extract another model's features beside it)"))
     ids = [_check_one(store, scorer, member, splits, train_split, memo) for member in members]
     for split in splits:
         for layer in scorer.layers:
@@ -391,8 +391,13 @@ def _pick_backbone(store: Store, scorer: Scorer, backbones: list[str], explicit:
         except OodError as exc:
             return b, None, exc
 
-    if explicit is not None or len(backbones) == 1 or scorer.multi_backbone:
-        b, mid, err = check(explicit or backbones[0])  # a multi-backbone method takes only the members named
+    if scorer.multi_backbone and explicit is None:  # it takes only the members named
+        return None, None, None, OodError(
+            f"'{scorer.name}' combines several backbones; name two or more with --backbone A,B"
+            + (f" (the store holds {', '.join(backbones)})" if len(backbones) > 1 else
+               f" (the store holds only '{backbones[0]}': extract another model's features beside it)"))
+    if explicit is not None or len(backbones) == 1:
+        b, mid, err = check(explicit or backbones[0])
         return b, mid, None, err
     if scorer.name in backbones:
         b, mid, err = check(scorer.name)

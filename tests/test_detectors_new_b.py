@@ -309,8 +309,8 @@ def test_ensemble_through_the_python_api(three):
 
 def test_ensemble_refusals_are_one_line(capsys, three, tmp_path):
     cases = [
-        (["ensemble", "--backbone", "a"], 1, "name two or more with --backbone A,B (this store also holds b, c)"),
-        (["ensemble"], 1, "name two or more with --backbone A,B"),
+        (["ensemble", "--backbone", "a"], 1, "name two or more with --backbone A,B (the store also holds b, c)"),
+        (["ensemble"], 1, "name two or more with --backbone A,B (the store holds a, b, c)"),
         (["ensemble", "--backbone", "a,zz"], 1, "no 'zz' features"),
         (["ensemble", "--backbone", "a,a"], 2, "names a backbone twice"),
         (["msp,ensemble", "--backbone", "a,b"], 2, "score msp with one backbone"),
