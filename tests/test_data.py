@@ -97,6 +97,20 @@ def test_digits_existing_parts_are_unchanged():
         assert hashlib.sha256(digits.digits_arrays(part)[0].tobytes()).hexdigest()[:16] == pixels, part
 
 
+def test_digits_new_parts_identity_needs_no_image(monkeypatch):
+    """A cache-hit extract reads identity() only: the letters and shifted digits must not be drawn for it."""
+
+    def refuse(*args):
+        raise AssertionError("an image was made")
+
+    for name in ("_letters", "_shifted", "_textures", "_noise"):
+        monkeypatch.setattr(digits, name, refuse)
+    digits._generate.cache_clear()  # images made by earlier tests would hide a call
+    ids = {p: digits.digits_part(p).identity() for p in ("ood/near/letters", "csid/digits-shifted")}
+    assert ids == {"ood/near/letters": "digits:ood/near/letters:n=480:labels=877efe413fb39caa",
+                   "csid/digits-shifted": "digits:csid/digits-shifted:n=325:labels=9d523386cfbe9ffc"}
+
+
 def test_digits_letters_are_drawn_like_the_digits():
     """Full height, at most the digits' width, centred, ink in the digits' range; no letter is an ID image."""
     x = digits.digits_8x8("ood/near/letters")[0]
