@@ -325,15 +325,18 @@ def extract(model: str, store: str | Path, **options) -> list[ExtractResult]:
     return extract_splits(model, store, **options)
 
 
-def score(store: str | Path, methods: str | list[str] = "all", *, backbone: str | None = None,
+def score(store: str | Path, methods: str | list[str] = "all", *, backbone: str | list[str] | None = None,
           id_split: str | None = None, ood: list[str] | None = None, train_split: str = "train",
           params: dict[str, dict] | None = None, save_as: str | None = None, from_sweep: bool = False,
           progress=None, log=None) -> list:
     """``oodcli score``: score the ID test split and every OOD split with ``methods`` ("all", "knn,vim"
-    or a list); ``params`` = ``{"knn": {"k": 10}}`` as ``-p knn.k=10``. Returns one ``ScoreResult``
-    per method and split written; a named method that cannot run raises its one-line ``OodError``."""
+    or a list); ``params`` = ``{"knn": {"k": 10}}`` as ``-p knn.k=10``; ``backbone`` a name, or for
+    ``ensemble`` its members (``"a,b,c"`` or a list). Returns one ``ScoreResult`` per method and
+    split written; a named method that cannot run raises its one-line ``OodError``."""
     from oodcli.scoring import parse_methods, score_store
 
+    if isinstance(backbone, (list, tuple)):
+        backbone = ",".join(backbone)
     text = methods if isinstance(methods, str) else ",".join(methods)
     names = parse_methods(text)
     with open_store(store, "r+") as st:
@@ -356,30 +359,34 @@ def sweep(store: str | Path, method: str, grid: str | dict[str, list] | None = N
 
 
 def report(store: str | Path, methods: list[str] | None = None, *, id_split: str | None = None, fpr: str = "id",
-           average_runs: bool = False) -> dict:
+           average_runs: bool = False, fsood: bool = False) -> dict:
     """``oodcli report --format json`` as a dict: per method, per OOD set and near/far averages, every
-    metric in both FPR conventions (fractions, not %), ID accuracy, recorded thresholds."""
+    metric in both FPR conventions (fractions, not %), ID accuracy, recorded thresholds. ``fsood``:
+    the cs-ID splits counted as ID (``report --fsood``), with ``csid_accuracy`` per split and
+    ``fsood_accuracy`` over ID and cs-ID pooled."""
     from oodcli.reporting import build_report
 
     with open_store(store, "r") as st:
-        return build_report(st, methods, id_split, average_runs, fpr=fpr)
+        return build_report(st, methods, id_split, average_runs, fpr=fpr, fsood=fsood)
 
 
 FRAME_COLUMNS = ("FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC")
 
 
 def report_frame(store: str | Path, methods: list[str] | None = None, *, id_split: str | None = None,
-                 fpr: str = "id", average_runs: bool = False):
+                 fpr: str = "id", average_runs: bool = False, fsood: bool = False):
     """The report as a pandas DataFrame in OpenOOD's layout: one row per (method, OOD set) and the
     near / far averages, columns FPR@95 (in the ``fpr`` convention), AUROC, AUPR_IN, AUPR_OUT and
-    ACC (the ID accuracy), in %. With ``fpr="openood"`` the AUPR columns are OpenOOD's trapezoid ones."""
+    ACC (the ID accuracy; with ``fsood``, cs-ID counted as ID, the accuracy over ID and cs-ID
+    pooled, as OpenOOD's FS-OOD table), in %. With ``fpr="openood"`` the AUPR columns are
+    OpenOOD's trapezoid ones."""
     import pandas as pd
 
     from oodcli.reporting import FPR_CONVENTIONS
 
-    data = report(store, methods, id_split=id_split, fpr=fpr, average_runs=average_runs)
+    data = report(store, methods, id_split=id_split, fpr=fpr, average_runs=average_runs, fsood=fsood)
     suffix = "_openood" if fpr == "openood" else ""
-    acc = data["id_accuracy"]
+    acc = data["fsood_accuracy"] if fsood else data["id_accuracy"]
     rows, index = [], []
     for method, entry in data["methods"].items():
         cells = []  # OpenOOD's order: the near sets and their average, then the far ones

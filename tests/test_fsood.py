@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+import oodcli
 from conftest import one_line_error, run
 from oodcli.cli import main
 from oodcli.data.base import role_from_name
@@ -142,6 +143,8 @@ def test_csid_accuracy_in_every_format(capsys, scored):
     assert acc == pytest.approx({"test": right["test"].mean(), **{s: right[s].mean() for s in CSID}}, abs=1e-6)
     near = [float(r["accuracy"]) for r in rows if r["group"] == "near"]
     assert near and np.allclose(near, pooled, atol=1e-6)  # OpenOOD's FS-OOD ACC: ID and cs-ID pooled
+    frame = oodcli.report_frame(scored, fsood=True)
+    assert frame.loc[("msp", "near_average"), "ACC"] == pytest.approx(100 * pooled)
     page = tmp_html(scored, capsys)
     assert f"{100 * right['csid/noisy'].mean():.2f}" in page and "ID + cs-ID" in page
 
