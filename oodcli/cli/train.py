@@ -146,6 +146,8 @@ def _prompt_trainer(method: str):
                                         help="LoCoOp: the patch features, 'patch_values' (the last block's value path, as "
                                              "LoCoOp's code) or 'patch_tokens' (final-layer tokens).",
                                         hidden=method != "locoop"),
+        precision: str = typer.Option("auto", "--precision", help="Training steps: 'auto' (bfloat16 autocast on CUDA, the "
+                                     "context kept float32; float32 on a CPU) or 'fp32' everywhere."),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         from oodcli.train.prompts import train_prompts
@@ -155,7 +157,7 @@ def _prompt_trainer(method: str):
             method, store_path, out_path, backbone=backbone, split=split, shots=shots, epochs=epochs,
             batch_size=batch_size, lr=lr, n_ctx=n_ctx, ctx_init=ctx_init, temperature=temperature,
             train_classes=train_classes, train_class_fraction=fraction, labels=labels, seed=seed,
-            locoop_lambda=lam, locoop_top_k=top_k, local_layer=local_layer, log=log,
+            locoop_lambda=lam, locoop_top_k=top_k, local_layer=local_layer, precision=precision, log=log,
         )
         _print_prompt_result(result, as_json)
 
@@ -197,6 +199,8 @@ def train_negprompt(
     fraction: Optional[float] = typer.Option(None, "--train-class-fraction"),
     labels: Optional[str] = typer.Option(None, "--labels"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Default: the positive file's (same few shots)."),
+    precision: str = typer.Option("auto", "--precision", help="Training steps: 'auto' (bfloat16 autocast on CUDA, the "
+                                 "context kept float32; float32 on a CPU) or 'fp32' everywhere."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Learn NegPrompt's negative prompts against frozen positive prompts (stage two).
@@ -212,7 +216,7 @@ def train_negprompt(
         "negprompt", store_path, out_path, backbone=backbone, split=split, shots=shots, epochs=epochs,
         batch_size=batch_size, lr=lr, temperature=temperature, train_classes=train_classes,
         train_class_fraction=fraction, labels=labels, seed=seed, positive=positive, neg_prompts=neg_prompts,
-        beta=beta, gamma=gamma, nis_softmax=nis_softmax, log=log,
+        beta=beta, gamma=gamma, nis_softmax=nis_softmax, precision=precision, log=log,
     )
     _print_prompt_result(result, as_json)
 
@@ -248,6 +252,8 @@ def train_iim(
     fraction: Optional[float] = typer.Option(None, "--train-class-fraction", help="Train on the first share of classes."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Class names file (one per line); default: the store's benchmark."),
     seed: int = typer.Option(0, "--seed", help="Seed of the few-shot draw and the initialisation."),
+    precision: str = typer.Option("auto", "--precision", help="Training steps: 'auto' (bfloat16 autocast on CUDA, the "
+                                 "context kept float32; float32 on a CPU) or 'fp32' everywhere."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Learn IIM's local prompts and OOD prototype prompts from mined patches (needs patch_values).
@@ -264,7 +270,7 @@ def train_iim(
         lr=lr, n_ctx=n_ctx, ctx_init=ctx_init, k=k, ood_prompts=ood_prompts, lambda_neg=lambda_neg,
         lambda_div=lambda_div, temperature=temperature, csc=csc, denominators=denominators, local_layer=local_layer,
         train_classes=train_classes,
-        train_class_fraction=fraction, labels=labels, seed=seed, log=log,
+        train_class_fraction=fraction, labels=labels, seed=seed, precision=precision, log=log,
     )
     _print_prompt_result(result, as_json)
 

@@ -86,6 +86,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from oodcli.backbones import clip_text
 from oodcli.errors import OodError, UsageError
 from oodcli.outputs import check_output_file
 from oodcli.train.prompts import (
@@ -279,13 +280,15 @@ def train_iim(
     train_class_fraction: float | None = None,
     labels: str | None = None,
     seed: int = 0,
+    precision: str = "auto",
     log=None,
 ) -> PromptTrainResult:
     """Learn IIM's local and OOD prototype prompts on a store's cached CLIP patch tokens; write ``out``.
 
     ``temperature`` is T of exp(logit_scale * cos / T) (the authors' T = 1: tau = 1 / logit_scale);
     ``csc`` class-specific local contexts (the official default); ``denominators`` 'official' or 'paper'
-    (see ``iim_terms``); ``local_layer`` the patch features (``patch_values`` or ``patch_tokens``)."""
+    (see ``iim_terms``); ``local_layer`` the patch features (``patch_values`` or ``patch_tokens``);
+    ``precision`` 'auto' (bfloat16 autocast on CUDA) or 'fp32'."""
     t0 = time.perf_counter()
     out = Path(out)
     check_output_file(out)
@@ -297,6 +300,7 @@ def train_iim(
         raise UsageError("--lambda-neg and --lambda-div must be non-negative")
     if denominators not in DENOMINATORS:
         raise UsageError(f"unknown --denominators '{denominators}'; choose from {', '.join(DENOMINATORS)}")
+    clip_text.check_precision(precision)
 
     data = _load_data(store_path, backbone, split, train_classes, train_class_fraction, shots, seed, labels,
                       patches=True, method="IIM", local_layer=local_layer)
@@ -319,7 +323,7 @@ def train_iim(
             start = start.expand(len(train_names), -1, -1).clone()
         else:
             start = torch.cat([start, torch.randn(len(train_names) - 1, *start.shape[1:], generator=gen) * 0.02])
-    learner = PromptLearner(tower, start)
+    learner = PromptLearner(tower, start, precision=precision)
     tau = temperature / tower.logit_scale  # the authors' exp(logit_scale * cos / T)
     ood_ctx = torch.nn.Parameter((torch.randn(ood_prompts, *learner.ctx.shape[1:], generator=gen) * 0.02).to(device))
     labels_t = data.labels.to(device)
@@ -361,6 +365,7 @@ def train_iim(
         "ood_prompts": ood_prompts,
         "lambda_neg": lambda_neg,
         "lambda_div": lambda_div,
+        "precision": learner.precision,
         "history": history,
     }
     write_prompt_file(out, {"ctx": learner.ctx, OOD_KEY: ood_ctx}, meta)

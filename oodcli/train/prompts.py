@@ -49,7 +49,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from oodcli.backbones import clip_text
 from oodcli.errors import OodError, UsageError
+from oodcli.fewshot import class_range, few_shot_rows, rows_for_training
 from oodcli.outputs import atomic_write, check_output_file
 from oodcli.scorers.clip_zeroshot import LOCAL_LAYERS
 
@@ -71,14 +73,29 @@ class PromptLearner(torch.nn.Module):
     each shared by every class. ``forward(names)`` gives the L2-normalised text features
     [P, len(names), D] of the prompts ``[SOS, ctx_1 .. ctx_n, name tokens, ., EOS]``.
     Only ``ctx`` is a parameter; the tower's weights stay frozen.
+
+    ``fast`` (the default where the tower allows it) encodes through ``clip_text``: the
+    start token and a shared context run once per prompt set and every class's suffix
+    attends to their keys and values, in buckets of similar length; the same features as
+    the plain path (``fast=False``, one full sequence per class, the reference). Steps with
+    gradients run under bfloat16 autocast on CUDA (``precision='auto'``; ``'fp32'`` never),
+    the context itself staying float32; features without gradients are always float32.
     """
 
-    def __init__(self, tower, ctx: torch.Tensor):
+    def __init__(self, tower, ctx: torch.Tensor, fast: bool = True, precision: str = "auto"):
         super().__init__()
         self.tower = tower
         tower.requires_grad_(False)
         self.ctx = torch.nn.Parameter(ctx.detach().clone().float().to(tower.device))
         self._tokens: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fast = fast and clip_text.supports_prefix(tower)
+        amp = clip_text.amp_dtype(self.ctx.device, precision)
+        self.amp = amp if self.fast else None
+
+    @property
+    def precision(self) -> str:
+        """What a training step runs in, as a prompt file records it."""
+        return "fp32" if self.amp is None else f"{str(self.amp).removeprefix('torch.')} autocast"
 
     @property
     def n_ctx(self) -> int:
@@ -101,11 +118,20 @@ class PromptLearner(torch.nn.Module):
             self._tokens[key] = (emb, ends)
         return self._tokens[key]
 
+    def _prefixed(self, prefix: torch.Tensor, suffix: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.amp is None or not torch.is_grad_enabled():
+            return clip_text.encode_prefixed(self.tower, prefix, suffix, lengths)
+        with torch.autocast(prefix.device.type, dtype=self.amp):
+            return clip_text.encode_prefixed(self.tower, prefix, suffix, lengths)
+
     def forward(self, names: list[str], ctx: torch.Tensor | None = None) -> torch.Tensor:
         ctx = self.ctx if ctx is None else ctx
         emb, ends = self.name_tokens(names)
         p, n, width = ctx.shape
         c = len(names)
+        if self.fast:  # [SOS, ctx] once per prompt set; the names' tokens after it, shared by the sets
+            prefix = torch.cat([emb[:1, :1].expand(p, 1, width), ctx.to(emb.dtype)], dim=1)
+            return self._prefixed(prefix, emb[None, :, 1 + n :], ends - n)
         x = torch.cat(
             [
                 emb[None, :, :1].expand(p, c, 1, width),
@@ -129,6 +155,9 @@ class PromptLearner(torch.nn.Module):
             raise OodError(f"{ctx.shape[0]} class-specific contexts for {len(names)} class names")
         emb, ends = self.name_tokens(names)
         n = ctx.shape[1]
+        if self.fast:  # only the start token is shared: each class's context is its own
+            suffix = torch.cat([ctx.to(emb.dtype), emb[:, 1 + n :]], dim=1)
+            return self._prefixed(emb[:1, :1], suffix[None], ends)[0]
         x = torch.cat([emb[:, :1], ctx.to(emb.dtype), emb[:, 1 + n :]], dim=1)
         return self.tower.encode_embeddings(x, ends)
 
@@ -232,34 +261,7 @@ def negprompt_losses(image: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, 
 
 def class_subset(n_classes: int, train_classes: str | None, fraction: float | None) -> list[int]:
     """The training classes: ``FIRST-LAST`` (inclusive), the first ``fraction`` of them, or all."""
-    if train_classes and fraction is not None:
-        raise UsageError("give --train-classes or --train-class-fraction, not both")
-    if fraction is not None:
-        if not 0 < fraction <= 1:
-            raise UsageError(f"--train-class-fraction must be in (0, 1], not {fraction}")
-        return list(range(max(1, math.floor(fraction * n_classes + 1e-9))))
-    if train_classes:
-        first, sep, last = train_classes.partition("-")
-        if not (sep and first.strip().isdigit() and last.strip().isdigit()) or int(first) > int(last):
-            raise UsageError(f"bad --train-classes '{train_classes}'; write FIRST-LAST, e.g. 0-99")
-        if int(last) >= n_classes:
-            raise UsageError(f"--train-classes {train_classes} is outside the label set (classes 0-{n_classes - 1})")
-        return list(range(int(first), int(last) + 1))
-    return list(range(n_classes))
-
-
-def few_shot_rows(labels: np.ndarray, classes: list[int], shots: int, seed: int, names: list[str]) -> np.ndarray:
-    """``shots`` rows per class, drawn without replacement with ``seed``; sorted row indices."""
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in classes:
-        rows = np.flatnonzero(labels == c)
-        if len(rows) < shots:
-            raise OodError(
-                f"class {c} ('{names[c]}') has {len(rows)} training image(s), fewer than --shots {shots}; lower --shots"
-            )
-        picked.append(rng.choice(rows, shots, replace=False))
-    return np.sort(np.concatenate(picked))
+    return class_range(n_classes, train_classes, fraction, option="--train-classes")
 
 
 def read_rows(store, node: str, rows: np.ndarray, split: str) -> np.ndarray:
@@ -418,6 +420,7 @@ class _Data:
     names: list[str]  # the whole label set
     classes: list[int]  # training classes (contiguous)
     rows: np.ndarray  # train split rows used
+    ids: np.ndarray  # their positions in the split's source data set (the same rows on a few-shot split)
     image: torch.Tensor  # [N, D]
     labels: torch.Tensor  # [N], relabelled to 0..len(classes)-1
     patches: torch.Tensor | None  # [N, H, D] float16 (LoCoOp)
@@ -462,13 +465,18 @@ def _load_data(store_path, backbone, split, classes_text, fraction, shots, seed,
             raise OodError(f"split '{split}' holds OOD rows (label -1); prompts learn from ID training data only")
         if all_labels.size and int(all_labels.max()) >= len(names):
             raise OodError(f"split '{split}' has labels beyond the {len(names)} class names of the label set")
-        classes = class_subset(len(names), classes_text, fraction)
-        rows = few_shot_rows(all_labels, classes, shots, seed, names)
+        held = store.node_attrs(split_node(split)).get("few_shot")  # a split made by 'extract --shots'
+        if held is not None and not classes_text and fraction is None:
+            classes = list(range(held["classes"][0], held["classes"][1] + 1))  # the classes it holds
+        else:
+            classes = class_subset(len(names), classes_text, fraction)
+        ids = store.read(f"{split_node(split)}/ids")
+        rows = rows_for_training(split, all_labels, ids, held, classes, shots, seed, names)
         image = read_rows(store, f"{node}/image_embeds", rows, split).astype(np.float32)
         tokens = read_rows(store, f"{node}/{local_layer}", rows, split).astype(np.float16) if patches else None
         fingerprint = store.node_attrs(node).get("fingerprint")
     return _Data(
-        source, names, classes, rows,
+        source, names, classes, rows, ids[rows],
         F.normalize(torch.from_numpy(image), dim=-1),
         torch.from_numpy(all_labels[rows].astype(np.int64) - classes[0]),
         None if tokens is None else torch.from_numpy(tokens),
@@ -485,7 +493,7 @@ def data_meta(data: "_Data", split: str) -> dict:
         "classes": data.classes,
         "split": split,
         "split_fingerprint": data.split_fingerprint,
-        "shot_rows": data.rows.tolist(),
+        "shot_rows": data.ids.tolist(),  # rows of the source data set: the same from a whole or a few-shot split
     }
 
 
@@ -593,6 +601,7 @@ def train_prompts(
     beta: float = 0.1,
     gamma: float = 0.05,
     nis_softmax: str = "all",
+    precision: str = "auto",
     log=None,
 ) -> PromptTrainResult:
     """Train CoOp, LoCoOp or NegPrompt prompts on a store's cached CLIP features; write ``out``.
@@ -601,7 +610,8 @@ def train_prompts(
     classes, from its positive file, so both stages learn from the same few shots.
     ``local_layer`` is the patch features LoCoOp's entropy term reads: ``patch_values``
     (the last block's value path, as LoCoOp's own code) or ``patch_tokens`` (the final-layer
-    tokens); the file records it, and scoring refuses the other layer.
+    tokens); the file records it, and scoring refuses the other layer. ``precision`` 'auto'
+    trains under bfloat16 autocast on CUDA (float32 on a CPU), 'fp32' in float32 everywhere.
     """
     if method not in METHODS:
         raise UsageError(f"unknown prompt method '{method}'; choose from {', '.join(METHODS)}")
@@ -610,6 +620,7 @@ def train_prompts(
     check_output_file(out)
     if batch_size < 1 or lr <= 0 or (temperature is not None and temperature <= 0):
         raise UsageError("--batch-size, --lr and --temperature must be positive")
+    clip_text.check_precision(precision)
     pos_file = None
     if method == "negprompt":
         if positive is None:
@@ -653,12 +664,12 @@ def train_prompts(
     torch.manual_seed(seed)
     if pos_file is not None:
         check_prompts_fit(pos_file, data.source, data.names)
-        learner = PromptLearner(tower, pos_file.ctx)
+        learner = PromptLearner(tower, pos_file.ctx, precision=precision)
         with torch.no_grad():
             positive_text = learner.features(train_names)[0]
         learner.ctx = torch.nn.Parameter(negative_context_start(pos_file.ctx, neg_prompts, gen).to(device))
     else:
-        learner = PromptLearner(tower, initial_context(tower, n_ctx, ctx_init, gen))
+        learner = PromptLearner(tower, initial_context(tower, n_ctx, ctx_init, gen), precision=precision)
     image, labels_t = data.image.to(device), data.labels.to(device)
     patches = data.patches
 
@@ -701,6 +712,7 @@ def train_prompts(
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
+        "precision": learner.precision,
         "history": history,
     }
     if method == "locoop":
