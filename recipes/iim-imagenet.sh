@@ -4,14 +4,18 @@
 #
 #   recipes/iim-imagenet.sh [BENCHMARK ...]      (default: imagenet-mos imagenet500-easy imagenet500-hard)
 #
-# Per benchmark: one pass of the CLIP image encoder over every split (image_embeds and the
-# 196 value-path patch tokens per image, float16: patch_values, the local features IIM reads), the zero-shot MCM, GL-MCM and R-MCM*, then per
-# few-shot setting (SHOTS, default "1 4 16") IIM's local and OOD prototype prompts (L = 16,
-# k = 50, C_n = 300, lambda_neg 5, lambda_div 0.5, SGD lr 2.5e-4, batch 32, 50 epochs, T = 1)
-# and its scores: S-MCM, S-MCM* (no OOD prompts), R-MCM with the trained prompts, GL-MCM local.
+# Per benchmark: one pass of the CLIP image encoder over the few-shot train subset (the largest
+# of SHOTS images per class, seed SEED: the smaller counts nest in it) and over every test set
+# whole (image_embeds and the 196 value-path patch tokens per image, float16: patch_values, the
+# local features IIM reads), the zero-shot MCM, GL-MCM and R-MCM*, then per few-shot setting
+# (SHOTS, default "1 4 16") IIM's local and OOD prototype prompts (L = 16, k = 50, C_n = 300,
+# lambda_neg 5, lambda_div 0.5, SGD lr 2.5e-4, batch 32, 50 epochs, T = 1) and its scores: S-MCM,
+# S-MCM* (no OOD prompts), R-MCM with the trained prompts, GL-MCM local.
 # The ImageNet folders (imagenet/train, imagenet/val, imagenet-mos/...) must be under
-# $OODCLI_DATA_ROOT (default ./data). Note: patch tokens of the whole ImageNet train split are
-# about 250 GB in float16; give the store room, or extract a smaller train split with --data.
+# $OODCLI_DATA_ROOT (default ./data). Disk: about 21 GB per ImageNet-1K store (16 shots:
+# 16,000 train images x 197 x 512 float16 = 3.2 GB; the 50,000 val images 10.1 GB; the four
+# MOS OOD sets 7.2 GB), about 14 GB for the ImageNet-500 ones (sizes uncompressed); the whole train split's patch
+# tokens would be 257 GB.
 # The report's FPR@95 is ID positive ("the false positive rate of OOD images when the true positive
 # rate of in-distribution images is at 95%", sec. 4.1).
 # Environment (defaults = the paper's):
@@ -45,9 +49,12 @@ mkdir -p "$STORES"
 for bench in "${BENCHMARKS[@]}"; do
   store="$STORES/iim-$bench.zarr"
   echo "== $bench -> $store" >&2
-  # 1. the frozen image encoder, once per split (resumes if interrupted)
+  # 1. the frozen image encoder (resumes if interrupted): the few-shot train subset, then the test sets whole
+  most=$(printf '%s\n' $SHOTS | sort -n | tail -1)
   $OODCLI extract --model "$MODEL" --weights "$WEIGHTS" --benchmark "$bench" --layers image_embeds,patch_values \
-    --store "$store" --device "$DEVICE" --workers "$WORKERS"
+    --split train --shots "$most" --seed "$SEED" --store "$store" --device "$DEVICE" --workers "$WORKERS"
+  $OODCLI extract --model "$MODEL" --weights "$WEIGHTS" --benchmark "$bench" --layers image_embeds,patch_values \
+    --split test --split 'ood/*' --store "$store" --device "$DEVICE" --workers "$WORKERS"
   # 2. zero-shot rows
   $OODCLI score mcm,gl-mcm,r-mcm --store "$store"
   for shots in $SHOTS; do
