@@ -248,3 +248,14 @@ def test_an_unknown_precision_is_one_line_and_writes_nothing(tmp_path, capsys, m
     code, _, err = run(capsys, "train", method, "--store", tmp_path / "s.zarr", "--out", out, *extra, "--precision", "fp16")
     assert code == 2 and one_line_error(err) and "unknown --precision 'fp16'" in err
     assert not out.exists() and not (tmp_path / "s.zarr").exists()
+
+
+def test_a_tower_not_read_at_its_end_token_is_refused_in_one_line():
+    """SigLIP-like towers pool elsewhere than the end token: no prompt can be learned through
+    the end-token path, so the learner says so instead of failing inside the transformer."""
+    from oodcli.errors import OodError
+
+    other = get_spec("clip-tiny").build_text("random")
+    other.pool_type = "last"
+    with pytest.raises(OodError, match="causal CLIP text tower read at its end token; this one pools by 'last'"):
+        P.PromptLearner(other, torch.zeros(1, 4, other.width))

@@ -84,6 +84,12 @@ class PromptLearner(torch.nn.Module):
 
     def __init__(self, tower, ctx: torch.Tensor, fast: bool = True, precision: str = "auto"):
         super().__init__()
+        if not tower.reads_end_token:  # e.g. SigLIP: no causal mask, pooled elsewhere than the end token
+            raise OodError(
+                f"prompt learning needs a causal CLIP text tower read at its end token; this one pools by "
+                f"'{tower.pool_type}'{'' if getattr(tower.text, 'attn_mask', None) is not None else ' without a causal mask'}; "
+                "use an OpenAI / LAION-style CLIP (e.g. open_clip:ViT-B-16@openai) or its zero-shot methods"
+            )
         self.tower = tower
         tower.requires_grad_(False)
         self.ctx = torch.nn.Parameter(ctx.detach().clone().float().to(tower.device))
