@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STORE  ?= stores/digits.zarr
 CKPT   ?= stores/digits_cnn.safetensors
+SEED_CKPTS := stores/digits_cnn-seed1.safetensors stores/digits_cnn-seed2.safetensors
 CLIP_STORE ?= stores/digits_clip.zarr
 CLIP_CKPT  ?= stores/clip_tiny.safetensors
 INPAINT    ?= stores/digits_inpaint
@@ -21,24 +22,29 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 $(CKPT): | venv
 	$(PY) -m oodcli train classifier --out $(CKPT)
 
+stores/digits_cnn-seed%.safetensors: | venv
+	$(PY) -m oodcli train classifier --seed $* --out $@
+
 $(CLIP_CKPT): | venv
 	$(PY) -m oodcli train clip --out $(CLIP_CKPT)
 
 $(INPAINT): | venv
 	$(PY) -m oodcli train diffusion --out $(INPAINT)
 
-demo: venv $(CKPT) $(CLIP_CKPT) $(INPAINT)
+demo: venv $(CKPT) $(SEED_CKPTS) $(CLIP_CKPT) $(INPAINT)
 	$(PY) -m oodcli extract --model digits_cnn --weights $(CKPT) --benchmark digits --layers logits,penultimate,featmap --store $(STORE) --overwrite
 	$(PY) -m oodcli score all --store $(STORE) --backbone digits_cnn
-	$(PY) -m oodcli score temp-scaling --store $(STORE) -p temp-scaling.temperature=1000  # no NLL optimum on digits: every train and val image is right
-	$(PY) -m oodcli score ash-s --as ash-s-featmap --store $(STORE) -p ash-s.layer=featmap  # shaped before pooling; by default the pooled vector, as the authors' code does
-	$(PY) -m oodcli score scale --as scale-featmap --store $(STORE) -p scale.layer=featmap
-	$(PY) -m oodcli sweep react --store $(STORE) && $(PY) -m oodcli score react --from-sweep --as react-swept --store $(STORE)
+	$(PY) -m oodcli score temp-scaling --store $(STORE) --backbone digits_cnn -p temp-scaling.temperature=1000  # no NLL optimum on digits: every train and val image is right
+	$(PY) -m oodcli score ash-s --as ash-s-featmap --store $(STORE) --backbone digits_cnn -p ash-s.layer=featmap  # shaped before pooling; by default the pooled vector, as the authors' code does
+	$(PY) -m oodcli score scale --as scale-featmap --store $(STORE) --backbone digits_cnn -p scale.layer=featmap
+	$(PY) -m oodcli sweep react --store $(STORE) --backbone digits_cnn && $(PY) -m oodcli score react --from-sweep --as react-swept --store $(STORE) --backbone digits_cnn
 	$(PY) -m oodcli synthesize grood --store $(STORE) --model digits_cnn && $(PY) -m oodcli index --store $(STORE) --source grads/grood/train && $(PY) -m oodcli score grood,grood-distance,grood-gradnorm,grood-classgrad --store $(STORE) --backbone digits_cnn
 	OODCLI="$(PY) -m oodcli" sh recipes/apex-digits.sh $(STORE)
 	$(PY) -m oodcli score knn --id val --store $(STORE) --backbone digits_cnn  # the validation scores a threshold is set on
 	$(PY) -m oodcli threshold knn --store $(STORE)
 	$(PY) -m oodcli predict knn --store $(STORE) --data digits:ood/near/digits6-9 --out stores/digits-predictions.jsonl
+	for s in 1 2; do $(PY) -m oodcli -q extract --model digits_cnn --weights stores/digits_cnn-seed$$s.safetensors --as digits_cnn-seed$$s --benchmark digits --layers logits --store $(STORE) || exit 1; done
+	$(PY) -m oodcli score ensemble --store $(STORE) --backbone digits_cnn,digits_cnn-seed1,digits_cnn-seed2  # a deep ensemble of three seeds
 	$(PY) -m oodcli report --store $(STORE)
 	$(PY) -m oodcli report --store $(STORE) --fsood  # the shifted test digits (csid/digits-shifted) counted as ID
 	$(PY) -m oodcli extract --model clip-tiny --weights $(CLIP_CKPT) --benchmark digits --layers image_embeds,penultimate,patch_values --store $(CLIP_STORE) --overwrite

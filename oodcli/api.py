@@ -200,6 +200,7 @@ def extract_splits(
     shots: int | None = None,
     seed: int | None = None,
     classes: str | None = None,
+    store_as: str | None = None,
 ) -> list[ExtractResult]:
     """Extract several splits with one lazily built backbone.
 
@@ -226,6 +227,9 @@ def extract_splits(
 
     ``shots`` (with ``seed``, default 0, and ``classes`` ``FIRST-LAST``) extracts only a few-shot
     subset of each (ID) split: the draw ``train --shots`` makes from a whole split (``oodcli.fewshot``).
+
+    ``store_as`` stores the features under that backbone name instead of the model's (``--as``):
+    several checkpoints of one network side by side, e.g. the members of ``score ensemble``.
     """
     spec = get_spec(model, weights=weights, head=head, layers=layer_paths or (), strict=strict,
                     preprocess=preprocess)
@@ -242,6 +246,8 @@ def extract_splits(
     if hasattr(spec, "requesting"):  # a SOURCE:NAME model: each layer asked for is checked when it is built
         layer_names = tuple(dict.fromkeys((*layer_names, *(t.name for t in spec.source.taps))))  # --layer: stored
         spec = spec.requesting(layer_names)
+    if store_as is not None:
+        spec = spec.stored_as(store_as, model)
     pool = check_featmap_pool(layer_names, featmap_pool)
     perturbs = parse_perturbations(perturb)
     shard_of = parse_shard(shard)

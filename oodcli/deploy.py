@@ -184,7 +184,7 @@ def recorded_backbone(store: Store, backbone: str, split: str):
     """(spec, weights) rebuilt from what ``extract`` recorded for ``split``: the network, the weights
     (a file must still hash as it did) and the preprocessing it used."""
     from oodcli.backbones.base import get_spec
-    from oodcli.backbones.spec import Preprocess, preprocess_option
+    from oodcli.backbones.spec import Preprocess, preprocess_option, spec_as_recorded
     from oodcli.extraction import model_id
 
     attrs = store.node_attrs(features_node(split, backbone))
@@ -192,9 +192,8 @@ def recorded_backbone(store: Store, backbone: str, split: str):
     pre = {k: tuple(v) if isinstance(v, list) else v for k, v in (parts.get("preprocess") or {}).items()}
     try:
         source = attrs.get("model_source")
-        if source:  # SOURCE:NAME: named again as extract named it, with the recorded preprocessing
-            spec = get_spec(source["model"], weights, source.get("head"), source.get("layers") or (),
-                            source.get("strict", True), preprocess=preprocess_option(pre))
+        if source:  # SOURCE:NAME or extract --as: named again as extract named it, with the recorded preprocessing
+            spec = spec_as_recorded(source, weights, preprocess_option(pre))
         else:
             spec = get_spec(parts.get("backbone", backbone))
         spec = spec.for_weights(weights)
@@ -231,7 +230,7 @@ def add_to_store(store_path: str | Path, method: str, source: str, split: str, r
                    weights=attrs.get("weights_source"), layers=layers, batch_size=batch_size, device=device,
                    dtype=parts.get("dtype", "float16"), featmap_pool=pool if "featmap" in layers else None,
                    preprocess=preprocess_option(parts.get("preprocess") or {}), head=rebuild.get("head"), layer_paths=rebuild.get("layers") or None,
-                   strict=rebuild.get("strict", True))
+                   strict=rebuild.get("strict", True), store_as=rebuild.get("name"))
     with open_store(store_path, "r+") as store:
         return score_store(store, [identity["method"]], backbone=identity["backbone"], id_split=id_split,
                            train_split=identity.get("train_split") or "train",

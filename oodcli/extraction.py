@@ -479,7 +479,7 @@ def extract_split(
                 raise OodError(
                     f"split '{split}' already has '{spec.name}' features made differently "
                     f"({_describe_mismatch(attrs.get('parts', {}), parts)}); "
-                    "pass --overwrite to replace them"
+                    "pass --overwrite to replace them, or --as NAME to keep both side by side"
                 )
         if shard is None:
             check_readable(data, split, start)  # refuse before writing: an unreadable image never leaves half a split

@@ -106,11 +106,13 @@ class ClipSource:
 
 
 def _spec(backbone: str, weights: str | None = None, model_source: dict | None = None):
-    """The spec of a store's CLIP: a built-in by its name, an open_clip model as extract named it."""
+    """The spec of a store's CLIP: a built-in by its name, an open_clip model (or one stored with
+    ``extract --as``) as extract named it."""
     from oodcli.backbones.base import get_spec
+    from oodcli.backbones.spec import spec_as_recorded
 
     if model_source:
-        return get_spec(model_source["model"], weights)
+        return spec_as_recorded(model_source, weights)
     return get_spec(backbone)
 
 

@@ -360,3 +360,45 @@ def test_predict_split_adds_the_images_as_an_ordinary_split(digits, tmp_path, ca
         assert st.node_attrs("splits/ood/far/noise")["role"] == "ood-far"
         assert np.array_equal(st.read("scores/knn/ood/far/noise").astype(np.float32), scores)
         assert st.node_attrs("scores/knn/ood/far/noise")["hparams"]["k"] == 3
+
+
+# ---- checkpoints side by side (extract --as) --------------------------------------------------------
+
+
+def test_extract_as_keeps_two_checkpoints_of_one_model_side_by_side(digits, tmp_path, capsys):
+    """A second digits CNN stored under its own name: the first one's features stay, the ensemble
+    reads both, a re-run is a cache hit, and the Detector builds the second network again."""
+    from conftest import one_line_error, run
+    from oodcli.scorers.logits import softmax
+
+    copy, other = _copy(digits, tmp_path), tmp_path / "seed1.safetensors"
+    assert main(["-q", "train", "classifier", "--out", str(other), "--epochs", "1", "--seed", "1"]) == 0
+    extract = ["-q", "extract", "--model", "digits_cnn", "--weights", str(other), "--benchmark", "digits",
+               "--layers", "logits,penultimate", "--store", str(copy), "--split", "test", "--split", "ood/near/digits6-9"]
+    code, _, err = run(capsys, *extract)  # the same name: refused, and the way out is named
+    assert code == 1 and one_line_error(err) and "--as NAME" in err
+    first = _read(copy, "splits/test/digits_cnn/logits")
+    code, out, _ = run(capsys, *extract, "--as", "digits_cnn-seed1", "--json")
+    assert code == 0 and {r["backbone"] for r in json.loads(out)} == {"digits_cnn-seed1"}
+    code, out, _ = run(capsys, *extract, "--as", "digits_cnn-seed1", "--json")
+    assert code == 0 and {r["status"] for r in json.loads(out)} == {"cached"}
+    with open_store(copy) as st:
+        attrs = st.node_attrs("splits/test/digits_cnn-seed1")
+        assert attrs["model_source"] == {"model": "digits_cnn", "name": "digits_cnn-seed1"}
+        assert st.is_array("backbones/digits_cnn-seed1/head/weight")
+    second = _read(copy, "splits/test/digits_cnn-seed1/logits")
+    assert np.array_equal(_read(copy, "splits/test/digits_cnn/logits"), first)  # untouched
+    assert not np.allclose(first, second, atol=1e-2)  # another network
+
+    assert main(["-q", "score", "ensemble", "--store", str(copy), "--backbone", "digits_cnn,digits_cnn-seed1"]) == 0
+    want = (softmax(first, 1) + softmax(second, 1)).max(1) / 2
+    np.testing.assert_allclose(_read(copy, "scores/ensemble/test"), want, rtol=1e-6)
+
+    assert main(["-q", "score", "msp", "--as", "msp-seed1", "--store", str(copy), "--backbone", "digits_cnn-seed1"]) == 0
+    det = deploy.Detector.from_store(copy, "msp-seed1", threshold=None, batch_size=128)
+    assert det.spec.name == "digits_cnn-seed1"
+    assert np.array_equal(det.score("digits:test"), _read(copy, "scores/msp-seed1/test").astype(np.float32))
+
+    for bad in ("a/b", "a,b", " x"):
+        code, _, err = run(capsys, *extract, "--as", bad)
+        assert code == 2 and one_line_error(err) and "a backbone name is one word" in err

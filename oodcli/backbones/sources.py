@@ -158,9 +158,6 @@ class SourceSpec(BackboneSpec):
     (``requesting``), each checked against the built network before anything is written."""
 
     source: ModelSource | None = field(default=None, repr=False, compare=False)
-    #: how to name this model again from any folder (``Detector`` rebuilds it from the store):
-    #: the --model text with local files made absolute, --head, --layer and --strict
-    rebuild: dict | None = field(default=None, repr=False, compare=False)
 
     def weights_identity(self, weights: str | None) -> str:
         return self.source.identity()

@@ -184,6 +184,17 @@ class BackboneSpec:
     #: the activation the network runs where weights decide it (CLIP: "gelu" or "quick_gelu");
     #: set by ``for_weights``; recorded in the fingerprint when it is "quick_gelu"
     activation: str | None = None
+    #: how to name this model again from any folder, recorded with its features: the --model text
+    #: (SOURCE:NAME models: local files made absolute, --head, --layer, --strict) and, for features
+    #: stored under another name (``extract --as``), that name
+    rebuild: dict | None = field(default=None, repr=False, compare=False)
+
+    def stored_as(self, name: str, model: str) -> "BackboneSpec":
+        """This spec with its features stored under backbone ``name`` (``extract --as``): several
+        checkpoints of one network side by side in one store, e.g. the members of a deep ensemble.
+        The name is recorded with the features, so every later step builds the network again."""
+        check_backbone_name(name)
+        return dataclasses.replace(self, name=name, rebuild={**(self.rebuild or {"model": model}), "name": name})
 
     def weights_identity(self, weights: str | None) -> str:
         """A stable string naming the parameters; a file is named by its content hash."""
@@ -286,6 +297,21 @@ def register(spec: BackboneSpec) -> BackboneSpec:
         raise ValueError(f"backbone {spec.name!r} registered twice")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def check_backbone_name(name: str) -> None:
+    """A name features can be stored under: one store path component, no list separator."""
+    if not name or name != name.strip() or any(c in name for c in "/,@\\") or name.startswith("."):
+        raise UsageError(f"--as '{name}': a backbone name is one word without '/', ',', '@' or spaces at its "
+                         "ends, e.g. --as digits_cnn-seed1")
+
+
+def spec_as_recorded(source: dict, weights: str | None, preprocess: str | None = None) -> BackboneSpec:
+    """The spec of features whose ``model_source`` says how extract named the model: the same
+    --model (SOURCE:NAME with its --head, --layer, --strict) under the name they are stored as."""
+    spec = get_spec(source["model"], weights, source.get("head"), source.get("layers") or (),
+                    source.get("strict", True), preprocess=preprocess)
+    return spec.stored_as(source["name"], source["model"]) if source.get("name") else spec
 
 
 def get_spec(name: str, weights: str | None = None, head: str | None = None, layers=(), strict: bool = True,

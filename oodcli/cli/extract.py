@@ -146,6 +146,10 @@ def extract(
     classes: Optional[str] = typer.Option(
         None, "--classes", help="With --shots: draw from classes FIRST-LAST only (default: all)."
     ),
+    store_as: Optional[str] = typer.Option(
+        None, "--as", help="Store the features under this backbone name instead of the model's: several "
+        "checkpoints of one network side by side in one store (e.g. seeds for 'score ensemble --backbone a,b,c')."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     list_models: bool = typer.Option(
         False, "--list-models", callback=_list_models, is_eager=True, help="List the backbones and exit."
@@ -175,6 +179,8 @@ def extract(
       oodcli extract --model resnet50 --data 'webdataset:shards/ood-{000..009}.tar' --split ood/far/mine --store stores/mine.zarr
 
       oodcli extract --model digits_cnn --weights stores/digits_cnn.safetensors --benchmark digits --store stores/digits.zarr --layers logits,penultimate,featmap --perturb odin --perturb mahalanobis
+
+      oodcli extract --model digits_cnn --weights stores/digits_cnn-seed1.safetensors --as digits_cnn-seed1 --benchmark digits --layers logits --store stores/digits.zarr
     """
     from oodcli.api import extract_splits
     from oodcli.errors import UsageError
@@ -211,6 +217,7 @@ def extract(
         shots=shots,
         seed=seed,
         classes=classes,
+        store_as=store_as,
     )
     if as_json:
         out.print_json(json.dumps([r.as_dict() for r in results]))
