@@ -78,15 +78,6 @@ def score_identity(store: Store, name: str, split: str) -> dict:
     return json.loads(json.dumps({k: attrs.get(k) for k in IDENTITY_KEYS}))
 
 
-def _hparam_flags(identity: dict) -> str:
-    from oodcli.scorers.base import scorer_params
-
-    defaults = scorer_params(identity["method"])
-    changed = {k: v for k, v in (identity.get("hparams") or {}).items() if k in defaults and defaults[k] != v}
-    return "".join(f" -p {identity['method']}.{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}"
-                   for k, v in changed.items())
-
-
 def default_threshold_split(store: Store) -> str:
     """The ID validation split: 'val' if there is one, else the only ID split besides train and test."""
     from oodcli.scoring import ID_VAL_SPLIT, default_id_split
@@ -113,7 +104,7 @@ def default_threshold_split(store: Store) -> str:
 def record_threshold(store_path: str | Path, method: str, split: str | None = None, tpr: float = DEFAULT_TPR,
                      id_split: str | None = None) -> Threshold:
     """Compute the threshold of ``method`` on an ID split's stored scores and record it in the store."""
-    from oodcli.scoring import default_id_split
+    from oodcli.scoring import default_id_split, rescore_command
     from oodcli.store import check_name, split_role
 
     tpr = check_tpr(tpr)
@@ -130,8 +121,7 @@ def record_threshold(store_path: str | Path, method: str, split: str | None = No
         if not store.is_array(f"scores/{method}/{split}"):
             raise OodError(
                 f"no '{method}' scores on split '{split}' yet; make them with the settings of its '{test}' scores: "
-                f"oodcli score {reference['method']} --store {store.path} --id {split} --backbone {reference['backbone']}"
-                + (f" --as {method}" if method != reference["method"] else "") + _hparam_flags(reference)
+                + rescore_command(store, method, reference, split)
             )
         identity = score_identity(store, method, split)
         if identity != reference:

@@ -22,7 +22,8 @@ import numpy as np
 
 from oodcli.errors import OodError, UsageError
 from oodcli.metrics import ood_metrics
-from oodcli.scoring import check_splits_exist, csid_splits, default_id_split, ood_splits, read_scores, scored_methods
+from oodcli.scoring import (check_splits_exist, csid_splits, default_id_split, ood_splits, read_scores,
+                             rescore_command, scored_methods)
 from oodcli.store import Store, check_name, features_node, split_node, split_role
 
 FORMATS = ("table", "json", "csv", "markdown")
@@ -185,13 +186,14 @@ def _threshold_note(report: dict) -> str:
 def _fill_command(store: Store, method: str, id_split: str, ood: list[str] = ()) -> str:
     """The command that gives ``method`` (a name written by ``score``, maybe an ``--as`` alias)
     scores on ``id_split`` (and the ``ood`` splits) with the settings of its existing scores."""
-    base, alias = method, ""
+    identity = {"method": method}
     for child in store.children(f"scores/{method}"):
-        attrs = store.node_attrs(f"scores/{method}/{child}") if store.is_array(f"scores/{method}/{child}") else {}
-        if attrs.get("method") and attrs["method"] != method:
-            base, alias = attrs["method"], f" --as {method}"
+        node = f"scores/{method}/{child}"
+        attrs = store.node_attrs(node) if store.is_array(node) else {}
+        if attrs.get("method"):
+            identity = attrs
             break
-    return f"'oodcli score {base}{alias} --store {store.path} --id {id_split}{''.join(f' --ood {s}' for s in ood)}'"
+    return f"'{rescore_command(store, method, identity, id_split, ood)}'"
 
 
 def average_over_runs(methods: dict) -> dict:

@@ -23,6 +23,7 @@ cannot serve the method: the reason then names the exact ``oodcli extract`` comm
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ from oodcli.scorers.base import (
     load_head,
     is_scorer,
     scorer_names,
+    scorer_params,
     split_members,
     unknown_method,
     train_fingerprint,
@@ -219,8 +221,18 @@ def extract_command(store: Store, backbone: str, split: str, layers: tuple[str, 
     from oodcli.backbones.base import all_specs
 
     ref = _reference_features(store, backbone, prefer or ["train"])
-    spec = all_specs().get(backbone)
-    cmd = ["oodcli", "extract", "--model", backbone]
+    named = ref.get("model_source") or {}  # SOURCE:NAME or extract --as: the model as extract named it
+    model = named.get("model", backbone)
+    spec = all_specs().get(model)
+    cmd = ["oodcli", "extract", "--model", model]
+    if named.get("head"):
+        cmd += ["--head", named["head"]]
+    for tap in named.get("layers") or ():
+        cmd += ["--layer", tap]
+    if named.get("strict") is False:
+        cmd += ["--strict", "false"]
+    if named.get("name"):
+        cmd += ["--as", named["name"]]
     weights = ref.get("weights_source")
     if weights:
         cmd += ["--weights", str(weights)]
@@ -258,6 +270,25 @@ def extract_command(store: Store, backbone: str, split: str, layers: tuple[str, 
         cmd += ["--perturb", f"{settings['method']}:" + ",".join(f"{k}={settings[k]}" for k in sorted(keys))]
     cmd += ["--store", str(store.path)]
     return " ".join(shlex.quote(c) for c in cmd)
+
+
+def rescore_command(store: Store, name: str, identity: dict, id_split: str, ood=()) -> str:
+    """The ``oodcli score`` command that gives ``name`` (a method, or its ``--as`` alias) scores on
+    ``id_split`` (and the ``ood`` splits) with the settings of its existing scores: the same method,
+    backbone and changed hyperparameters (``identity``: the method, backbone and hparams they recorded)."""
+    method = identity["method"]
+    cmd = ["oodcli", "score", method, "--store", str(store.path), "--id", id_split]
+    cmd += [arg for split in ood for arg in ("--ood", split)]
+    if identity.get("backbone"):
+        cmd += ["--backbone", identity["backbone"]]
+    if name != method:
+        cmd += ["--as", name]
+    defaults = scorer_params(method) if is_scorer(method) else {}
+    for key, value in (identity.get("hparams") or {}).items():
+        if key in defaults and defaults[key] != value:
+            text = json.dumps(value) if isinstance(value, (list, dict)) else value
+            cmd += ["-p", f"{method}.{key}={text}"]
+    return " ".join(shlex.quote(str(c)) for c in cmd)
 
 
 # ---- which backbone serves a method --------------------------------------------------------

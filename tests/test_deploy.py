@@ -393,6 +393,10 @@ def test_extract_as_keeps_two_checkpoints_of_one_model_side_by_side(digits, tmp_
     assert main(["-q", "score", "ensemble", "--store", str(copy), "--backbone", "digits_cnn,digits_cnn-seed1"]) == 0
     want = (softmax(first, 1) + softmax(second, 1)).max(1) / 2
     np.testing.assert_allclose(_read(copy, "scores/ensemble/test"), want, rtol=1e-6)
+    # a member without the split is named with the extract command that makes it, under its name
+    code, _, err = run(capsys, "score", "ensemble", "--id", "val", "--store", copy, "--backbone", "digits_cnn,digits_cnn-seed1")
+    assert code == 1 and one_line_error(err), err
+    assert "--model digits_cnn" in err and "--as digits_cnn-seed1" in err and "--split val" in err
 
     assert main(["-q", "score", "msp", "--as", "msp-seed1", "--store", str(copy), "--backbone", "digits_cnn-seed1"]) == 0
     det = deploy.Detector.from_store(copy, "msp-seed1", threshold=None, batch_size=128)

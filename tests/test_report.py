@@ -117,6 +117,27 @@ def test_a_method_without_scores_on_the_id_split_is_left_out_with_its_command(ca
     assert code == 1 and one_line_error(err) and "oodcli score energy" in err
 
 
+def test_the_left_out_command_repeats_the_alias_backbone_and_hyperparameters(capsys, tmp_path):
+    """Pasted as given, the command fills the gap with the settings of the scores already there."""
+    import shlex
+
+    from test_scorers import SPLITS
+
+    path = make_store(tmp_path / "two_ids.zarr", splits={**SPLITS, "test2": 40})
+    assert run(capsys, "-q", "score", "energy", "--as", "energy-t2", "-p", "energy.temperature=2", "--store", path)[0] == 0
+    assert run(capsys, "-q", "score", "msp", "--store", path, "--id", "test2")[0] == 0
+    code, out, _ = run(capsys, "report", "--store", path, "--id", "test2", "--json")
+    command = json.loads(out)["left_out"]["energy-t2"].strip("'")
+    args = shlex.split(command)
+    assert args[:3] == ["oodcli", "score", "energy"] and "--as energy-t2" in command
+    assert "-p energy.temperature=2.0" in command and "--id test2" in command and "--backbone" in command
+    assert run(capsys, "-q", *args[1:])[0] == 0
+    with open_store(path) as st:
+        assert st.node_attrs("scores/energy-t2/test2")["hparams"] == {"temperature": 2.0}
+    code, out, _ = run(capsys, "report", "--store", path, "--id", "test2", "--json")
+    assert "energy-t2" in json.loads(out)["methods"]
+
+
 def test_plots_and_self_contained_html(capsys, tmp_path, scored):
     plots, page = tmp_path / "plots", tmp_path / "out" / "report.html"
     code, out, err = run(capsys, "report", "--store", scored, "--plots", plots, "--html", page)
