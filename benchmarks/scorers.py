@@ -17,7 +17,7 @@
    one child per scorer, so each is measured alone and none inherits another's heap; the
    libraries scorers use (faiss, scikit-learn) are imported before the cap.
    Per scorer the tracemalloc peaks as above, its child's RSS after imports, peak RSS
-   (ru_maxrss) and peak address space above the imports (VmPeak).
+   (VmHWM) and peak address space above the imports (VmPeak).
 3. End to end on the embedded digits benchmark with the digits CNN: "extract once
    + N scorers" against "N x (extract + score one)", N = every baseline, both
    measured in this run, each extract into a fresh store.
@@ -147,7 +147,7 @@ def cifar_case(tmp: Path) -> dict:
 
 
 def _status_bytes(field: str) -> int:
-    """A size from /proc/self/status (VmSize: address space now, VmPeak: its high-water mark)."""
+    """A size from /proc/self/status (VmSize: address space now, VmPeak: its high-water mark, VmHWM: peak RSS)."""
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith(field)).split()[1]) * 1024
 
@@ -168,7 +168,7 @@ def child_main(store: str, cap_mib: int, name: str) -> None:
     print(json.dumps({
         **row,
         "rss_after_imports_mib": rss / MIB,
-        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "max_rss_mib": _status_bytes("VmHWM") / MIB,  # not ru_maxrss, which keeps the parent's across exec
         "vm_peak_above_imports_mib": (_status_bytes("VmPeak") - vm) / MIB,
     }))
 

@@ -370,7 +370,7 @@ def _check_members(store: Store, scorer: Scorer, backbone: str, splits: list[str
         others = [b for b in store_backbones(store) if b not in members]
         raise OodError(f"'{scorer.name}' combines several backbones; name two or more with --backbone A,B"
                        + (f" (the store also holds {', '.join(others)})" if others else
-                          f" (the store holds only '{backbone}': extract another model's features beside it)"))
+                          f" (the store holds only '{backbone}': extract another model's features beside it, or another checkpoint's with extract --as NAME)"))
     ids = [_check_one(store, scorer, member, splits, train_split, memo) for member in members]
     for split in splits:
         for layer in scorer.layers:
@@ -426,7 +426,7 @@ def _pick_backbone(store: Store, scorer: Scorer, backbones: list[str], explicit:
         return None, None, None, OodError(
             f"'{scorer.name}' combines several backbones; name two or more with --backbone A,B"
             + (f" (the store holds {', '.join(backbones)})" if len(backbones) > 1 else
-               f" (the store holds only '{backbones[0]}': extract another model's features beside it)"))
+               f" (the store holds only '{backbones[0]}': extract another model's features beside it, or another checkpoint's with extract --as NAME)"))
     if explicit is not None or len(backbones) == 1:
         b, mid, err = check(explicit or backbones[0])
         return b, mid, None, err
