@@ -402,6 +402,14 @@ def test_extract_as_keeps_two_checkpoints_of_one_model_side_by_side(digits, tmp_
     det = deploy.Detector.from_store(copy, "msp-seed1", threshold=None, batch_size=128)
     assert det.spec.name == "digits_cnn-seed1"
     assert np.array_equal(det.score("digits:test"), _read(copy, "scores/msp-seed1/test").astype(np.float32))
+    # predict --split adds the images as a split: extracted under the member's name, then scored
+    code, _, _ = run(capsys, "predict", "msp-seed1", "--store", copy, "--data", "digits:ood/far/noise",
+                     "--threshold", "none", "--split", "ood/far/noise", "--out", tmp_path / "p.jsonl")
+    assert code == 0
+    with open_store(copy) as st:
+        assert st.node_attrs("splits/ood/far/noise/digits_cnn-seed1")["model_source"]["name"] == "digits_cnn-seed1"
+        assert not st.exists("splits/ood/far/noise/digits_cnn")
+        assert st.is_array("scores/msp-seed1/ood/far/noise")
 
     for bad in ("a/b", "a,b", " x"):
         code, _, err = run(capsys, *extract, "--as", bad)
