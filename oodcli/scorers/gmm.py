@@ -34,6 +34,7 @@ from oodcli.scorers.logits import logsumexp
 from oodcli.store import features_node
 
 MAX_VALUES = 1 << 24  # projected train values kept for EM
+GROUP_VALUES = 1 << 22  # whitened values held per group of classes while scoring (32 MiB of float64)
 
 
 @register
@@ -93,15 +94,45 @@ class GMM(Scorer):
                 "weights": np.concatenate(weights), "precision_cholesky": np.stack(cholesky),
                 "component_class": np.concatenate(owner), "row_stride": stride, "dim_used": dim}
 
+    def ready(self, store, backbone, split):
+        self._lay_out()
+
+    def _lay_out(self):
+        """The fitted state laid out for scoring all classes at once: per class its components'
+        means in whitened coordinates (mu_k L, padded to the largest component count with weight
+        0) and log det L, so one batched product per group of classes replaces a loop over classes."""
+        s = self.state
+        chol = s["precision_cholesky"]
+        classes, dim = len(chol), chol.shape[1]
+        counts = np.bincount(s["component_class"], minlength=classes)
+        self._white = np.zeros((classes, counts.max(), dim))
+        self._log_weight = np.full((classes, counts.max()), -np.inf)
+        for c in range(classes):
+            comps = np.flatnonzero(s["component_class"] == c)
+            self._white[c, : len(comps)] = s["means"][comps] @ chol[c]
+            self._log_weight[c, : len(comps)] = np.log(s["weights"][comps])
+        self._white_sq = np.sum(self._white**2, axis=2)
+        self._log_det = np.array([np.sum(np.log(np.diag(c))) for c in chol])
+
+    def release(self):
+        self._white = self._log_weight = self._white_sq = self._log_det = None
+
     def score_batch(self, batch):
+        if getattr(self, "_white", None) is None:  # released, or scored without ``ready``
+            self._lay_out()
         s = self.state
         y = (batch["penultimate"].astype(np.float64) - s["mean"]) @ s["basis"]
         dim = y.shape[1]
+        chol = s["precision_cholesky"]
         best = np.full(len(y), -np.inf)
-        for c, chol in enumerate(s["precision_cholesky"]):
-            comps = np.flatnonzero(s["component_class"] == c)
-            # log N(y; mu_k, S) = -|L'(y - mu_k)|^2 / 2 + log det L - dim/2 log 2pi, with S^-1 = L L'
-            diff = (y @ chol)[:, None, :] - (s["means"][comps] @ chol)[None, :, :]
-            log_density = -0.5 * np.sum(diff**2, axis=2) + np.sum(np.log(np.diag(chol))) - 0.5 * dim * np.log(2 * np.pi)
-            best = np.maximum(best, logsumexp(log_density + np.log(s["weights"][comps]), axis=1))
+        group = max(1, GROUP_VALUES // max(1, len(y) * dim))  # classes whose whitened rows are held at once
+        for g in range(0, len(chol), group):
+            # log N(y; mu_k, S) = -|yL - mu_k L|^2 / 2 + log det L - dim/2 log 2pi, with S^-1 = L L',
+            # the squared distance expanded as |yL|^2 - 2 yL.(mu_k L) + |mu_k L|^2
+            white = np.matmul(y[None], chol[g : g + group])  # (classes, rows, dim)
+            sq = np.sum(white**2, axis=2)[:, :, None] - 2 * np.matmul(white, self._white[g : g + group].transpose(0, 2, 1))
+            sq += self._white_sq[g : g + group, None, :]
+            log_density = -0.5 * sq + (self._log_det[g : g + group] - 0.5 * dim * np.log(2 * np.pi))[:, None, None]
+            per_class = logsumexp(log_density + self._log_weight[g : g + group, None, :], axis=2)
+            best = np.maximum(best, per_class.max(axis=0))
         return best
