@@ -361,16 +361,24 @@ def _check_one(store: Store, scorer: Scorer, backbone: str, splits: list[str], t
     return model_id
 
 
+def _members_needed(scorer: Scorer, backbones: list[str], named: list[str] = ()) -> OodError:
+    """A multi-backbone method given fewer than two members (``named``), with what the store holds."""
+    others = [b for b in backbones if b not in named]
+    if len({*backbones, *named}) <= 1:
+        hint = (f" (the store holds only '{(list(named) or backbones)[0]}': extract another model's features "
+                "beside it, or another checkpoint's with extract --as NAME)")
+    else:
+        hint = f" (the store {'also ' if named else ''}holds {', '.join(others)})"
+    return OodError(f"'{scorer.name}' combines several backbones; name two or more with --backbone A,B{hint}")
+
+
 def _check_members(store: Store, scorer: Scorer, backbone: str, splits: list[str], train_split: str,
                    memo: dict) -> str:
     """A multi-backbone method's members (``--backbone a,b,c``), each checked as one backbone is,
     their layers of one shape on every split; returns the members' model ids joined by commas."""
     members = split_members(backbone)
     if len(members) < 2:
-        others = [b for b in store_backbones(store) if b not in members]
-        raise OodError(f"'{scorer.name}' combines several backbones; name two or more with --backbone A,B"
-                       + (f" (the store also holds {', '.join(others)})" if others else
-                          f" (the store holds only '{backbone}': extract another model's features beside it, or another checkpoint's with extract --as NAME)"))
+        raise _members_needed(scorer, store_backbones(store), members)
     ids = [_check_one(store, scorer, member, splits, train_split, memo) for member in members]
     for split in splits:
         for layer in scorer.layers:
@@ -423,10 +431,7 @@ def _pick_backbone(store: Store, scorer: Scorer, backbones: list[str], explicit:
             return b, None, exc
 
     if scorer.multi_backbone and explicit is None:  # it takes only the members named
-        return None, None, None, OodError(
-            f"'{scorer.name}' combines several backbones; name two or more with --backbone A,B"
-            + (f" (the store holds {', '.join(backbones)})" if len(backbones) > 1 else
-               f" (the store holds only '{backbones[0]}': extract another model's features beside it, or another checkpoint's with extract --as NAME)"))
+        return None, None, None, _members_needed(scorer, backbones)
     if explicit is not None or len(backbones) == 1:
         b, mid, err = check(explicit or backbones[0])
         return b, mid, None, err

@@ -411,6 +411,8 @@ def test_extract_as_keeps_two_checkpoints_of_one_model_side_by_side(digits, tmp_
         assert not st.exists("splits/ood/far/noise/digits_cnn")
         assert st.is_array("scores/msp-seed1/ood/far/noise")
 
-    for bad in ("a/b", "a,b", " x"):
+    for bad in ("a/b", "a,b", " x", "labels"):
         code, _, err = run(capsys, *extract, "--as", bad)
         assert code == 2 and one_line_error(err) and "a backbone name is one word" in err
+    code, _, err = run(capsys, *extract, "--as", ".hidden")  # the store's own rule for node names
+    assert code == 2 and one_line_error(err) and "is not a valid name" in err

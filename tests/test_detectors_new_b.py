@@ -328,6 +328,13 @@ def test_ensemble_refusals_are_one_line(capsys, three, tmp_path):
     assert code == 1 and one_line_error(err) and "differ in shape (a: 5, b: 5, c: 3)" in err, err
     with open_store(three) as st:
         assert not st.exists("scores/ensemble")  # nothing half-written
+    single = tmp_path / "one.zarr"  # one backbone: the way to a second one is named, with or without --backbone
+    with open_store(single, "a") as st:
+        write_member(st, "a", "test", np.zeros(8, np.int64), np.zeros((8, 5), np.float32), "id-a")
+        write_member(st, "a", "ood/far/x", np.full(8, -1), np.zeros((8, 5), np.float32), "id-a")
+    for args in (["ensemble"], ["ensemble", "--backbone", "a"]):
+        code, _, err = run(capsys, "score", *args, "--store", single)
+        assert code == 1 and one_line_error(err) and "the store holds only 'a'" in err and "extract --as NAME" in err, err
 
 
 def test_score_all_on_a_one_backbone_store_skips_ensemble_with_the_reason(fresh):

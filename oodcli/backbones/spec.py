@@ -300,10 +300,15 @@ def register(spec: BackboneSpec) -> BackboneSpec:
 
 
 def check_backbone_name(name: str) -> None:
-    """A name features can be stored under: one store path component, no list separator."""
-    if not name or name != name.strip() or any(c in name for c in "/,@\\") or name.startswith("."):
+    """A name features can be stored under: one part of a store node name (the store's one rule,
+    ``check_name``), without the separators of ``--backbone a,b`` and ``layer@kind``, and not one
+    of a split's own arrays."""
+    from oodcli.store import check_name
+
+    if not name or name != name.strip() or any(c in name for c in "/,@") or name in ("labels", "ids"):
         raise UsageError(f"--as '{name}': a backbone name is one word without '/', ',', '@' or spaces at its "
-                         "ends, e.g. --as digits_cnn-seed1")
+                         "ends, and not 'labels' or 'ids', e.g. --as digits_cnn-seed1")
+    check_name(name, "--as")
 
 
 def spec_as_recorded(source: dict, weights: str | None, preprocess: str | None = None) -> BackboneSpec:

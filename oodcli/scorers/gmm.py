@@ -94,9 +94,6 @@ class GMM(Scorer):
                 "weights": np.concatenate(weights), "precision_cholesky": np.stack(cholesky),
                 "component_class": np.concatenate(owner), "row_stride": stride, "dim_used": dim}
 
-    def ready(self, store, backbone, split):
-        self._lay_out()
-
     def _lay_out(self):
         """The fitted state laid out for scoring all classes at once: per class its components'
         means in whitened coordinates (mu_k L, padded to the largest component count with weight
@@ -118,7 +115,7 @@ class GMM(Scorer):
         self._white = self._log_weight = self._white_sq = self._log_det = None
 
     def score_batch(self, batch):
-        if getattr(self, "_white", None) is None:  # released, or scored without ``ready``
+        if getattr(self, "_white", None) is None:  # laid out on the first batch of a fitted or cached state
             self._lay_out()
         s = self.state
         y = (batch["penultimate"].astype(np.float64) - s["mean"]) @ s["basis"]
